@@ -1,0 +1,22 @@
+//! tickgraph-ingest: the collector, and the contracts every other part shares.
+//!
+//! # Layout
+//! - [`event`]: the event contract (`Event`, `Trade`, `Quote`), valid by type, and
+//!   the per-event rules that turn a decoded [`event::WireEvent`] into one.
+//! - [`wire`]: batch decoders for JSON arrays, NDJSON and MessagePack, item by item.
+//! - [`stream`]: Redis Streams key layout, sharding, trimming and entry codecs.
+//! - [`writer`]: the group-commit stream writer: batches from many requests become
+//!   one pipelined round trip to Redis.
+//! - [`server`]: the HTTP edge (`POST /v1/events`), built by [`server::router`].
+//! - [`feed`]: the demo feed, a producer that sends realistic quotes and trades
+//!   through the real HTTP path.
+
+pub mod event;
+pub mod feed;
+pub mod server;
+pub mod stream;
+pub mod wire;
+pub mod writer;
+
+pub use event::{Event, Kind, Quote, Rejection, Side, Timestamp, Trade};
+pub use stream::{StreamLayout, Trim};

@@ -1,0 +1,280 @@
+//! The HTTP edge of ingest.
+//!
+//! - `POST /v1/events`: one batch per request, format by Content-Type (see
+//!   [`crate::wire::Format`]). 200 with a per-event answer; 400 unreadable body;
+//!   413 too many events or bytes; 415 unknown Content-Type; 503 event store down.
+//! - `GET /v1/stream`: a WebSocket for high-rate producers. Each text message is a
+//!   JSON array or NDJSON batch, each binary message a MessagePack array; each gets
+//!   one answer message, in order, carrying the batch's number on the connection.
+//! - `GET /healthz`: the process is up.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::now_nanos;
+use crate::stream::{DeadLetter, RawRecord, StreamLayout, Trim};
+use crate::wire::{decode_batch, BatchError, Format};
+use crate::writer::{RawEntry, StreamWriter, WriteError, WriterConfig};
+
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    pub layout: StreamLayout,
+    /// Events per batch; more is refused with 413.
+    pub max_batch_events: usize,
+    /// Bytes per request body or WebSocket message; more is refused with 413.
+    pub max_body_bytes: usize,
+    pub raw_trim: Trim,
+    pub dlq_trim: Trim,
+}
+
+impl IngestConfig {
+    pub fn new(layout: StreamLayout) -> Self {
+        Self {
+            layout,
+            max_batch_events: 10_000,
+            max_body_bytes: 16 * 1024 * 1024,
+            raw_trim: Trim::MaxLen(1_000_000),
+            dlq_trim: Trim::MaxLen(100_000),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("connecting to Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+struct Shared {
+    cfg: IngestConfig,
+    writer: StreamWriter,
+}
+
+/// A built ingest service: its router, and the writer task to wait for at shutdown.
+pub struct Ingest {
+    shared: Arc<Shared>,
+    writer_task: tokio::task::JoinHandle<()>,
+}
+
+impl Ingest {
+    pub async fn build(
+        cfg: IngestConfig,
+        client: redis::Client,
+        shutdown: CancellationToken,
+    ) -> Result<Self, IngestError> {
+        let con = redis::aio::ConnectionManager::new(client).await?;
+        let mut wcfg = WriterConfig::new(cfg.layout.clone());
+        wcfg.raw_trim = cfg.raw_trim;
+        wcfg.dlq_trim = cfg.dlq_trim;
+        let (writer, writer_task) = StreamWriter::spawn(wcfg, con, shutdown);
+        Ok(Self {
+            shared: Arc::new(Shared { cfg, writer }),
+            writer_task,
+        })
+    }
+
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/v1/events", post(post_events))
+            .route("/v1/stream", get(stream_events))
+            .route("/healthz", get(|| async { "ok" }))
+            // The batch limit is enforced while reading, with our own error body.
+            .layer(DefaultBodyLimit::disable())
+            .with_state(self.shared.clone())
+    }
+
+    /// Resolves once every accepted batch has been written (after shutdown).
+    pub async fn finished(self) {
+        drop(self.shared);
+        let _ = self.writer_task.await;
+    }
+}
+
+/// The answer to one batch.
+#[derive(Debug, Serialize)]
+pub struct BatchAnswer {
+    /// Sequence number of the batch on a streaming connection (absent over HTTP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<u64>,
+    pub received: usize,
+    pub accepted: usize,
+    pub rejected: Vec<RejectedEvent>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RejectedEvent {
+    /// Position of the event in the batch (NDJSON: among non-blank lines).
+    pub index: usize,
+    pub reason: String,
+}
+
+/// Everything that can fail a whole batch, as the producer sees it.
+#[derive(Debug, thiserror::Error)]
+enum BatchFailure {
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    #[error("body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("unsupported Content-Type {0:?}; use one of: {accepted}", accepted = Format::ACCEPTED)]
+    UnsupportedType(String),
+    #[error("could not read the body: {0}")]
+    Body(String),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+impl BatchFailure {
+    fn status(&self) -> StatusCode {
+        match self {
+            BatchFailure::Batch(BatchError::TooManyEvents { .. }) | BatchFailure::TooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            BatchFailure::Batch(BatchError::Malformed(_)) | BatchFailure::Body(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            BatchFailure::UnsupportedType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            BatchFailure::Write(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl IntoResponse for BatchFailure {
+    fn into_response(self) -> Response {
+        let body = Json(serde_json::json!({ "error": self.to_string() }));
+        (self.status(), body).into_response()
+    }
+}
+
+/// Validates a batch, writes its valid events to their raw streams and its invalid
+/// ones to the dead-letter stream, and answers per event.
+async fn ingest_batch(
+    shared: &Shared,
+    format: Format,
+    body: &[u8],
+) -> Result<BatchAnswer, BatchFailure> {
+    let ingest_ns = now_nanos();
+    let items = decode_batch(format, body, shared.cfg.max_batch_events)?;
+    let received = items.len();
+    let mut entries = Vec::with_capacity(received);
+    let mut dead = Vec::new();
+    let mut rejected = Vec::new();
+    for (index, item) in items.into_iter().enumerate() {
+        let outcome = item.outcome.and_then(|event| {
+            let shard = shared.cfg.layout.shard_of(&event.header().instrument);
+            RawRecord { event, ingest_ns }
+                .encode()
+                .map(|record| RawEntry { shard, record })
+                .map_err(|e| crate::Rejection(e.to_string()))
+        });
+        match outcome {
+            Ok(entry) => entries.push(entry),
+            Err(r) => {
+                dead.push(DeadLetter::new("ingest", r.0.clone(), item.raw.to_vec()));
+                rejected.push(RejectedEvent { index, reason: r.0 });
+            }
+        }
+    }
+    let accepted = entries.len();
+    shared.writer.write(entries, dead).await?;
+    if !rejected.is_empty() {
+        tracing::debug!(
+            received,
+            rejected = rejected.len(),
+            "batch had rejected events"
+        );
+    }
+    Ok(BatchAnswer {
+        batch: None,
+        received,
+        accepted,
+        rejected,
+    })
+}
+
+async fn post_events(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Json<BatchAnswer>, BatchFailure> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let format =
+        Format::from_content_type(ct).ok_or_else(|| BatchFailure::UnsupportedType(ct.into()))?;
+    let limit = shared.cfg.max_body_bytes;
+    let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        // to_bytes reports the limit through a LengthLimitError source.
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        {
+            BatchFailure::TooLarge(limit)
+        } else {
+            BatchFailure::Body(e.to_string())
+        }
+    })?;
+    ingest_batch(&shared, format, &bytes).await.map(Json)
+}
+
+async fn stream_events(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> Response {
+    let limit = shared.cfg.max_body_bytes;
+    ws.max_message_size(limit)
+        .on_upgrade(move |socket| stream_session(shared, socket))
+}
+
+/// One producer's streaming session. Batches are taken one at a time, so a
+/// producer's events keep their order across batches.
+async fn stream_session(shared: Arc<Shared>, mut socket: WebSocket) {
+    let mut batch = 0u64;
+    while let Some(msg) = socket.recv().await {
+        let (format, bytes) = match msg {
+            Ok(Message::Text(t)) => {
+                let first = t.as_str().trim_start().as_bytes().first().copied();
+                let format = if first == Some(b'[') {
+                    Format::Json
+                } else {
+                    Format::Ndjson
+                };
+                (format, Bytes::from(t))
+            }
+            Ok(Message::Binary(b)) => (Format::MsgPack, b),
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => continue,
+        };
+        batch += 1;
+        let reply = match ingest_batch(&shared, format, &bytes).await {
+            Ok(mut answer) => {
+                answer.batch = Some(batch);
+                serde_json::to_string(&answer)
+            }
+            Err(e) => serde_json::to_string(&serde_json::json!({
+                "batch": batch,
+                "status": e.status().as_u16(),
+                "error": e.to_string(),
+            })),
+        };
+        let Ok(reply) = reply else { break };
+        if socket.send(Message::Text(reply.into())).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Serves a router until `shutdown`, then lets in-flight requests finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

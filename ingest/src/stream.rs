@@ -1,0 +1,409 @@
+//! The Redis Streams layout every component shares: key names, sharding, trimming
+//! and the entry codecs. This is the one place those contracts are written down.
+//!
+//! | key                        | written by | entry fields                                  |
+//! |----------------------------|------------|-----------------------------------------------|
+//! | `<prefix>:raw:{<s>}`       | ingest     | `e` = MessagePack [`RawRecord`]               |
+//! | `<prefix>:enriched:{<s>}`  | enrich     | `e` = MessagePack enriched record (enrich)    |
+//! | `<prefix>:dlq:{<s>}`       | enrich     | [`DeadLetter`] fields                         |
+//! | `<prefix>:dlq:ingest`      | ingest     | [`DeadLetter`] fields                         |
+//!
+//! `<s>` is the shard, `fnv1a(instrument) % shards`, so one instrument's events stay
+//! in order. The `{<s>}` hash tag puts a shard's raw, enriched and dead-letter
+//! streams in one Redis Cluster slot, so enrich can XADD and XACK in one MULTI.
+//! Consumer groups: [`ENRICH_GROUP`] on raw streams, [`LOAD_GROUP`] on enriched ones.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{now_nanos, Event, Symbol};
+
+pub const ENRICH_GROUP: &str = "enrich";
+pub const LOAD_GROUP: &str = "load";
+/// Field holding the MessagePack record in raw and enriched entries.
+pub const RECORD_FIELD: &str = "e";
+
+/// Where a deployment's streams live: a key prefix and a shard count. Tests use a
+/// prefix of their own so they can run in parallel against one Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamLayout {
+    prefix: String,
+    shards: u16,
+}
+
+impl StreamLayout {
+    pub fn new(prefix: impl Into<String>, shards: u16) -> Self {
+        Self {
+            prefix: prefix.into(),
+            shards: shards.max(1),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    pub fn shard_ids(&self) -> impl Iterator<Item = u16> {
+        0..self.shards
+    }
+
+    pub fn shard_of(&self, instrument: &Symbol) -> u16 {
+        shard_of(instrument.as_str(), self.shards)
+    }
+
+    pub fn raw(&self, shard: u16) -> String {
+        format!("{}:raw:{{{shard}}}", self.prefix)
+    }
+
+    pub fn enriched(&self, shard: u16) -> String {
+        format!("{}:enriched:{{{shard}}}", self.prefix)
+    }
+
+    pub fn dlq(&self, shard: u16) -> String {
+        format!("{}:dlq:{{{shard}}}", self.prefix)
+    }
+
+    pub fn ingest_dlq(&self) -> String {
+        format!("{}:dlq:ingest", self.prefix)
+    }
+
+    /// Every dead-letter stream, ingest's first.
+    pub fn all_dlqs(&self) -> Vec<String> {
+        std::iter::once(self.ingest_dlq())
+            .chain(self.shard_ids().map(|s| self.dlq(s)))
+            .collect()
+    }
+}
+
+impl Default for StreamLayout {
+    fn default() -> Self {
+        Self::new("tg", 4)
+    }
+}
+
+/// FNV-1a: stable across processes, releases and architectures, unlike std's
+/// randomly seeded hasher.
+pub fn shard_of(instrument: &str, shards: u16) -> u16 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in instrument.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // The modulus is below u16::MAX, so the cast cannot truncate.
+    (h % u64::from(shards.max(1))) as u16
+}
+
+/// How a stream is kept bounded. Trimming is approximate (`~`), which lets Redis
+/// drop whole macro-nodes and keeps XADD cheap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trim {
+    /// Keep about this many entries.
+    MaxLen(u64),
+    /// Keep entries younger than this (`MINID` from the entry ids' milliseconds).
+    MaxAge(Duration),
+    /// Never trim.
+    None,
+}
+
+impl Trim {
+    /// Appends the trim arguments of an XADD.
+    pub fn apply(&self, cmd: &mut redis::Cmd) {
+        match *self {
+            Trim::MaxLen(n) => {
+                cmd.arg("MAXLEN").arg("~").arg(n);
+            }
+            Trim::MaxAge(age) => {
+                let now_ms = u64::try_from(now_nanos() / 1_000_000).unwrap_or(0);
+                let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+                cmd.arg("MINID").arg("~").arg(now_ms.saturating_sub(age_ms));
+            }
+            Trim::None => {}
+        }
+    }
+
+    /// An `XADD key <trim> * field value ...` command.
+    pub fn xadd(&self, key: &str, fields: &[(&str, &[u8])]) -> redis::Cmd {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(key);
+        self.apply(&mut cmd);
+        cmd.arg("*");
+        for (k, v) in fields {
+            cmd.arg(*k).arg(*v);
+        }
+        cmd
+    }
+}
+
+impl FromStr for Trim {
+    type Err = String;
+
+    /// `maxlen:<entries>`, `maxage:<seconds>` or `none`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("expected maxlen:<entries>, maxage:<seconds> or none, got {s:?}");
+        match s.split_once(':') {
+            Some(("maxlen", n)) => n.parse().map(Trim::MaxLen).map_err(|_| bad()),
+            Some(("maxage", n)) => n
+                .parse()
+                .map(|secs| Trim::MaxAge(Duration::from_secs(secs)))
+                .map_err(|_| bad()),
+            None if s == "none" => Ok(Trim::None),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for Trim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Trim::MaxLen(n) => write!(f, "maxlen:{n}"),
+            Trim::MaxAge(d) => write!(f, "maxage:{}", d.as_secs()),
+            Trim::None => f.write_str("none"),
+        }
+    }
+}
+
+/// What a raw stream entry holds: the validated event and when ingest accepted it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawRecord {
+    pub event: Event,
+    /// Wall-clock nanoseconds at which ingest received the batch.
+    pub ingest_ns: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("encoding a stream record: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+    #[error("decoding a stream record: {0}")]
+    Decode(#[from] rmp_serde::decode::Error),
+    #[error("stream entry has no `{RECORD_FIELD}` field")]
+    MissingField,
+}
+
+impl RawRecord {
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        Ok(rmp_serde::to_vec_named(self)?)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
+        Ok(rmp_serde::from_slice(bytes)?)
+    }
+}
+
+/// A dead-lettered event: where it was refused, why, and its original bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// `ingest` or `enrich`.
+    pub stage: &'static str,
+    pub reason: String,
+    /// The event as the producer sent it (ingest) or as it was accepted (enrich).
+    pub payload: Vec<u8>,
+    /// The event id `source:seq`, when it was known.
+    pub event_id: Option<String>,
+    pub at_ns: i64,
+}
+
+impl DeadLetter {
+    pub fn new(stage: &'static str, reason: String, payload: Vec<u8>) -> Self {
+        Self {
+            stage,
+            reason,
+            payload,
+            event_id: None,
+            at_ns: now_nanos(),
+        }
+    }
+
+    pub fn xadd(&self, key: &str, trim: Trim) -> redis::Cmd {
+        let at = self.at_ns.to_string();
+        let mut fields: Vec<(&str, &[u8])> = vec![
+            ("stage", self.stage.as_bytes()),
+            ("reason", self.reason.as_bytes()),
+            ("payload", &self.payload),
+            ("at_ns", at.as_bytes()),
+        ];
+        if let Some(id) = &self.event_id {
+            fields.push(("event_id", id.as_bytes()));
+        }
+        trim.xadd(key, &fields)
+    }
+}
+
+/// A stream entry id `<ms>-<seq>`, ordered as Redis orders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct EntryId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl FromStr for EntryId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        Ok(Self {
+            ms: ms.parse().map_err(|_| format!("bad stream id {s:?}"))?,
+            seq: seq.parse().map_err(|_| format!("bad stream id {s:?}"))?,
+        })
+    }
+}
+
+impl fmt::Display for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// One entry read from a stream: its id and the bytes of its record field.
+#[derive(Debug, Clone)]
+pub struct StreamEntry {
+    pub id: String,
+    pub record: Option<Vec<u8>>,
+}
+
+/// Parses an XREAD/XREADGROUP reply into `(stream key, entries)` pairs. Entries
+/// whose payload was deleted (XREADGROUP of a trimmed pending entry) have no record.
+pub fn parse_read_reply(v: redis::Value) -> Result<Vec<(String, Vec<StreamEntry>)>, String> {
+    use redis::Value;
+    let streams = match v {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(a) => a
+            .into_iter()
+            .map(|s| match s {
+                Value::Array(mut kv) if kv.len() == 2 => {
+                    let entries = kv.pop().unwrap_or(Value::Nil);
+                    let key = kv.pop().unwrap_or(Value::Nil);
+                    Ok((key, entries))
+                }
+                other => Err(format!("unexpected stream reply {other:?}")),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Value::Map(m) => m,
+        other => return Err(format!("unexpected XREAD reply {other:?}")),
+    };
+    streams
+        .into_iter()
+        .map(|(key, entries)| {
+            let key = value_string(key)?;
+            Ok((key, parse_entries(entries)?))
+        })
+        .collect()
+}
+
+/// Parses a list of `[id, [field, value, ...]]` (XRANGE, XAUTOCLAIM's second item).
+pub fn parse_entries(v: redis::Value) -> Result<Vec<StreamEntry>, String> {
+    use redis::Value;
+    let Value::Array(items) = v else {
+        return match v {
+            Value::Nil => Ok(Vec::new()),
+            other => Err(format!("unexpected entries {other:?}")),
+        };
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let Value::Array(mut parts) = item else {
+                return Err("stream entry is not an array".to_string());
+            };
+            if parts.len() != 2 {
+                return Err("stream entry is not [id, fields]".to_string());
+            }
+            let fields = parts.pop().unwrap_or(Value::Nil);
+            let id = value_string(parts.pop().unwrap_or(Value::Nil))?;
+            let mut record = None;
+            let fields = match fields {
+                Value::Array(f) => f,
+                Value::Map(m) => m.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+                _ => Vec::new(),
+            };
+            let mut it = fields.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                if matches!(&k, Value::BulkString(b) if b == RECORD_FIELD.as_bytes()) {
+                    if let Value::BulkString(b) = v {
+                        record = Some(b);
+                    }
+                }
+            }
+            Ok(StreamEntry { id, record })
+        })
+        .collect()
+}
+
+pub fn value_string(v: redis::Value) -> Result<String, String> {
+    match v {
+        redis::Value::BulkString(b) => String::from_utf8(b).map_err(|e| e.to_string()),
+        redis::Value::SimpleString(s) => Ok(s),
+        other => Err(format!("expected a string, got {other:?}")),
+    }
+}
+
+/// Creates a consumer group at the start of a stream, creating the stream too;
+/// an existing group is left as it is.
+pub async fn ensure_group<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    key: &str,
+    group: &str,
+) -> redis::RedisResult<()> {
+    let r: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(key)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(con)
+        .await;
+    match r {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_stable_and_in_range() {
+        assert_eq!(shard_of("AAPL", 4), shard_of("AAPL", 4));
+        for s in ["AAPL", "MSFT", "VOD.L", "7203.T", ""] {
+            assert!(shard_of(s, 4) < 4);
+        }
+        assert_eq!(shard_of("AAPL", 1), 0);
+        // Pinned: changing the hash would re-shard every deployment's history.
+        assert_eq!(shard_of("AAPL", 16), 11);
+        assert_eq!(shard_of("MSFT", 16), 3);
+    }
+
+    #[test]
+    fn keys_share_the_shard_hash_tag() {
+        let l = StreamLayout::new("tg", 4);
+        assert_eq!(l.raw(3), "tg:raw:{3}");
+        assert_eq!(l.enriched(3), "tg:enriched:{3}");
+        assert_eq!(l.dlq(3), "tg:dlq:{3}");
+        assert_eq!(l.all_dlqs().len(), 5);
+    }
+
+    #[test]
+    fn trim_parses_and_prints() {
+        for s in ["maxlen:1000", "maxage:3600", "none"] {
+            assert_eq!(s.parse::<Trim>().expect("parses").to_string(), s);
+        }
+        assert!("maxlen:x".parse::<Trim>().is_err());
+        assert!("keep".parse::<Trim>().is_err());
+    }
+
+    #[test]
+    fn entry_ids_order_numerically() {
+        let a: EntryId = "9-5".parse().expect("id");
+        let b: EntryId = "10-0".parse().expect("id");
+        assert!(a < b);
+        assert_eq!(b.to_string(), "10-0");
+    }
+}

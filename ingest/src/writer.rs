@@ -1,0 +1,188 @@
+//! The group-commit stream writer. Request handlers hand it whole batches; it
+//! gathers everything queued since its last round trip into one pipeline of XADDs,
+//! so Redis sees a few large pipelines instead of one command per event, whatever
+//! the producers' batch sizes. A batch is answered only after Redis has it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::stream::{DeadLetter, StreamLayout, Trim, RECORD_FIELD};
+
+/// A valid event, encoded, bound for its shard's raw stream.
+#[derive(Debug)]
+pub struct RawEntry {
+    pub shard: u16,
+    pub record: Vec<u8>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    #[error("the event store is unavailable: {0}")]
+    Redis(String),
+    #[error("ingest is shutting down")]
+    ShuttingDown,
+}
+
+struct Job {
+    entries: Vec<RawEntry>,
+    dead: Vec<DeadLetter>,
+    done: oneshot::Sender<Result<(), WriteError>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub layout: StreamLayout,
+    pub raw_trim: Trim,
+    pub dlq_trim: Trim,
+    /// Commands per pipeline before a new one is started.
+    pub max_pipeline: usize,
+    /// Pipelines in flight at once on the connection.
+    pub max_in_flight: usize,
+}
+
+impl WriterConfig {
+    pub fn new(layout: StreamLayout) -> Self {
+        Self {
+            layout,
+            raw_trim: Trim::MaxLen(1_000_000),
+            dlq_trim: Trim::MaxLen(100_000),
+            max_pipeline: 4096,
+            max_in_flight: 4,
+        }
+    }
+}
+
+/// Handle to the writer task; cheap to clone.
+#[derive(Clone)]
+pub struct StreamWriter {
+    tx: mpsc::Sender<Job>,
+}
+
+impl StreamWriter {
+    /// Starts the writer task. It runs until `shutdown` and every queued batch is
+    /// written; the returned handle finishes then.
+    pub fn spawn(
+        cfg: WriterConfig,
+        con: ConnectionManager,
+        shutdown: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        // Bounded in batches, not events: handlers wait for their answer anyway.
+        let (tx, rx) = mpsc::channel(1024);
+        let task = tokio::spawn(run(cfg, con, rx, shutdown));
+        (Self { tx }, task)
+    }
+
+    /// Appends a batch's valid entries and dead letters; resolves once Redis has
+    /// them all.
+    pub async fn write(
+        &self,
+        entries: Vec<RawEntry>,
+        dead: Vec<DeadLetter>,
+    ) -> Result<(), WriteError> {
+        if entries.is_empty() && dead.is_empty() {
+            return Ok(());
+        }
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Job {
+                entries,
+                dead,
+                done,
+            })
+            .await
+            .map_err(|_| WriteError::ShuttingDown)?;
+        rx.await.map_err(|_| WriteError::ShuttingDown)?
+    }
+}
+
+async fn run(
+    cfg: WriterConfig,
+    con: ConnectionManager,
+    mut rx: mpsc::Receiver<Job>,
+    shutdown: CancellationToken,
+) {
+    let cfg = Arc::new(cfg);
+    let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
+    let mut draining = false;
+    loop {
+        let first = if draining {
+            match rx.recv().await {
+                Some(j) => j,
+                None => break,
+            }
+        } else {
+            tokio::select! {
+                j = rx.recv() => match j { Some(j) => j, None => break },
+                _ = shutdown.cancelled() => {
+                    // Stop taking new work, but write what is already queued.
+                    rx.close();
+                    draining = true;
+                    continue;
+                }
+            }
+        };
+        let mut jobs = vec![first];
+        let mut commands = jobs[0].entries.len() + jobs[0].dead.len();
+        while commands < cfg.max_pipeline {
+            match rx.try_recv() {
+                Ok(j) => {
+                    commands += j.entries.len() + j.dead.len();
+                    jobs.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let cfg = cfg.clone();
+        let mut con = con.clone();
+        tokio::spawn(async move {
+            let result = write_jobs(&cfg, &mut con, &jobs).await;
+            drop(permit);
+            if let Err(e) = &result {
+                tracing::error!(error = %e, batches = jobs.len(), "raw stream write failed");
+            }
+            for j in jobs {
+                // The handler may have gone (client hung up); its events are written.
+                let _ = j.done.send(result.clone());
+            }
+        });
+    }
+    // Wait for the pipelines still in flight.
+    let _ = in_flight
+        .acquire_many(cfg.max_in_flight.max(1) as u32)
+        .await;
+}
+
+/// One pipelined round trip for several batches. Not MULTI: the raw streams of
+/// different shards live in different cluster slots.
+async fn write_jobs(
+    cfg: &WriterConfig,
+    con: &mut ConnectionManager,
+    jobs: &[Job],
+) -> Result<(), WriteError> {
+    let mut pipe = redis::pipe();
+    let raw_keys: Vec<String> = cfg.layout.shard_ids().map(|s| cfg.layout.raw(s)).collect();
+    let dlq = cfg.layout.ingest_dlq();
+    for job in jobs {
+        for e in &job.entries {
+            let key = &raw_keys[usize::from(e.shard) % raw_keys.len()];
+            pipe.add_command(cfg.raw_trim.xadd(key, &[(RECORD_FIELD, &e.record)]))
+                .ignore();
+        }
+        for d in &job.dead {
+            pipe.add_command(d.xadd(&dlq, cfg.dlq_trim)).ignore();
+        }
+    }
+    // Bounded: a hung Redis must not hold producers' answers forever.
+    match tokio::time::timeout(Duration::from_secs(10), pipe.query_async::<()>(con)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(WriteError::Redis(e.to_string())),
+        Err(_) => Err(WriteError::Redis("timed out after 10s".into())),
+    }
+}
