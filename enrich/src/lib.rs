@@ -1,0 +1,31 @@
+//! tickgraph-enrich: the transform between the raw and enriched streams, and the
+//! sink from the enriched streams into Postgres history.
+//!
+//! # Layout
+//! - [`record`]: the enriched stream entry ([`EnrichedRecord`], [`Derived`]).
+//! - [`refdata`]: reference rows and the in-memory [`RefCache`], kept fresh by
+//!   Postgres LISTEN/NOTIFY.
+//! - [`transform`]: the pure function [`enrich`]: raw record + reference data ->
+//!   enriched record, or the [`Unenrichable`] reason.
+//! - [`consumer`]: the consumer-group loop both workers share: own pending first,
+//!   then new entries, claiming from dead consumers, retry without loss.
+//! - [`worker`]: the enrich worker: raw streams -> enriched streams + dead letters,
+//!   one MULTI per batch.
+//! - [`loader`]: the history loader: enriched streams -> Postgres `trades` and
+//!   `quotes`, idempotent.
+//! - [`demo`]: deterministic, realistic demo reference data and start prices.
+
+pub mod consumer;
+pub mod demo;
+pub mod loader;
+pub mod record;
+pub mod refdata;
+pub mod transform;
+pub mod worker;
+
+pub use demo::{load_demo_data, reference_price, DemoSummary};
+pub use loader::{LoadConfig, LoadError};
+pub use record::{Derived, EnrichedRecord};
+pub use refdata::{RefCache, RefData};
+pub use transform::{enrich, Unenrichable};
+pub use worker::{EnrichConfig, EnrichError};

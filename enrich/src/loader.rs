@@ -1,0 +1,343 @@
+//! The history loader: consumer group [`LOAD_GROUP`] on every enriched stream,
+//! writing trades and quotes to Postgres. Per batch, one `INSERT ... SELECT FROM
+//! UNNEST` per kind inside one transaction, then the `XACK`. Nothing is acked
+//! before the commit; a redelivered batch inserts nothing new thanks to
+//! `ON CONFLICT (source, seq) DO NOTHING`, so at-least-once delivery gives
+//! exactly-once rows.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use rust_decimal::Decimal;
+use tickgraph_ingest::stream::{DeadLetter, LOAD_GROUP};
+use tickgraph_ingest::{Event, StreamLayout, Trim};
+use tokio_util::sync::CancellationToken;
+
+use crate::consumer::{self, BatchHandler, ConsumerConfig, ConsumerError, Entry};
+use crate::record::{Derived, EnrichedRecord};
+use crate::worker::{claim_every, WRITE_TIMEOUT};
+
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    pub layout: StreamLayout,
+    /// Consumer name in the group; keep it stable across restarts of one process.
+    pub consumer: String,
+    pub batch: usize,
+    pub block: Duration,
+    pub claim_idle: Duration,
+}
+
+impl LoadConfig {
+    /// Batches of 2000, 1 s block, claim after 30 s idle.
+    pub fn new(layout: StreamLayout, consumer: impl Into<String>) -> Self {
+        Self {
+            layout,
+            consumer: consumer.into(),
+            batch: 2000,
+            block: Duration::from_secs(1),
+            claim_idle: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("redis client: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Consumer(#[from] ConsumerError),
+}
+
+/// Loads every shard's enriched stream into Postgres until `shutdown`, then
+/// returns once each shard has committed and acked its in-flight batch.
+pub async fn run(
+    cfg: LoadConfig,
+    client: redis::Client,
+    pool: sqlx::PgPool,
+    shutdown: CancellationToken,
+) -> Result<(), LoadError> {
+    let con = client.get_connection_manager_lazy(
+        ConnectionManagerConfig::new().set_response_timeout(Some(WRITE_TIMEOUT)),
+    )?;
+    let streams = cfg
+        .layout
+        .shard_ids()
+        .map(|s| (s, cfg.layout.enriched(s)))
+        .collect();
+    let consumer_cfg = ConsumerConfig {
+        group: LOAD_GROUP.to_string(),
+        consumer: cfg.consumer.clone(),
+        batch: cfg.batch,
+        block: cfg.block,
+        claim_idle: cfg.claim_idle,
+        claim_every: claim_every(cfg.claim_idle),
+    };
+    tracing::info!(consumer = %cfg.consumer, shards = cfg.layout.shards(), "history loader starting");
+    let handler = Loader {
+        layout: cfg.layout,
+        con,
+        pool,
+    };
+    consumer::run(client, consumer_cfg, streams, handler, shutdown).await?;
+    Ok(())
+}
+
+/// Load failures are rare (a bug or version skew), but never unbounded.
+const DLQ_TRIM: Trim = Trim::MaxLen(100_000);
+
+#[derive(Debug, thiserror::Error)]
+enum BatchError {
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+struct Loader {
+    layout: StreamLayout,
+    con: ConnectionManager,
+    pool: sqlx::PgPool,
+}
+
+const TRADES_SQL: &str = "INSERT INTO trades (source, seq, instrument, venue, ts_ns, price, qty, \
+     side, trade_id, account, asset_class, currency, notional, notional_usd, ingest_ns, \
+     enriched_ns, stream_id) \
+     SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::int8[], \
+     $6::numeric[], $7::numeric[], $8::text[], $9::text[], $10::text[], $11::text[], \
+     $12::text[], $13::numeric[], $14::numeric[], $15::int8[], $16::int8[], $17::text[]) \
+     ON CONFLICT (source, seq) DO NOTHING";
+
+const QUOTES_SQL: &str = "INSERT INTO quotes (source, seq, instrument, venue, ts_ns, bid, ask, \
+     bid_size, ask_size, asset_class, currency, mid, spread, ingest_ns, enriched_ns, stream_id) \
+     SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::int8[], \
+     $6::numeric[], $7::numeric[], $8::numeric[], $9::numeric[], $10::text[], $11::text[], \
+     $12::numeric[], $13::numeric[], $14::int8[], $15::int8[], $16::text[]) \
+     ON CONFLICT (source, seq) DO NOTHING";
+
+/// Columns shared by both tables, one vector per column.
+#[derive(Default)]
+struct Common<'a> {
+    source: Vec<&'a str>,
+    seq: Vec<i64>,
+    instrument: Vec<&'a str>,
+    venue: Vec<&'a str>,
+    ts_ns: Vec<i64>,
+    asset_class: Vec<&'static str>,
+    currency: Vec<&'a str>,
+    ingest_ns: Vec<i64>,
+    enriched_ns: Vec<i64>,
+    stream_id: Vec<&'a str>,
+}
+
+impl<'a> Common<'a> {
+    fn push(&mut self, rec: &'a EnrichedRecord, seq: i64, stream_id: &'a str) {
+        let h = rec.event.header();
+        self.source.push(h.source.as_str());
+        self.seq.push(seq);
+        self.instrument.push(h.instrument.as_str());
+        self.venue.push(h.venue.as_str());
+        self.ts_ns.push(h.ts.nanos());
+        self.asset_class.push(rec.asset_class.as_str());
+        self.currency.push(&rec.currency);
+        self.ingest_ns.push(rec.ingest_ns);
+        self.enriched_ns.push(rec.enriched_ns);
+        self.stream_id.push(stream_id);
+    }
+
+    fn len(&self) -> usize {
+        self.seq.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.seq.is_empty()
+    }
+}
+
+#[derive(Default)]
+struct TradeRows<'a> {
+    common: Common<'a>,
+    price: Vec<Decimal>,
+    qty: Vec<Decimal>,
+    side: Vec<&'static str>,
+    trade_id: Vec<Option<&'a str>>,
+    account: Vec<Option<&'a str>>,
+    notional: Vec<Decimal>,
+    notional_usd: Vec<Decimal>,
+}
+
+#[derive(Default)]
+struct QuoteRows<'a> {
+    common: Common<'a>,
+    bid: Vec<Decimal>,
+    ask: Vec<Decimal>,
+    bid_size: Vec<Decimal>,
+    ask_size: Vec<Decimal>,
+    mid: Vec<Decimal>,
+    spread: Vec<Decimal>,
+}
+
+/// Splits decoded records into column vectors; a record that cannot become a row
+/// comes back as its reason.
+fn add_row<'a>(
+    trades: &mut TradeRows<'a>,
+    quotes: &mut QuoteRows<'a>,
+    rec: &'a EnrichedRecord,
+    stream_id: &'a str,
+) -> Result<(), String> {
+    let seq = i64::try_from(rec.event.header().seq)
+        .map_err(|_| format!("`seq` {} does not fit a bigint", rec.event.header().seq))?;
+    match (&rec.event, &rec.derived) {
+        (
+            Event::Trade(t),
+            Derived::Trade {
+                notional,
+                notional_usd,
+            },
+        ) => {
+            trades.common.push(rec, seq, stream_id);
+            trades.price.push(t.price);
+            trades.qty.push(t.qty);
+            trades.side.push(t.side.as_str());
+            trades
+                .trade_id
+                .push(t.trade_id.as_ref().map(|x| x.as_str()));
+            trades.account.push(t.account.as_ref().map(|x| x.as_str()));
+            trades.notional.push(*notional);
+            trades.notional_usd.push(*notional_usd);
+        }
+        (Event::Quote(q), Derived::Quote { mid, spread }) => {
+            quotes.common.push(rec, seq, stream_id);
+            quotes.bid.push(q.bid);
+            quotes.ask.push(q.ask);
+            quotes.bid_size.push(q.bid_size);
+            quotes.ask_size.push(q.ask_size);
+            quotes.mid.push(*mid);
+            quotes.spread.push(*spread);
+        }
+        _ => return Err("derived fields do not match the event kind".to_string()),
+    }
+    Ok(())
+}
+
+impl Loader {
+    async fn insert(
+        &self,
+        trades: &TradeRows<'_>,
+        quotes: &QuoteRows<'_>,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        if !trades.common.is_empty() {
+            let c = &trades.common;
+            sqlx::query(TRADES_SQL)
+                .bind(&c.source)
+                .bind(&c.seq)
+                .bind(&c.instrument)
+                .bind(&c.venue)
+                .bind(&c.ts_ns)
+                .bind(&trades.price)
+                .bind(&trades.qty)
+                .bind(&trades.side)
+                .bind(&trades.trade_id)
+                .bind(&trades.account)
+                .bind(&c.asset_class)
+                .bind(&c.currency)
+                .bind(&trades.notional)
+                .bind(&trades.notional_usd)
+                .bind(&c.ingest_ns)
+                .bind(&c.enriched_ns)
+                .bind(&c.stream_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !quotes.common.is_empty() {
+            let c = &quotes.common;
+            sqlx::query(QUOTES_SQL)
+                .bind(&c.source)
+                .bind(&c.seq)
+                .bind(&c.instrument)
+                .bind(&c.venue)
+                .bind(&c.ts_ns)
+                .bind(&quotes.bid)
+                .bind(&quotes.ask)
+                .bind(&quotes.bid_size)
+                .bind(&quotes.ask_size)
+                .bind(&c.asset_class)
+                .bind(&c.currency)
+                .bind(&quotes.mid)
+                .bind(&quotes.spread)
+                .bind(&c.ingest_ns)
+                .bind(&c.enriched_ns)
+                .bind(&c.stream_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await
+    }
+}
+
+impl BatchHandler for Loader {
+    type Error = BatchError;
+
+    async fn handle(
+        &self,
+        shard: u16,
+        stream: &str,
+        entries: Vec<Entry>,
+    ) -> Result<(), Self::Error> {
+        let decoded: Vec<_> = entries
+            .iter()
+            .map(|e| EnrichedRecord::decode(&e.record))
+            .collect();
+        let mut trades = TradeRows::default();
+        let mut quotes = QuoteRows::default();
+        let mut bad = Vec::new();
+        for (entry, rec) in entries.iter().zip(&decoded) {
+            let outcome = match rec {
+                Ok(rec) => add_row(&mut trades, &mut quotes, rec, &entry.id),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(reason) = outcome {
+                // Enrich wrote it, so this is a bug or a version skew: keep the bytes
+                // for a replay rather than stall the shard on it forever.
+                let mut letter = DeadLetter::new(
+                    "load",
+                    format!("unloadable enriched entry {}: {reason}", entry.id),
+                    entry.record.clone(),
+                );
+                letter.event_id = rec.as_ref().ok().map(|r| r.event.id());
+                bad.push(letter);
+            }
+        }
+        self.insert(&trades, &quotes).await?;
+        let dlq = self.layout.dlq(shard);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for letter in &bad {
+            pipe.add_command(letter.xadd(&dlq, DLQ_TRIM)).ignore();
+        }
+        let mut ack = redis::cmd("XACK");
+        ack.arg(stream).arg(LOAD_GROUP);
+        for entry in &entries {
+            ack.arg(&entry.id);
+        }
+        pipe.add_command(ack).ignore();
+        let mut con = self.con.clone();
+        pipe.query_async::<()>(&mut con).await?;
+        if bad.is_empty() {
+            tracing::debug!(
+                trades = trades.common.len(),
+                quotes = quotes.common.len(),
+                "batch loaded"
+            );
+        } else {
+            tracing::error!(
+                trades = trades.common.len(),
+                quotes = quotes.common.len(),
+                dead_lettered = bad.len(),
+                first_reason = %bad[0].reason,
+                "batch loaded; entries dead-lettered"
+            );
+        }
+        Ok(())
+    }
+}

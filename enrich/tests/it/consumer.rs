@@ -1,0 +1,142 @@
+//! The shared consumer loop with a handler that fails: nothing is dropped, and a
+//! failed batch comes back until it succeeds.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tickgraph_enrich::consumer::{self, BatchHandler, ConsumerConfig, Entry};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::TestRedis;
+
+const GROUP: &str = "flaky";
+
+#[derive(Default)]
+struct Seen {
+    calls: usize,
+    /// (stream, entry id) -> (record, times handled successfully). Ids repeat
+    /// across streams.
+    done: BTreeMap<(String, String), (Vec<u8>, usize)>,
+    /// Entries handed to the failing calls.
+    failed: Vec<(String, String)>,
+}
+
+/// Fails its first `fail_first` calls without acking; afterwards records and acks.
+struct Flaky {
+    con: redis::aio::ConnectionManager,
+    fail_first: usize,
+    seen: Arc<Mutex<Seen>>,
+}
+
+#[derive(Debug)]
+struct Boom;
+
+impl std::fmt::Display for Boom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("boom")
+    }
+}
+
+impl BatchHandler for Flaky {
+    type Error = Boom;
+
+    async fn handle(&self, _shard: u16, stream: &str, entries: Vec<Entry>) -> Result<(), Boom> {
+        {
+            let mut seen = self.seen.lock().expect("lock");
+            seen.calls += 1;
+            if seen.calls <= self.fail_first {
+                seen.failed
+                    .extend(entries.iter().map(|e| (stream.to_string(), e.id.clone())));
+                return Err(Boom);
+            }
+        }
+        let mut ack = redis::cmd("XACK");
+        ack.arg(stream).arg(GROUP);
+        for e in &entries {
+            ack.arg(&e.id);
+        }
+        let mut con = self.con.clone();
+        let _: i64 = ack.query_async(&mut con).await.map_err(|_| Boom)?;
+        let mut seen = self.seen.lock().expect("lock");
+        for e in entries {
+            seen.done
+                .entry((stream.to_string(), e.id))
+                .or_insert((e.record, 0))
+                .1 += 1;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn failed_batches_are_retried_until_they_succeed() {
+    let mut r = TestRedis::new(2).await;
+    let keys: Vec<String> = r
+        .layout
+        .shard_ids()
+        .map(|s| format!("{}:flaky:{{{s}}}", r.layout.prefix()))
+        .collect();
+    let mut added = BTreeMap::new();
+    for i in 0..50u32 {
+        let key = &keys[(i % 2) as usize];
+        let payload = format!("payload {i}").into_bytes();
+        let id = r.add(key, &payload).await;
+        added.insert((key.clone(), id), payload);
+    }
+
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let handler = Flaky {
+        con: r.client.get_connection_manager().await.expect("redis"),
+        fail_first: 3,
+        seen: seen.clone(),
+    };
+    let cfg = ConsumerConfig {
+        group: GROUP.into(),
+        consumer: "c1".into(),
+        batch: 8,
+        block: Duration::from_millis(100),
+        claim_idle: Duration::from_secs(3600),
+        claim_every: Duration::from_secs(3600),
+    };
+    let shutdown = CancellationToken::new();
+    let streams: Vec<(u16, String)> = keys
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(s, k)| (s as u16, k))
+        .collect();
+    let task = tokio::spawn(consumer::run(
+        r.client.clone(),
+        cfg,
+        streams,
+        handler,
+        shutdown.clone(),
+    ));
+    r.wait_drained(&keys, GROUP).await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("consumer stops after shutdown")
+        .expect("task")
+        .expect("run returns Ok");
+
+    let seen = seen.lock().expect("lock");
+    assert!(
+        seen.failed.len() >= 3,
+        "the failing calls got entries: {:?}",
+        seen.failed
+    );
+    for id in &seen.failed {
+        assert!(
+            seen.done.contains_key(id),
+            "{id:?} was dropped after its batch failed"
+        );
+    }
+    assert_eq!(seen.done.len(), added.len());
+    for (id, payload) in &added {
+        let (record, times) = &seen.done[id];
+        assert_eq!(record, payload, "{id:?}");
+        assert_eq!(*times, 1, "{id:?} handled {times} times");
+    }
+}

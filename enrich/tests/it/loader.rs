@@ -1,0 +1,274 @@
+//! The history loader: enriched streams into Postgres, exactly once in effect.
+
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use tickgraph_enrich::loader::{self, LoadConfig};
+use tickgraph_enrich::refdata::AssetClass;
+use tickgraph_enrich::{Derived, EnrichedRecord};
+use tickgraph_ingest::stream::{RawRecord, LOAD_GROUP};
+use tickgraph_ingest::Event;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{dec, quote, trade, TestRedis};
+
+fn enriched(raw: RawRecord, currency: &str, derived: Derived) -> EnrichedRecord {
+    EnrichedRecord {
+        event: raw.event,
+        ingest_ns: raw.ingest_ns,
+        enriched_ns: raw.ingest_ns + 1_000,
+        asset_class: AssetClass::Equity,
+        currency: currency.into(),
+        derived,
+    }
+}
+
+fn t(notional: &str, usd: &str) -> Derived {
+    Derived::Trade {
+        notional: dec(notional),
+        notional_usd: dec(usd),
+    }
+}
+
+/// XADDs to the record's shard; returns the entry id.
+async fn add(r: &mut TestRedis, rec: &EnrichedRecord) -> String {
+    let key = r
+        .layout
+        .enriched(r.layout.shard_of(&rec.event.header().instrument));
+    r.add(&key, &rec.encode().expect("encode")).await
+}
+
+fn config(r: &TestRedis) -> LoadConfig {
+    let mut cfg = LoadConfig::new(r.layout.clone(), "l1");
+    cfg.block = Duration::from_millis(100);
+    cfg
+}
+
+async fn stop(
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), loader::LoadError>>,
+) {
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("loader stops after shutdown")
+        .expect("loader task")
+        .expect("loader returns Ok");
+}
+
+type TradeRow = (
+    String,
+    String,
+    i64,
+    Decimal,
+    Decimal,
+    String,
+    Option<String>,
+    String,
+    String,
+    Decimal,
+    Decimal,
+    i64,
+    i64,
+    String,
+);
+
+#[sqlx::test(migrations = "../migrations")]
+async fn loads_each_event_once_even_when_redelivered(pool: PgPool) {
+    let mut r = TestRedis::new(2).await;
+    let t1 = enriched(
+        trade(1, "AAPL", "XNAS", "187.25", "100", Some("ACC1")),
+        "USD",
+        t("18725", "18725"),
+    );
+    let t2 = enriched(
+        trade(2, "VOD.L", "XLON", "72.34", "1000", None),
+        "GBX",
+        t("72340", "911.484"),
+    );
+    let t3 = enriched(
+        trade(3, "MSFT", "XNAS", "415.10", "3", None),
+        "USD",
+        t("1245.3", "1245.3"),
+    );
+    let q1 = enriched(
+        quote(4, "AAPL", "XNAS", "187.25", "187.26"),
+        "USD",
+        Derived::Quote {
+            mid: dec("187.255"),
+            spread: dec("0.01"),
+        },
+    );
+    let q2 = enriched(
+        quote(5, "VOD.L", "XLON", "72.30", "72.36"),
+        "GBX",
+        Derived::Quote {
+            mid: dec("72.33"),
+            spread: dec("0.06"),
+        },
+    );
+    let t1_id = add(&mut r, &t1).await;
+    add(&mut r, &t2).await;
+    let q1_id = add(&mut r, &q1).await;
+    add(&mut r, &t3).await;
+    add(&mut r, &q2).await;
+    // Redelivery, as after an enrich retry or a replay.
+    add(&mut r, &t1).await;
+    add(&mut r, &q1).await;
+    let garbage_id = r.add(&r.layout.enriched(1), b"\xc1 not a record").await;
+
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(loader::run(
+        config(&r),
+        r.client.clone(),
+        pool.clone(),
+        shutdown.clone(),
+    ));
+    let keys: Vec<String> = r.layout.shard_ids().map(|s| r.layout.enriched(s)).collect();
+    r.wait_drained(&keys, LOAD_GROUP).await;
+    stop(shutdown, task).await;
+
+    let trades: i64 = sqlx::query_scalar("SELECT count(*) FROM trades")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    let quotes: i64 = sqlx::query_scalar("SELECT count(*) FROM quotes")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!((trades, quotes), (3, 2));
+
+    let row: TradeRow = sqlx::query_as(
+        "SELECT source, instrument, ts_ns, price, qty, side, account, asset_class, currency::text, \
+         notional, notional_usd, ingest_ns, enriched_ns, stream_id FROM trades WHERE source = 'it' AND seq = 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("t1 row");
+    let Event::Trade(t1_event) = &t1.event else {
+        unreachable!()
+    };
+    assert_eq!(row.0, "it");
+    assert_eq!(row.1, "AAPL");
+    assert_eq!(row.2, t1_event.header.ts.nanos());
+    assert_eq!((row.3, row.4), (dec("187.25"), dec("100")));
+    assert_eq!(row.5, t1_event.side.as_str());
+    assert_eq!(row.6.as_deref(), Some("ACC1"));
+    assert_eq!((row.7.as_str(), row.8.as_str()), ("equity", "USD"));
+    assert_eq!((row.9, row.10), (dec("18725"), dec("18725")));
+    assert_eq!((row.11, row.12), (t1.ingest_ns, t1.enriched_ns));
+    assert_eq!(row.13, t1_id, "the first delivery's row is kept");
+
+    let usd: Decimal = sqlx::query_scalar("SELECT notional_usd FROM trades WHERE seq = 2")
+        .fetch_one(&pool)
+        .await
+        .expect("t2");
+    assert_eq!(usd, dec("911.484"));
+    let account: Option<String> = sqlx::query_scalar("SELECT account FROM trades WHERE seq = 2")
+        .fetch_one(&pool)
+        .await
+        .expect("t2");
+    assert_eq!(account, None);
+
+    let q: (Decimal, Decimal, Decimal, Decimal, Decimal, Decimal, String, String) = sqlx::query_as(
+        "SELECT bid, ask, bid_size, ask_size, mid, spread, currency::text, stream_id FROM quotes WHERE seq = 4",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("q1 row");
+    assert_eq!(
+        q,
+        (
+            dec("187.25"),
+            dec("187.26"),
+            dec("300"),
+            dec("500"),
+            dec("187.255"),
+            dec("0.01"),
+            "USD".into(),
+            q1_id
+        )
+    );
+
+    let letters = r.range_fields(&r.layout.dlq(1)).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["stage"], b"load");
+    let reason = String::from_utf8_lossy(&letters[0]["reason"]).to_string();
+    assert!(
+        reason.starts_with(&format!("unloadable enriched entry {garbage_id}")),
+        "{reason}"
+    );
+    for key in &keys {
+        assert_eq!(r.group_state(key, LOAD_GROUP).await.0, 0, "{key} pending");
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn nothing_is_acked_until_postgres_commits(pool: PgPool) {
+    let mut r = TestRedis::new(1).await;
+    let records: Vec<EnrichedRecord> = (0..20u64)
+        .map(|i| {
+            enriched(
+                trade(100 + i, "AAPL", "XNAS", "10", "2", None),
+                "USD",
+                t("20", "20"),
+            )
+        })
+        .collect();
+    let mut last = String::new();
+    for rec in &records {
+        last = add(&mut r, rec).await;
+    }
+    // Every insert fails while the table is away.
+    sqlx::query("ALTER TABLE trades RENAME TO trades_away")
+        .execute(&pool)
+        .await
+        .expect("rename");
+
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(loader::run(
+        config(&r),
+        r.client.clone(),
+        pool.clone(),
+        shutdown.clone(),
+    ));
+    let key = r.layout.enriched(0);
+    let last_id: tickgraph_ingest::stream::EntryId = last.parse().expect("id");
+    crate::helpers::wait_until("the loader reads every entry", || {
+        let mut con = r.con.clone();
+        let key = key.clone();
+        async move {
+            use redis::AsyncCommands;
+            let g: redis::streams::StreamInfoGroupsReply = match con.xinfo_groups(&key).await {
+                Ok(g) => g,
+                Err(_) => return false,
+            };
+            g.groups.iter().any(|g| {
+                g.name == LOAD_GROUP
+                    && g.last_delivered_id
+                        .parse::<tickgraph_ingest::stream::EntryId>()
+                        .is_ok_and(|d| d >= last_id)
+            })
+        }
+    })
+    .await;
+    assert_eq!(
+        r.group_state(&key, LOAD_GROUP).await.0,
+        records.len(),
+        "acked without a commit"
+    );
+
+    sqlx::query("ALTER TABLE trades_away RENAME TO trades")
+        .execute(&pool)
+        .await
+        .expect("rename back");
+    r.wait_drained(&[key], LOAD_GROUP).await;
+    stop(shutdown, task).await;
+
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM trades")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(n, records.len() as i64);
+}
