@@ -1,0 +1,984 @@
+//! The fan-out hub: one reader per enriched stream shard, many subscribers.
+//!
+//! Each process reads every enriched shard exactly once, however many subscriptions
+//! it serves: a reader task per shard, on its own blocking Redis connection, runs
+//! `XREAD COUNT 1000 BLOCK 1000` from the last id it saw, decodes each entry once
+//! into an `Arc`'d [`Tick`] and dispatches the batch.
+//!
+//! Dispatch takes the registry's read lock once per batch. Subscriptions are indexed
+//! by instrument, plus a list of those without an instrument filter, so an event
+//! only visits the subscribers that asked for its instrument (or for all of them);
+//! venue, asset class and side are checked on those alone. Every subscriber owns a
+//! bounded queue filled with `try_send`: the hub never waits for a subscriber and
+//! never buffers more than `subscriber_queue` events for one. A subscriber whose
+//! queue is full is closed with [`HubError::TooSlow`] instead, since silently
+//! skipping events would hand it a gap it cannot see.
+//!
+//! The hub also keeps the latest trade and quote of every instrument it has seen
+//! since start, for the `latest*` queries.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::Stream;
+use redis::aio::MultiplexedConnection;
+use tickgraph_enrich::record::EnrichedRecord;
+use tickgraph_enrich::refdata::AssetClass;
+use tickgraph_ingest::stream::{parse_entries, parse_read_reply, StreamLayout};
+use tickgraph_ingest::Side;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::tick::{cursor, QuoteTick, Tick, TickMeta, TradeTick};
+
+/// Entries per XREAD.
+const READ_COUNT: usize = 1000;
+/// Milliseconds an XREAD waits for new entries; it also bounds how long a reader
+/// takes to notice shutdown when the stream is idle.
+const READ_BLOCK_MS: u64 = 1000;
+/// The reader connection has no response timeout (a BLOCK would trip it), so this
+/// catches a half-open connection that would otherwise hang the reader forever.
+const READ_DEADLINE: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HubError {
+    #[error("subscriber too slow: queue of {queue} events full")]
+    TooSlow { queue: usize },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("`{arg}` is an empty list, which selects nothing: omit it to receive every value")]
+    EmptyList { arg: &'static str },
+}
+
+/// What a subscription asks for. `None` means "any"; every given list must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub instruments: Option<Vec<String>>,
+    pub venues: Option<Vec<String>>,
+    pub asset_classes: Option<Vec<AssetClass>>,
+    /// Ignored for quotes.
+    pub sides: Option<Vec<Side>>,
+}
+
+/// The per-subscriber part of a [`Filter`], in the shape dispatch checks fastest.
+#[derive(Debug)]
+struct Check {
+    venues: Option<Box<[String]>>,
+    asset_classes: Option<u8>,
+    sides: Option<u8>,
+}
+
+fn asset_class_bit(a: AssetClass) -> u8 {
+    1 << (a as u8)
+}
+
+fn side_bit(s: Side) -> u8 {
+    match s {
+        Side::Buy => 1,
+        Side::Sell => 2,
+    }
+}
+
+fn non_empty<T>(v: Option<Vec<T>>, arg: &'static str) -> Result<Option<Vec<T>>, HubError> {
+    match v {
+        Some(v) if v.is_empty() => Err(HubError::EmptyList { arg }),
+        other => Ok(other),
+    }
+}
+
+impl Filter {
+    /// Splits the filter into the instrument index keys and the remaining checks.
+    fn compile(self) -> Result<(Option<Vec<String>>, Check), HubError> {
+        let instruments = non_empty(self.instruments, "instruments")?.map(|mut v| {
+            // A repeated symbol would be indexed, and so delivered, twice.
+            v.sort_unstable();
+            v.dedup();
+            v
+        });
+        let check = Check {
+            venues: non_empty(self.venues, "venues")?.map(Vec::into_boxed_slice),
+            asset_classes: non_empty(self.asset_classes, "assetClasses")?
+                .map(|v| v.into_iter().fold(0, |m, a| m | asset_class_bit(a))),
+            sides: non_empty(self.sides, "sides")?
+                .map(|v| v.into_iter().fold(0, |m, s| m | side_bit(s))),
+        };
+        Ok((instruments, check))
+    }
+}
+
+impl Check {
+    fn matches<T: TickMeta>(&self, t: &T) -> bool {
+        if let Some(v) = &self.venues {
+            if !v.iter().any(|m| m == t.venue()) {
+                return false;
+            }
+        }
+        if let Some(mask) = self.asset_classes {
+            if mask & asset_class_bit(t.asset_class()) == 0 {
+                return false;
+            }
+        }
+        if let (Some(mask), Some(side)) = (self.sides, t.side()) {
+            if mask & side_bit(side) == 0 {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Shared between the hub's copy of a subscriber and its [`Feed`].
+#[derive(Debug, Default)]
+struct SubState {
+    overflowed: AtomicBool,
+}
+
+struct Subscriber<T> {
+    id: u64,
+    instruments: Option<Vec<String>>,
+    check: Check,
+    tx: mpsc::Sender<Arc<T>>,
+    state: Arc<SubState>,
+}
+
+/// Per-batch dispatch counts, logged once per batch.
+#[derive(Debug, Default)]
+struct Stats {
+    delivered: usize,
+    overflowed: usize,
+}
+
+impl<T> Subscriber<T>
+where
+    T: TickMeta,
+{
+    /// Returns false when the subscriber must be removed.
+    fn offer(&self, t: &Arc<T>, stats: &mut Stats) -> bool {
+        if !self.check.matches(t.as_ref()) || self.state.overflowed.load(Ordering::Relaxed) {
+            return true;
+        }
+        match self.tx.try_send(Arc::clone(t)) {
+            Ok(()) => {
+                stats.delivered += 1;
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.state.overflowed.store(true, Ordering::Release);
+                stats.overflowed += 1;
+                false
+            }
+            // The feed is being dropped; its guard unregisters it too.
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+struct Index<T> {
+    by_instrument: HashMap<String, Vec<Arc<Subscriber<T>>>>,
+    wildcard: Vec<Arc<Subscriber<T>>>,
+    by_id: HashMap<u64, Arc<Subscriber<T>>>,
+}
+
+impl<T> Default for Index<T> {
+    fn default() -> Self {
+        Self {
+            by_instrument: HashMap::new(),
+            wildcard: Vec::new(),
+            by_id: HashMap::new(),
+        }
+    }
+}
+
+impl<T: TickMeta> Index<T> {
+    fn insert(&mut self, s: Arc<Subscriber<T>>) {
+        match &s.instruments {
+            Some(symbols) => {
+                for sym in symbols {
+                    self.by_instrument
+                        .entry(sym.clone())
+                        .or_default()
+                        .push(Arc::clone(&s));
+                }
+            }
+            None => self.wildcard.push(Arc::clone(&s)),
+        }
+        self.by_id.insert(s.id, s);
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(s) = self.by_id.remove(&id) else {
+            return;
+        };
+        match &s.instruments {
+            Some(symbols) => {
+                for sym in symbols {
+                    if let Some(list) = self.by_instrument.get_mut(sym) {
+                        list.retain(|x| x.id != id);
+                        if list.is_empty() {
+                            self.by_instrument.remove(sym);
+                        }
+                    }
+                }
+            }
+            None => self.wildcard.retain(|x| x.id != id),
+        }
+    }
+
+    fn deliver(&self, t: &Arc<T>, stats: &mut Stats, dead: &mut Vec<u64>) {
+        let by_symbol = self.by_instrument.get(t.instrument()).into_iter().flatten();
+        for s in by_symbol.chain(self.wildcard.iter()) {
+            if !s.offer(t, stats) {
+                dead.push(s.id);
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.by_instrument.clear();
+        self.wildcard.clear();
+        self.by_id.clear();
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    trades: Index<TradeTick>,
+    quotes: Index<QuoteTick>,
+    /// Set at shutdown: later subscriptions are refused rather than left hanging.
+    closed: bool,
+}
+
+/// A tick kind the hub indexes subscriptions for.
+trait Indexed: TickMeta + Sized {
+    fn index_mut(r: &mut Registry) -> &mut Index<Self>;
+}
+
+impl Indexed for TradeTick {
+    fn index_mut(r: &mut Registry) -> &mut Index<Self> {
+        &mut r.trades
+    }
+}
+
+impl Indexed for QuoteTick {
+    fn index_mut(r: &mut Registry) -> &mut Index<Self> {
+        &mut r.quotes
+    }
+}
+
+/// The newest trade and quote the hub has seen for one instrument.
+#[derive(Default)]
+struct Latest {
+    trade: Option<Arc<TradeTick>>,
+    quote: Option<Arc<QuoteTick>>,
+}
+
+/// Keeps the tick with the greater event time; on a tie the later arrival wins.
+/// Event time, not arrival order, so the map agrees with history's "latest".
+fn keep_newer<T: TickMeta>(slot: &mut Option<Arc<T>>, t: &Arc<T>) {
+    if slot.as_ref().is_none_or(|cur| t.ts() >= cur.ts()) {
+        *slot = Some(Arc::clone(t));
+    }
+}
+
+struct Inner {
+    registry: RwLock<Registry>,
+    latest: RwLock<HashMap<String, Latest>>,
+    queue: usize,
+    next_id: AtomicU64,
+}
+
+impl Inner {
+    fn registry(&self) -> RwLockReadGuard<'_, Registry> {
+        // Nothing panics while holding these locks except on a bug; the data stays
+        // consistent list by list, so keep serving.
+        self.registry.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn registry_mut(&self) -> RwLockWriteGuard<'_, Registry> {
+        self.registry
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn unregister<T: Indexed>(&self, id: u64) {
+        T::index_mut(&mut self.registry_mut()).remove(id);
+    }
+
+    fn dispatch(&self, ticks: &[Tick]) -> Stats {
+        let mut stats = Stats::default();
+        let mut dead_trades = Vec::new();
+        let mut dead_quotes = Vec::new();
+        {
+            let reg = self.registry();
+            for t in ticks {
+                match t {
+                    Tick::Trade(t) => reg.trades.deliver(t, &mut stats, &mut dead_trades),
+                    Tick::Quote(q) => reg.quotes.deliver(q, &mut stats, &mut dead_quotes),
+                }
+            }
+        }
+        if !dead_trades.is_empty() || !dead_quotes.is_empty() {
+            let mut reg = self.registry_mut();
+            for id in dead_trades {
+                reg.trades.remove(id);
+            }
+            for id in dead_quotes {
+                reg.quotes.remove(id);
+            }
+        }
+        self.remember_latest(ticks);
+        stats
+    }
+
+    fn remember_latest(&self, ticks: &[Tick]) {
+        let mut latest = self.latest.write().unwrap_or_else(PoisonError::into_inner);
+        for t in ticks {
+            let instrument = match t {
+                Tick::Trade(t) => t.instrument(),
+                Tick::Quote(q) => q.instrument(),
+            };
+            // Look up by &str first so the key is only allocated for a new symbol.
+            let slot = match latest.get_mut(instrument) {
+                Some(slot) => slot,
+                None => latest.entry(instrument.to_owned()).or_default(),
+            };
+            match t {
+                Tick::Trade(t) => keep_newer(&mut slot.trade, t),
+                Tick::Quote(q) => keep_newer(&mut slot.quote, q),
+            }
+        }
+    }
+
+    fn latest(&self) -> RwLockReadGuard<'_, HashMap<String, Latest>> {
+        self.latest.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn close(&self) {
+        let mut reg = self.registry_mut();
+        reg.closed = true;
+        // Dropping the senders ends every feed, so each subscription completes.
+        reg.trades.clear();
+        reg.quotes.clear();
+    }
+}
+
+/// The live stream of one subscription: ticks that match its filter, in stream
+/// order per instrument. Ends when the server shuts down; yields one
+/// [`HubError::TooSlow`] and ends when its queue overflowed. Dropping it
+/// unregisters the subscription.
+pub struct Feed<T> {
+    rx: mpsc::Receiver<Arc<T>>,
+    state: Arc<SubState>,
+    hub: Arc<Inner>,
+    unregister: fn(&Inner, u64),
+    id: u64,
+    queue: usize,
+    finished: bool,
+}
+
+impl<T> Feed<T> {
+    fn too_slow(&mut self) -> Poll<Option<Result<Arc<T>, HubError>>> {
+        self.finished = true;
+        Poll::Ready(Some(Err(HubError::TooSlow { queue: self.queue })))
+    }
+}
+
+impl<T> Stream for Feed<T> {
+    type Item = Result<Arc<T>, HubError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
+        // Checked before the queue: a subscriber that fell behind learns it now,
+        // not after reading the stale events still queued.
+        if self.state.overflowed.load(Ordering::Acquire) {
+            return self.too_slow();
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(t)) => Poll::Ready(Some(Ok(t))),
+            Poll::Ready(None) if self.state.overflowed.load(Ordering::Acquire) => self.too_slow(),
+            Poll::Ready(None) => {
+                self.finished = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T> Drop for Feed<T> {
+    fn drop(&mut self) {
+        (self.unregister)(&self.hub, self.id);
+    }
+}
+
+/// Handle to the process's fan-out hub; cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("subscribers", &self.subscribers())
+            .field("queue", &self.inner.queue)
+            .finish()
+    }
+}
+
+impl Hub {
+    /// A hub with no readers: it serves subscriptions and the latest-value map,
+    /// fed through [`Hub::publish`]. [`Hub::start`] is what a server uses.
+    pub fn new(subscriber_queue: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                registry: RwLock::new(Registry::default()),
+                latest: RwLock::new(HashMap::new()),
+                // tokio's bounded channel refuses a capacity of zero.
+                queue: subscriber_queue.max(1),
+                next_id: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Starts one reader per enriched shard of `layout`, each on its own
+    /// connection, and returns once every reader knows where the stream ends now:
+    /// anything added after `start` returns is delivered. Readers stop, and every
+    /// feed ends, when `shutdown` is cancelled; `tasks` tracks them.
+    pub async fn start(
+        client: redis::Client,
+        layout: &StreamLayout,
+        subscriber_queue: usize,
+        shutdown: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<Self, redis::RedisError> {
+        let hub = Self::new(subscriber_queue);
+        let mut readers = Vec::new();
+        for shard in layout.shard_ids() {
+            let key = layout.enriched(shard);
+            let name = reader_name(layout.prefix(), shard);
+            let mut con = connect(&client, &name).await?;
+            // An explicit id instead of `$`: entries added between two XREADs
+            // from `$` would be skipped.
+            let last_id = stream_end(&mut con, &key).await?;
+            readers.push((
+                Reader {
+                    hub: Arc::clone(&hub.inner),
+                    client: client.clone(),
+                    shard,
+                    key,
+                    name,
+                    last_id,
+                },
+                con,
+            ));
+        }
+        for (reader, con) in readers {
+            tasks.spawn(reader.run(con, shutdown.clone()));
+        }
+        let inner = Arc::clone(&hub.inner);
+        tasks.spawn(async move {
+            shutdown.cancelled().await;
+            inner.close();
+        });
+        Ok(hub)
+    }
+
+    pub fn subscribe_trades(&self, filter: Filter) -> Result<Feed<TradeTick>, HubError> {
+        self.subscribe(filter)
+    }
+
+    pub fn subscribe_quotes(&self, filter: Filter) -> Result<Feed<QuoteTick>, HubError> {
+        self.subscribe(Filter {
+            sides: None,
+            ..filter
+        })
+    }
+
+    fn subscribe<T: Indexed>(&self, filter: Filter) -> Result<Feed<T>, HubError> {
+        let (instruments, check) = filter.compile()?;
+        let (tx, rx) = mpsc::channel(self.inner.queue);
+        let state = Arc::new(SubState::default());
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut reg = self.inner.registry_mut();
+            if reg.closed {
+                return Err(HubError::ShuttingDown);
+            }
+            T::index_mut(&mut reg).insert(Arc::new(Subscriber {
+                id,
+                instruments,
+                check,
+                tx,
+                state: Arc::clone(&state),
+            }));
+        }
+        Ok(Feed {
+            rx,
+            state,
+            hub: Arc::clone(&self.inner),
+            unregister: Inner::unregister::<T>,
+            id,
+            queue: self.inner.queue,
+            finished: false,
+        })
+    }
+
+    /// Dispatches ticks as a reader does: to matching feeds and the latest map.
+    pub fn publish(&self, ticks: &[Tick]) {
+        self.inner.dispatch(ticks);
+    }
+
+    /// Live subscriptions, trades and quotes together.
+    pub fn subscribers(&self) -> usize {
+        let reg = self.inner.registry();
+        reg.trades.by_id.len() + reg.quotes.by_id.len()
+    }
+
+    pub fn latest_trades(&self, instruments: &[String]) -> Vec<Option<Arc<TradeTick>>> {
+        let latest = self.inner.latest();
+        instruments
+            .iter()
+            .map(|s| latest.get(s).and_then(|l| l.trade.clone()))
+            .collect()
+    }
+
+    pub fn latest_quotes(&self, instruments: &[String]) -> Vec<Option<Arc<QuoteTick>>> {
+        let latest = self.inner.latest();
+        instruments
+            .iter()
+            .map(|s| latest.get(s).and_then(|l| l.quote.clone()))
+            .collect()
+    }
+}
+
+/// The Redis client name of a shard's reader, so `CLIENT LIST` shows who blocks.
+pub fn reader_name(prefix: &str, shard: u16) -> String {
+    format!("{prefix}-hub-{shard}")
+}
+
+async fn connect(client: &redis::Client, name: &str) -> redis::RedisResult<MultiplexedConnection> {
+    // A connection of its own with no response timeout: XREAD BLOCK holds it for
+    // up to READ_BLOCK_MS, which would stall or trip a shared connection.
+    let mut con = client
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(None),
+        )
+        .await?;
+    // Only a convenience for operators; a server that refuses it still serves XREAD.
+    if let Err(e) = redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(name)
+        .query_async::<()>(&mut con)
+        .await
+    {
+        tracing::debug!(error = %e, name, "cannot name the hub reader connection");
+    }
+    Ok(con)
+}
+
+/// The id of the stream's newest entry, or `0-0` when it is empty or missing.
+async fn stream_end(con: &mut MultiplexedConnection, key: &str) -> redis::RedisResult<String> {
+    let reply: redis::Value = redis::cmd("XREVRANGE")
+        .arg(key)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(con)
+        .await?;
+    let entries = parse_entries(reply).map_err(reply_error)?;
+    Ok(entries
+        .into_iter()
+        .next()
+        .map_or_else(|| "0-0".to_owned(), |e| e.id))
+}
+
+fn reply_error(msg: String) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "unexpected stream reply",
+        msg,
+    ))
+}
+
+/// Reads one enriched shard for the hub.
+struct Reader {
+    hub: Arc<Inner>,
+    client: redis::Client,
+    shard: u16,
+    key: String,
+    name: String,
+    /// The last entry handed to the hub; reads resume after it, also after a
+    /// reconnect, so a Redis blip loses nothing the stream still holds.
+    last_id: String,
+}
+
+/// How a read step ended.
+enum Step {
+    Read,
+    Shutdown,
+}
+
+impl Reader {
+    async fn run(mut self, con: MultiplexedConnection, shutdown: CancellationToken) {
+        let mut con = Some(con);
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let mut c = match con.take() {
+                Some(c) => c,
+                None => {
+                    let connected = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        c = connect(&self.client, &self.name) => c,
+                    };
+                    match connected {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(shard = self.shard, error = %e, ?backoff, "hub reader cannot connect; retrying");
+                            if sleep_or_shutdown(&shutdown, &mut backoff).await {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            match self.step(&mut c, &shutdown).await {
+                Ok(Step::Read) => {
+                    backoff = BACKOFF_MIN;
+                    con = Some(c);
+                }
+                Ok(Step::Shutdown) => return,
+                Err(e) => {
+                    tracing::warn!(shard = self.shard, key = %self.key, error = %e, ?backoff, "hub reader failed; reconnecting");
+                    if sleep_or_shutdown(&shutdown, &mut backoff).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One XREAD and the dispatch of what it returned.
+    async fn step(
+        &mut self,
+        con: &mut MultiplexedConnection,
+        shutdown: &CancellationToken,
+    ) -> redis::RedisResult<Step> {
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(READ_COUNT)
+            .arg("BLOCK")
+            .arg(READ_BLOCK_MS)
+            .arg("STREAMS")
+            .arg(&self.key)
+            .arg(&self.last_id);
+        let reply: redis::Value = tokio::select! {
+            // Nothing is in flight while waiting: a reader holds no batch to finish.
+            _ = shutdown.cancelled() => return Ok(Step::Shutdown),
+            r = tokio::time::timeout(READ_DEADLINE, cmd.query_async(con)) => match r {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "XREAD got no reply in time",
+                    )))
+                }
+            },
+        };
+        let streams = parse_read_reply(reply).map_err(reply_error)?;
+        let mut ticks = Vec::new();
+        let mut entries = 0usize;
+        let mut bad = 0usize;
+        let mut first_error = None;
+        for (_, list) in streams {
+            for entry in list {
+                entries += 1;
+                let decoded = match entry.record.as_deref() {
+                    Some(bytes) => EnrichedRecord::decode(bytes)
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| {
+                            Tick::from_record(cursor(self.shard, &entry.id), r)
+                                .map_err(|e| e.to_string())
+                        }),
+                    None => Err("entry has no record field".to_owned()),
+                };
+                match decoded {
+                    Ok(t) => ticks.push(t),
+                    Err(e) => {
+                        bad += 1;
+                        first_error.get_or_insert(e);
+                    }
+                }
+                self.last_id = entry.id;
+            }
+        }
+        if entries == 0 {
+            return Ok(Step::Read);
+        }
+        let stats = self.hub.dispatch(&ticks);
+        if let Some(error) = first_error {
+            tracing::warn!(
+                shard = self.shard,
+                bad,
+                error,
+                "hub skipped undecodable enriched entries"
+            );
+        }
+        if stats.overflowed > 0 {
+            tracing::warn!(
+                shard = self.shard,
+                overflowed = stats.overflowed,
+                queue = self.hub.queue,
+                "closed subscribers whose queue was full"
+            );
+        }
+        tracing::debug!(
+            shard = self.shard,
+            entries,
+            delivered = stats.delivered,
+            last_id = %self.last_id,
+            "hub batch"
+        );
+        Ok(Step::Read)
+    }
+}
+
+/// Sleeps for the back-off, doubling it; true when shutdown came first.
+async fn sleep_or_shutdown(shutdown: &CancellationToken, backoff: &mut Duration) -> bool {
+    let wait = *backoff;
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(wait) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::{FutureExt, StreamExt};
+    use rust_decimal::Decimal;
+    use tickgraph_ingest::event::{Header, Mic, Source, Symbol};
+    use tickgraph_ingest::{Quote, Timestamp, Trade};
+
+    use super::*;
+
+    fn header(instrument: &str, venue: &str, seq: u64, ts: i64) -> Header {
+        Header {
+            source: Source::parse("s").expect("source"),
+            seq,
+            instrument: Symbol::parse(instrument).expect("symbol"),
+            venue: Mic::parse(venue).expect("mic"),
+            ts: Timestamp::from_nanos_unchecked(ts),
+        }
+    }
+
+    fn trade(instrument: &str, venue: &str, seq: u64, side: Side, ac: AssetClass) -> Tick {
+        Tick::Trade(Arc::new(TradeTick {
+            cursor: cursor(0, &format!("{seq}-0")),
+            trade: Trade {
+                header: header(instrument, venue, seq, seq as i64),
+                price: Decimal::ONE,
+                qty: Decimal::ONE,
+                side,
+                trade_id: None,
+                account: None,
+            },
+            notional: Decimal::ONE,
+            notional_usd: Decimal::ONE,
+            asset_class: ac,
+            currency: "USD".into(),
+            ingest_ns: 0,
+            enriched_ns: 0,
+        }))
+    }
+
+    fn quote(instrument: &str, seq: u64, ts: i64) -> Tick {
+        Tick::Quote(Arc::new(QuoteTick {
+            cursor: cursor(0, &format!("{seq}-0")),
+            quote: Quote {
+                header: header(instrument, "XNAS", seq, ts),
+                bid: Decimal::ONE,
+                ask: Decimal::TWO,
+                bid_size: Decimal::ONE,
+                ask_size: Decimal::ONE,
+            },
+            mid: Decimal::ONE,
+            spread: Decimal::ONE,
+            asset_class: AssetClass::Equity,
+            currency: "USD".into(),
+            ingest_ns: 0,
+            enriched_ns: 0,
+        }))
+    }
+
+    /// Seqs of everything queued for the feed right now.
+    fn drain<T: TickMeta>(feed: &mut Feed<T>) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while let Some(Some(Ok(t))) = feed.next().now_or_never() {
+            seqs.push(t.header().seq);
+        }
+        seqs
+    }
+
+    fn strings(v: &[&str]) -> Option<Vec<String>> {
+        Some(v.iter().map(|s| (*s).to_owned()).collect())
+    }
+
+    #[test]
+    fn each_feed_gets_only_what_its_filter_selects() {
+        let hub = Hub::new(100);
+        let mut by_symbol = hub
+            .subscribe_trades(Filter {
+                instruments: strings(&["AAPL", "MSFT", "AAPL"]),
+                ..Filter::default()
+            })
+            .expect("subscribe");
+        let mut london_sells = hub
+            .subscribe_trades(Filter {
+                venues: strings(&["XLON"]),
+                sides: Some(vec![Side::Sell]),
+                ..Filter::default()
+            })
+            .expect("subscribe");
+        let mut etf_buys_of_spy = hub
+            .subscribe_trades(Filter {
+                instruments: strings(&["SPY"]),
+                asset_classes: Some(vec![AssetClass::Etf]),
+                sides: Some(vec![Side::Buy]),
+                ..Filter::default()
+            })
+            .expect("subscribe");
+        let mut all_quotes = hub.subscribe_quotes(Filter::default()).expect("subscribe");
+
+        hub.publish(&[
+            trade("AAPL", "XNAS", 1, Side::Buy, AssetClass::Equity),
+            trade("VOD.L", "XLON", 2, Side::Sell, AssetClass::Equity),
+            trade("VOD.L", "XLON", 3, Side::Buy, AssetClass::Equity),
+            trade("SPY", "XNYS", 4, Side::Buy, AssetClass::Etf),
+            trade("SPY", "XNYS", 5, Side::Sell, AssetClass::Etf),
+            quote("AAPL", 6, 6),
+            trade("MSFT", "XLON", 7, Side::Sell, AssetClass::Equity),
+        ]);
+
+        assert_eq!(
+            drain(&mut by_symbol),
+            [1, 7],
+            "instrument filter, each event once"
+        );
+        assert_eq!(drain(&mut london_sells), [2, 7]);
+        assert_eq!(drain(&mut etf_buys_of_spy), [4]);
+        assert_eq!(drain(&mut all_quotes), [6]);
+    }
+
+    #[test]
+    fn dropping_a_feed_unregisters_it() {
+        let hub = Hub::new(10);
+        let a = hub
+            .subscribe_quotes(Filter {
+                instruments: strings(&["AAPL", "MSFT"]),
+                ..Filter::default()
+            })
+            .expect("subscribe");
+        let b = hub.subscribe_trades(Filter::default()).expect("subscribe");
+        assert_eq!(hub.subscribers(), 2);
+        drop(a);
+        assert_eq!(hub.subscribers(), 1);
+        assert!(hub.inner.registry().quotes.by_instrument.is_empty());
+        drop(b);
+        assert_eq!(hub.subscribers(), 0);
+        assert!(hub.inner.registry().trades.wildcard.is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_closes_only_that_subscriber_with_an_error() {
+        let hub = Hub::new(2);
+        let mut slow = hub.subscribe_quotes(Filter::default()).expect("subscribe");
+        let mut other = hub
+            .subscribe_quotes(Filter {
+                instruments: strings(&["MSFT"]),
+                ..Filter::default()
+            })
+            .expect("subscribe");
+        hub.publish(&[
+            quote("AAPL", 1, 1),
+            quote("AAPL", 2, 2),
+            quote("AAPL", 3, 3),
+        ]);
+        assert_eq!(hub.subscribers(), 1, "the overflowed subscriber is removed");
+        let first = slow.next().now_or_never().flatten();
+        assert_eq!(
+            first.map(|r| r.err()),
+            Some(Some(HubError::TooSlow { queue: 2 }))
+        );
+        assert!(
+            slow.next().now_or_never().flatten().is_none(),
+            "it ends after the error"
+        );
+        assert_eq!(
+            HubError::TooSlow { queue: 2 }.to_string(),
+            "subscriber too slow: queue of 2 events full"
+        );
+        hub.publish(&[quote("MSFT", 4, 4)]);
+        assert_eq!(drain(&mut other), [4]);
+    }
+
+    #[test]
+    fn empty_filter_lists_are_refused() {
+        let hub = Hub::new(10);
+        let err = hub
+            .subscribe_trades(Filter {
+                sides: Some(Vec::new()),
+                ..Filter::default()
+            })
+            .err();
+        assert_eq!(err, Some(HubError::EmptyList { arg: "sides" }));
+        assert_eq!(hub.subscribers(), 0);
+    }
+
+    #[test]
+    fn latest_keeps_the_newest_event_time() {
+        let hub = Hub::new(10);
+        hub.publish(&[quote("AAPL", 1, 100), quote("AAPL", 2, 50)]);
+        hub.publish(&[quote("MSFT", 3, 10)]);
+        let seqs = |v: Vec<Option<Arc<QuoteTick>>>| {
+            v.into_iter()
+                .map(|q| q.map(|q| q.header().seq))
+                .collect::<Vec<_>>()
+        };
+        let names = ["AAPL".to_owned(), "SPY".to_owned(), "MSFT".to_owned()];
+        assert_eq!(seqs(hub.latest_quotes(&names)), [Some(1), None, Some(3)]);
+        hub.publish(&[quote("AAPL", 4, 100)]);
+        assert_eq!(
+            seqs(hub.latest_quotes(&names[..1])),
+            [Some(4)],
+            "ties go to the later arrival"
+        );
+        assert!(hub.latest_trades(&names).iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn closing_ends_feeds_and_refuses_new_ones() {
+        let hub = Hub::new(10);
+        let mut feed = hub.subscribe_trades(Filter::default()).expect("subscribe");
+        hub.inner.close();
+        assert!(feed.next().now_or_never().flatten().is_none());
+        assert_eq!(
+            hub.subscribe_quotes(Filter::default()).err(),
+            Some(HubError::ShuttingDown)
+        );
+    }
+}

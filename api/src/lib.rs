@@ -1,0 +1,156 @@
+//! tickgraph-api: the GraphQL API over the enriched streams and the history.
+//!
+//! # Layout
+//! - [`schema`]: the GraphQL schema, split by domain (reference data, latest
+//!   values, history, snapshots, subscriptions) and merged; [`schema_sdl`] exports
+//!   it.
+//! - [`hub`]: the fan-out hub, one reader per enriched shard feeding every
+//!   subscription through bounded queues, plus the latest-value map.
+//! - [`tick`]: `TradeTick`/`QuoteTick`, the one shape live events and history rows
+//!   both take before they become GraphQL `Trade`/`Quote`.
+//! - [`history`]: the SQL of history pages, snapshots and latest-value fallback.
+//! - [`http`]: the axum router (`/graphql`, `/graphql/ws`, `/graphiql`) and
+//!   [`serve`].
+//! - [`pipeline`]: every component in one process (`tickgraph all`, end-to-end
+//!   tests).
+//!
+//! [`Api::build`] wires them: it starts the hub and builds the schema;
+//! [`Api::router`] and [`serve`] put it on the network.
+
+pub mod history;
+pub mod http;
+pub mod hub;
+pub mod pipeline;
+pub mod schema;
+pub mod tick;
+
+use sqlx::PgPool;
+use tickgraph_enrich::refdata::RefCache;
+use tickgraph_ingest::StreamLayout;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use http::serve;
+pub use hub::{Filter, Hub, HubError};
+pub use schema::ApiSchema;
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Where the enriched streams are; the hub reads every shard of it.
+    pub layout: StreamLayout,
+    /// Deepest selection nesting a request may have.
+    pub max_depth: usize,
+    /// Most fields a request may select, counted statically.
+    pub max_complexity: usize,
+    /// Whether clients may introspect the schema (GraphiQL needs it).
+    pub introspection: bool,
+    /// Events buffered per subscription before it is closed as too slow.
+    pub subscriber_queue: usize,
+}
+
+impl ApiConfig {
+    /// The defaults, on `layout`'s streams.
+    pub fn new(layout: StreamLayout) -> Self {
+        Self {
+            layout,
+            max_depth: 16,
+            max_complexity: 10_000,
+            introspection: true,
+            subscriber_queue: 10_000,
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self::new(StreamLayout::default())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot start the subscription hub on Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// A running API: the hub's readers are live, the schema is built.
+#[derive(Clone)]
+pub struct Api {
+    schema: ApiSchema,
+    hub: Hub,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Api {
+    /// Starts the hub (one reader per enriched shard) and builds the schema.
+    /// Everything added to the enriched streams after this returns reaches
+    /// matching subscriptions. The hub stops, and all subscriptions complete, when
+    /// `shutdown` is cancelled.
+    pub async fn build(
+        cfg: ApiConfig,
+        client: redis::Client,
+        pool: PgPool,
+        refs: RefCache,
+        shutdown: CancellationToken,
+    ) -> Result<Api, ApiError> {
+        let tasks = TaskTracker::new();
+        let hub = Hub::start(
+            client,
+            &cfg.layout,
+            cfg.subscriber_queue,
+            shutdown.clone(),
+            &tasks,
+        )
+        .await?;
+        tasks.close();
+        let schema = schema::build(
+            schema::Limits {
+                max_depth: cfg.max_depth,
+                max_complexity: cfg.max_complexity,
+                introspection: cfg.introspection,
+            },
+            schema::Services {
+                pool,
+                refs,
+                hub: hub.clone(),
+                shards: cfg.layout.shards(),
+            },
+        );
+        tracing::info!(
+            shards = cfg.layout.shards(),
+            prefix = cfg.layout.prefix(),
+            subscriber_queue = cfg.subscriber_queue,
+            "api hub started"
+        );
+        Ok(Api {
+            schema,
+            hub,
+            tasks,
+            shutdown,
+        })
+    }
+
+    /// `/graphql`, `/graphql/ws`, `/graphiql` and `/` (a redirect to GraphiQL).
+    pub fn router(&self) -> axum::Router {
+        http::router(self.schema.clone(), self.shutdown.clone())
+    }
+
+    pub fn schema(&self) -> &ApiSchema {
+        &self.schema
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Resolves once the hub's tasks have finished after `shutdown`.
+    pub async fn stopped(&self) {
+        self.tasks.wait().await;
+    }
+}
+
+/// The schema as SDL (what `schema.graphql` holds); needs no connections.
+pub fn schema_sdl() -> String {
+    schema::sdl()
+}

@@ -1,0 +1,509 @@
+//! The `tickgraph` binary: one subcommand per component, and `all` for every
+//! component in one process. Configuration comes from flags or the environment
+//! variables named in `--help`; defaults point at 127.0.0.1.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use tickgraph_api::pipeline::{Pipeline, PipelineConfig};
+use tickgraph_api::{Api, ApiConfig};
+use tickgraph_enrich::loader::LoadConfig;
+use tickgraph_enrich::refdata::RefCache;
+use tickgraph_enrich::worker::EnrichConfig;
+use tickgraph_ingest::feed::{FeedConfig, FeedInstrument};
+use tickgraph_ingest::server::{Ingest, IngestConfig};
+use tickgraph_ingest::{StreamLayout, Trim};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+#[derive(Parser)]
+#[command(
+    name = "tickgraph",
+    version,
+    about = "Market-data events to live GraphQL"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Redis holding the streams.
+    #[arg(
+        long,
+        env = "TG_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        global = true
+    )]
+    redis_url: String,
+    /// Postgres holding reference data and history.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://root@127.0.0.1:5432/tickgraph",
+        global = true
+    )]
+    database_url: String,
+    /// Number of stream shards. Every process of a deployment must agree.
+    #[arg(long, env = "TG_SHARDS", default_value_t = 4, global = true)]
+    shards: u16,
+    /// Prefix of every stream key.
+    #[arg(long, env = "TG_STREAM_PREFIX", default_value = "tg", global = true)]
+    stream_prefix: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "TG_LOG_JSON", global = true)]
+    log_json: bool,
+}
+
+impl Common {
+    fn layout(&self) -> StreamLayout {
+        StreamLayout::new(self.stream_prefix.clone(), self.shards)
+    }
+
+    fn redis(&self) -> anyhow::Result<redis::Client> {
+        redis::Client::open(self.redis_url.as_str()).context("bad --redis-url")
+    }
+
+    async fn pool(&self) -> anyhow::Result<PgPool> {
+        PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&self.database_url)
+            .await
+            .context("connecting to Postgres (run `tickgraph migrate` to create the database)")
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Accept event batches over HTTP and WebSocket and write them to the raw streams.
+    Ingest(IngestArgs),
+    /// Join raw events with reference data and write the enriched streams.
+    Enrich(EnrichArgs),
+    /// Write enriched events into the Postgres history tables.
+    Load(LoadArgs),
+    /// Serve GraphQL queries, subscriptions and GraphiQL.
+    Api(ApiArgs),
+    /// Run ingest, enrich, load and api in one process (and the demo feed if asked).
+    All(AllArgs),
+    /// Create the database if missing and apply migrations.
+    Migrate,
+    /// Load the demo reference data set (idempotent).
+    DemoData,
+    /// Send demo quotes and trades to an ingest endpoint.
+    Feed(FeedArgs),
+    /// Print the GraphQL schema (SDL).
+    Schema,
+}
+
+#[derive(Args, Clone)]
+struct IngestArgs {
+    #[arg(
+        long = "ingest-listen",
+        env = "TG_INGEST_LISTEN",
+        default_value = "127.0.0.1:8081"
+    )]
+    listen: SocketAddr,
+    /// Events per batch; more gets 413.
+    #[arg(long, env = "TG_MAX_BATCH_EVENTS", default_value_t = 10_000)]
+    max_batch_events: usize,
+    /// Bytes per request body or stream message; more gets 413.
+    #[arg(long, env = "TG_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Raw stream trimming: maxlen:<entries>, maxage:<seconds> or none.
+    #[arg(long, env = "TG_RAW_TRIM", default_value = "maxlen:1000000")]
+    raw_trim: Trim,
+    /// Dead-letter stream trimming.
+    #[arg(long, env = "TG_DLQ_TRIM", default_value = "maxlen:100000")]
+    dlq_trim: Trim,
+}
+
+#[derive(Args, Clone)]
+struct EnrichArgs {
+    /// Consumer name in the group; unique per process (default: host-pid).
+    #[arg(long = "enrich-consumer", env = "TG_ENRICH_CONSUMER")]
+    consumer: Option<String>,
+    #[arg(long = "enrich-batch", env = "TG_ENRICH_BATCH", default_value_t = 1000)]
+    batch: usize,
+    /// Pending entries idle this long are taken over from their (dead) consumer.
+    #[arg(
+        long = "claim-idle-secs",
+        env = "TG_CLAIM_IDLE_SECS",
+        default_value_t = 30
+    )]
+    claim_idle_secs: u64,
+    /// Enriched stream trimming: maxlen:<entries>, maxage:<seconds> or none.
+    #[arg(long, env = "TG_ENRICHED_TRIM", default_value = "maxlen:1000000")]
+    enriched_trim: Trim,
+    #[arg(
+        long = "enrich-dlq-trim",
+        env = "TG_DLQ_TRIM",
+        default_value = "maxlen:100000"
+    )]
+    dlq_trim: Trim,
+}
+
+#[derive(Args, Clone)]
+struct LoadArgs {
+    #[arg(long = "load-consumer", env = "TG_LOAD_CONSUMER")]
+    consumer: Option<String>,
+    #[arg(long = "load-batch", env = "TG_LOAD_BATCH", default_value_t = 2000)]
+    batch: usize,
+    #[arg(
+        long = "load-claim-idle-secs",
+        env = "TG_CLAIM_IDLE_SECS",
+        default_value_t = 30
+    )]
+    claim_idle_secs: u64,
+}
+
+#[derive(Args, Clone)]
+struct ApiArgs {
+    #[arg(
+        long = "api-listen",
+        env = "TG_API_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
+    listen: SocketAddr,
+    #[arg(long, env = "TG_MAX_DEPTH", default_value_t = 16)]
+    max_depth: usize,
+    #[arg(long, env = "TG_MAX_COMPLEXITY", default_value_t = 10_000)]
+    max_complexity: usize,
+    /// Turn off schema introspection (production).
+    #[arg(long, env = "TG_NO_INTROSPECTION")]
+    no_introspection: bool,
+    /// Events buffered per subscription before it is cut off as too slow.
+    #[arg(long, env = "TG_SUBSCRIBER_QUEUE", default_value_t = 10_000)]
+    subscriber_queue: usize,
+}
+
+#[derive(Args, Clone)]
+struct AllArgs {
+    #[command(flatten)]
+    ingest: IngestArgs,
+    #[command(flatten)]
+    enrich: EnrichArgs,
+    #[command(flatten)]
+    load: LoadArgs,
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Also run the demo feed at this many events/s (0: off).
+    #[arg(long, env = "TG_FEED_RATE", default_value_t = 0.0)]
+    feed_rate: f64,
+}
+
+#[derive(Args, Clone)]
+struct FeedArgs {
+    #[arg(long, env = "TG_INGEST_URL", default_value = "http://127.0.0.1:8081")]
+    ingest_url: String,
+    /// Events per second.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Events per request.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Send MessagePack instead of JSON.
+    #[arg(long)]
+    msgpack: bool,
+    /// Stop after this many seconds (default: run until ctrl-c).
+    #[arg(long)]
+    duration_secs: Option<u64>,
+    /// Producer id the events carry.
+    #[arg(long, default_value = "demo-feed")]
+    source: String,
+}
+
+fn consumer_name(given: &Option<String>, role: &str) -> String {
+    given.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+        format!("{host}-{role}-{}", std::process::id())
+    })
+}
+
+impl IngestArgs {
+    fn config(&self, layout: StreamLayout) -> IngestConfig {
+        let mut c = IngestConfig::new(layout);
+        c.max_batch_events = self.max_batch_events;
+        c.max_body_bytes = self.max_body_bytes;
+        c.raw_trim = self.raw_trim;
+        c.dlq_trim = self.dlq_trim;
+        c
+    }
+}
+
+impl EnrichArgs {
+    fn config(&self, layout: StreamLayout) -> EnrichConfig {
+        let mut c = EnrichConfig::new(layout, consumer_name(&self.consumer, "enrich"));
+        c.batch = self.batch;
+        c.claim_idle = Duration::from_secs(self.claim_idle_secs);
+        c.enriched_trim = self.enriched_trim;
+        c.dlq_trim = self.dlq_trim;
+        c
+    }
+}
+
+impl LoadArgs {
+    fn config(&self, layout: StreamLayout) -> LoadConfig {
+        let mut c = LoadConfig::new(layout, consumer_name(&self.consumer, "load"));
+        c.batch = self.batch;
+        c.claim_idle = Duration::from_secs(self.claim_idle_secs);
+        c
+    }
+}
+
+impl ApiArgs {
+    fn config(&self, layout: StreamLayout) -> ApiConfig {
+        let mut c = ApiConfig::new(layout);
+        c.max_depth = self.max_depth;
+        c.max_complexity = self.max_complexity;
+        c.introspection = !self.no_introspection;
+        c.subscriber_queue = self.subscriber_queue;
+        c
+    }
+}
+
+/// Cancels `token` on ctrl-c or SIGTERM.
+fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term => {}
+        }
+        tracing::info!("shutdown requested; finishing in-flight batches");
+        token.cancel();
+    });
+}
+
+async fn run_ingest(
+    common: &Common,
+    args: &IngestArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let ingest = Ingest::build(
+        args.config(common.layout()),
+        common.redis()?,
+        shutdown.clone(),
+    )
+    .await
+    .context("starting ingest")?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding ingest to {}", args.listen))?;
+    tracing::info!(addr = %args.listen, "ingest listening: POST /v1/events, GET /v1/stream");
+    tickgraph_ingest::server::serve(listener, ingest.router(), shutdown).await?;
+    ingest.finished().await;
+    Ok(())
+}
+
+async fn run_api(
+    common: &Common,
+    args: &ApiArgs,
+    pool: PgPool,
+    refs: RefCache,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let api = Api::build(
+        args.config(common.layout()),
+        common.redis()?,
+        pool,
+        refs,
+        shutdown.clone(),
+    )
+    .await
+    .context("starting api")?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding api to {}", args.listen))?;
+    tracing::info!(
+        graphiql = %format!("http://{}/graphiql", args.listen),
+        "api listening: POST /graphql, WebSocket /graphql/ws"
+    );
+    tickgraph_api::serve(listener, api.router(), shutdown).await?;
+    Ok(())
+}
+
+/// Reference data for the workers, kept fresh until shutdown.
+async fn refdata(pool: &PgPool, shutdown: &CancellationToken) -> anyhow::Result<RefCache> {
+    let refs = RefCache::load(pool)
+        .await
+        .context("loading reference data")?;
+    refs.spawn_listener(pool.clone(), shutdown.clone());
+    Ok(refs)
+}
+
+fn feed_instruments(refs: &RefCache) -> Vec<FeedInstrument> {
+    let data = refs.read();
+    let mut list: Vec<FeedInstrument> = data
+        .instruments
+        .values()
+        .map(|i| FeedInstrument {
+            symbol: i.symbol.clone(),
+            venue: i.venue.clone(),
+            price: tickgraph_enrich::demo::reference_price(i),
+            tick: i.tick_size,
+        })
+        .collect();
+    // A stable order makes the skewed activity land on the same names every run.
+    list.sort_by(|a, b| a.symbol.cmp(&b.symbol));
+    list
+}
+
+async fn run_feed_against(
+    cfg: FeedConfig,
+    refs: &RefCache,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let instruments = feed_instruments(refs);
+    tracing::info!(instruments = instruments.len(), rate = cfg.rate, url = %cfg.ingest_url, "demo feed starting");
+    let stats = tickgraph_ingest::feed::run(cfg, instruments, shutdown).await?;
+    tracing::info!(?stats, "demo feed stopped");
+    Ok(())
+}
+
+async fn migrate(url: &str) -> anyhow::Result<()> {
+    if !sqlx::Postgres::database_exists(url).await? {
+        sqlx::Postgres::create_database(url).await?;
+        tracing::info!("created database");
+    }
+    let pool = PgPoolOptions::new().max_connections(2).connect(url).await?;
+    MIGRATOR.run(&pool).await.context("applying migrations")?;
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.common.log_json);
+    let common = cli.common;
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+
+    match cli.command {
+        Command::Schema => {
+            print!("{}", tickgraph_api::schema_sdl());
+        }
+        Command::Migrate => migrate(&common.database_url).await?,
+        Command::DemoData => {
+            let pool = common.pool().await?;
+            let summary = tickgraph_enrich::demo::load_demo_data(&pool).await?;
+            tracing::info!(?summary, "demo reference data loaded");
+        }
+        Command::Ingest(args) => run_ingest(&common, &args, shutdown).await?,
+        Command::Enrich(args) => {
+            let pool = common.pool().await?;
+            let refs = refdata(&pool, &shutdown).await?;
+            tickgraph_enrich::worker::run(
+                args.config(common.layout()),
+                common.redis()?,
+                refs,
+                shutdown,
+            )
+            .await?;
+        }
+        Command::Load(args) => {
+            let pool = common.pool().await?;
+            tickgraph_enrich::loader::run(
+                args.config(common.layout()),
+                common.redis()?,
+                pool,
+                shutdown,
+            )
+            .await?;
+        }
+        Command::Api(args) => {
+            let pool = common.pool().await?;
+            let refs = refdata(&pool, &shutdown).await?;
+            run_api(&common, &args, pool, refs, shutdown).await?;
+        }
+        Command::Feed(args) => {
+            let pool = common.pool().await?;
+            let refs = RefCache::load(&pool).await?;
+            let mut cfg = FeedConfig::new(args.ingest_url);
+            cfg.rate = args.rate;
+            cfg.batch = args.batch;
+            cfg.msgpack = args.msgpack;
+            cfg.source = args.source;
+            cfg.duration = args.duration_secs.map(Duration::from_secs);
+            cfg.accounts = refs.read().accounts.keys().cloned().collect();
+            cfg.accounts.sort();
+            run_feed_against(cfg, &refs, shutdown).await?;
+        }
+        Command::All(args) => run_all(&common, args, shutdown).await?,
+    }
+    Ok(())
+}
+
+async fn run_all(
+    common: &Common,
+    args: AllArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let pool = common.pool().await?;
+    let refs = refdata(&pool, &shutdown).await?;
+    let layout = common.layout();
+    let cfg = PipelineConfig {
+        ingest: args.ingest.config(layout.clone()),
+        ingest_listen: args.ingest.listen,
+        enrich: args.enrich.config(layout.clone()),
+        load: args.load.config(layout.clone()),
+        api: args.api.config(layout),
+        api_listen: args.api.listen,
+    };
+    let mut pipeline = Pipeline::start(cfg, common.redis()?, pool, refs.clone(), shutdown.clone())
+        .await
+        .context("starting the pipeline")?;
+    tracing::info!(
+        graphiql = %format!("http://{}/graphiql", pipeline.api_addr),
+        ingest = %format!("http://{}/v1/events", pipeline.ingest_addr),
+        "tickgraph is running"
+    );
+    if args.feed_rate > 0.0 {
+        let mut cfg = FeedConfig::new(format!("http://{}", pipeline.ingest_addr));
+        cfg.rate = args.feed_rate;
+        cfg.batch = ((args.feed_rate / 20.0) as usize).clamp(1, 1000);
+        cfg.accounts = refs.read().accounts.keys().cloned().collect();
+        cfg.accounts.sort();
+        let instruments = feed_instruments(&refs);
+        pipeline.spawn(async move {
+            let stats = tickgraph_ingest::feed::run(cfg, instruments, shutdown).await?;
+            tracing::info!(?stats, "demo feed stopped");
+            Ok(())
+        });
+    }
+    pipeline.wait().await?;
+    Ok(())
+}

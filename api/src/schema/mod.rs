@@ -1,0 +1,124 @@
+//! The GraphQL schema, split by domain and merged: reference data
+//! ([`refdata`]), latest values ([`latest`]), history pages ([`history`]),
+//! snapshots ([`snapshot`]) and live subscriptions ([`live`]); the shared output
+//! types live in [`types`].
+//!
+//! [`build`] is the one place the schema is assembled, for the server, the tests
+//! and the SDL export alike.
+
+pub mod history;
+pub mod latest;
+pub mod live;
+pub mod refdata;
+pub mod snapshot;
+pub mod types;
+
+use async_graphql::{EmptyMutation, MergedObject, MergedSubscription, Schema, SchemaBuilder};
+use sqlx::PgPool;
+use tickgraph_enrich::refdata::RefCache;
+
+use crate::hub::Hub;
+
+/// Most items one page may hold.
+pub const MAX_PAGE: usize = 1000;
+/// Most instruments one request or subscription may name.
+pub const MAX_INSTRUMENTS: usize = 1000;
+
+#[derive(MergedObject, Default)]
+pub struct Query(
+    refdata::RefDataQuery,
+    latest::LatestQuery,
+    history::HistoryQuery,
+    snapshot::SnapshotQuery,
+);
+
+#[derive(MergedSubscription, Default)]
+pub struct Subscription(live::TradeSubscription, live::QuoteSubscription);
+
+pub type ApiSchema = Schema<Query, EmptyMutation, Subscription>;
+
+/// What resolvers reach through the context.
+pub struct Services {
+    pub pool: PgPool,
+    pub refs: RefCache,
+    pub hub: Hub,
+    /// Shard count of the stream layout, to give history rows stream cursors.
+    pub shards: u16,
+}
+
+/// The limits every request is checked against before it runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_depth: usize,
+    pub max_complexity: usize,
+    pub introspection: bool,
+}
+
+fn builder() -> SchemaBuilder<Query, EmptyMutation, Subscription> {
+    Schema::build(Query::default(), EmptyMutation, Subscription::default())
+        .override_output_type_description::<chrono::DateTime<chrono::Utc>>(
+            "An instant as an RFC 3339 string with up to nanosecond precision, e.g. \
+             `2024-11-25T15:53:20.123456789+00:00`. Any offset is accepted as input.",
+        )
+        .override_output_type_description::<rust_decimal::Decimal>(
+            "An exact decimal number as a string, e.g. `\"101.25\"`; never rounded \
+             through floating point.",
+        )
+}
+
+/// The schema a server runs.
+pub fn build(limits: Limits, services: Services) -> ApiSchema {
+    let b = builder()
+        .data(services)
+        .limit_depth(limits.max_depth)
+        .limit_complexity(limits.max_complexity);
+    if limits.introspection {
+        b.finish()
+    } else {
+        b.disable_introspection().finish()
+    }
+}
+
+/// The schema as SDL, sorted so that the checked-in `schema.graphql` only changes
+/// when the schema does. Needs no connections: resolvers never run.
+pub fn sdl() -> String {
+    builder().finish().sdl_with_options(
+        async_graphql::SDLExportOptions::new()
+            .sorted_fields()
+            .sorted_arguments()
+            .sorted_enum_items(),
+    )
+}
+
+pub(crate) fn page_size(first: i32) -> async_graphql::Result<usize> {
+    usize::try_from(first)
+        .ok()
+        .filter(|f| *f <= MAX_PAGE)
+        .ok_or_else(|| format!("`first` must be between 0 and {MAX_PAGE}, got {first}").into())
+}
+
+/// A failure the client cannot fix: logged here in full, reported to the client
+/// without internals.
+pub(crate) fn internal(what: &'static str, e: impl std::fmt::Display) -> async_graphql::Error {
+    tracing::error!(error = %e, what, "query failed");
+    async_graphql::Error::new(format!("{what} is unavailable, try again later"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn schema_graphql_is_up_to_date() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../schema.graphql");
+        let sdl = super::sdl();
+        if std::env::var_os("UPDATE_SCHEMA").is_some() {
+            std::fs::write(path, &sdl).expect("write schema.graphql");
+        }
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            on_disk == sdl,
+            "schema.graphql differs from the schema in the code; regenerate it with \
+             `tickgraph schema > schema.graphql` (or `UPDATE_SCHEMA=1 cargo test -p \
+             tickgraph-api schema_graphql_is_up_to_date`) and review the diff"
+        );
+    }
+}
