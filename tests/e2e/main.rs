@@ -1,0 +1,9 @@
+//! End-to-end tests: the whole pipeline (the same `Pipeline` that `tickgraph all`
+//! runs) against real Redis and Postgres, driven through its own front doors with
+//! real HTTP and WebSocket clients. Each test has its own database
+//! (`#[sqlx::test]`) and its own stream prefix, so tests run in parallel.
+
+mod bad_input;
+mod flow;
+mod helpers;
+mod history;
