@@ -10,7 +10,7 @@
 //! - [`consumer`]: the consumer-group loop both workers share: own pending first,
 //!   then new entries, claiming from dead consumers, retry without loss.
 //! - [`worker`]: the enrich worker: raw streams -> enriched streams + dead letters,
-//!   one MULTI per batch.
+//!   one XACK-gated Lua commit per batch.
 //! - [`loader`]: the history loader: enriched streams -> Postgres `trades` and
 //!   `quotes`, idempotent.
 //! - [`demo`]: deterministic, realistic demo reference data and start prices.

@@ -1,10 +1,13 @@
 //! The enrich worker: consumer group [`ENRICH_GROUP`] on every raw stream. Each
-//! batch is joined against the reference data and written back in ONE
-//! `MULTI`/`EXEC`: the enriched entries, the dead letters and the `XACK` of the raw
-//! entries. Either all of it happens or none of it, so a retried batch never
-//! writes an event twice. A shard's raw, enriched and dead-letter keys share the
-//! `{<shard>}` hash tag, so the transaction stays in one Redis Cluster slot.
+//! batch is joined against the reference data and committed by ONE Lua script that
+//! runs atomically in Redis: for every raw entry it XACKs the entry and, only if
+//! that XACK took it off the group's pending list, XADDs its outcome (the enriched
+//! entry or the dead letter). A batch retried after a crash, or done twice because
+//! a slow consumer's entries were claimed by another meanwhile, is therefore
+//! written once. A shard's raw, enriched and dead-letter keys share the
+//! `{<shard>}` hash tag, so the script stays in one Redis Cluster slot.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -61,9 +64,7 @@ pub async fn run(
     refs: RefCache,
     shutdown: CancellationToken,
 ) -> Result<(), EnrichError> {
-    let con = client.get_connection_manager_lazy(
-        ConnectionManagerConfig::new().set_response_timeout(Some(WRITE_TIMEOUT)),
-    )?;
+    let handler = Enricher::new(cfg.clone(), &client, refs)?;
     let streams = cfg
         .layout
         .shard_ids()
@@ -78,7 +79,6 @@ pub async fn run(
         claim_every: claim_every(cfg.claim_idle),
     };
     tracing::info!(consumer = %cfg.consumer, shards = cfg.layout.shards(), "enrich worker starting");
-    let handler = Enricher { cfg, con, refs };
     consumer::run(client, consumer_cfg, streams, handler, shutdown).await?;
     Ok(())
 }
@@ -93,11 +93,62 @@ pub(crate) fn claim_every(claim_idle: Duration) -> Duration {
     (claim_idle / 2).max(Duration::from_millis(50))
 }
 
-struct Enricher {
+/// The per-batch work of the enrich worker: join, then commit (see [`COMMIT_LUA`]).
+pub struct Enricher {
     cfg: EnrichConfig,
     con: ConnectionManager,
     refs: RefCache,
 }
+
+impl Enricher {
+    pub fn new(
+        cfg: EnrichConfig,
+        client: &redis::Client,
+        refs: RefCache,
+    ) -> Result<Self, EnrichError> {
+        let con = client.get_connection_manager_lazy(
+            ConnectionManagerConfig::new().set_response_timeout(Some(WRITE_TIMEOUT)),
+        )?;
+        Ok(Self { cfg, con, refs })
+    }
+}
+
+/// KEYS: raw, enriched, dead-letter stream. ARGV: group, the enriched trim (count
+/// then arguments), the dead-letter trim (likewise), then per raw entry: its id,
+/// `e` (enriched) or `d` (dead letter), the number of field/value arguments, and
+/// those. Returns how many outcomes were written.
+const COMMIT_LUA: &str = r#"
+local group = ARGV[1]
+local i = 2
+local function trim()
+  local n = tonumber(ARGV[i])
+  local t = {}
+  for j = 1, n do t[j] = ARGV[i + j] end
+  i = i + n + 1
+  return t
+end
+local etrim = trim()
+local dtrim = trim()
+local written = 0
+while i <= #ARGV do
+  local id, kind, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  i = i + 3
+  if redis.call('XACK', KEYS[1], group, id) == 1 then
+    local args = { KEYS[3] }
+    local t = dtrim
+    if kind == 'e' then args[1] = KEYS[2]; t = etrim end
+    for _, a in ipairs(t) do args[#args + 1] = a end
+    args[#args + 1] = '*'
+    for j = 0, n - 1 do args[#args + 1] = ARGV[i + j] end
+    redis.call('XADD', unpack(args))
+    written = written + 1
+  end
+  i = i + n
+end
+return written
+"#;
+
+static COMMIT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(COMMIT_LUA));
 
 impl BatchHandler for Enricher {
     type Error = redis::RedisError;
@@ -110,67 +161,72 @@ impl BatchHandler for Enricher {
     ) -> Result<(), Self::Error> {
         let enriched_key = self.cfg.layout.enriched(shard);
         let dlq_key = self.cfg.layout.dlq(shard);
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        let mut commit = COMMIT.prepare_invoke();
+        commit.key(stream).key(&enriched_key).key(&dlq_key);
+        commit.arg(ENRICH_GROUP);
+        for trim in [self.cfg.enriched_trim.args(), self.cfg.dlq_trim.args()] {
+            commit.arg(trim.len());
+            for a in trim {
+                commit.arg(a);
+            }
+        }
         let mut enriched = 0usize;
         let mut rejected = 0usize;
         let mut first_reason = None;
-        let mut reject = |pipe: &mut redis::Pipeline, letter: DeadLetter| {
-            rejected += 1;
-            first_reason.get_or_insert_with(|| letter.reason.clone());
-            pipe.add_command(letter.xadd(&dlq_key, self.cfg.dlq_trim))
-                .ignore();
-        };
         {
             let now = now_nanos();
             // Once per batch: the listener's writes wait at most one batch.
             let refs = self.refs.read();
             for entry in &entries {
-                let raw = match RawRecord::decode(&entry.record) {
-                    Ok(raw) => raw,
+                let letter = match RawRecord::decode(&entry.record) {
                     Err(e) => {
                         let reason = format!("undecodable raw entry {}: {e}", entry.id);
-                        reject(
-                            &mut pipe,
-                            DeadLetter::new("enrich", reason, entry.record.clone()),
-                        );
-                        continue;
+                        DeadLetter::new("enrich", reason, entry.record.clone())
+                    }
+                    Ok(raw) => {
+                        let outcome = enrich(&raw, &refs, now)
+                            .map_err(|e| e.to_string())
+                            .and_then(|rec| rec.encode().map_err(|e| e.to_string()));
+                        match outcome {
+                            Ok(bytes) => {
+                                enriched += 1;
+                                commit
+                                    .arg(&entry.id)
+                                    .arg("e")
+                                    .arg(2)
+                                    .arg(RECORD_FIELD)
+                                    .arg(bytes);
+                                continue;
+                            }
+                            Err(reason) => {
+                                // JSON, so that whoever reads the dead letters sees the
+                                // event without a MessagePack decoder.
+                                let payload = serde_json::to_vec(&raw.event)
+                                    .unwrap_or_else(|_| entry.record.clone());
+                                let mut letter = DeadLetter::new("enrich", reason, payload);
+                                letter.event_id = Some(raw.event.id());
+                                letter
+                            }
+                        }
                     }
                 };
-                let outcome = enrich(&raw, &refs, now)
-                    .map_err(|e| e.to_string())
-                    .and_then(|rec| rec.encode().map_err(|e| e.to_string()));
-                match outcome {
-                    Ok(bytes) => {
-                        enriched += 1;
-                        let field: &[u8] = &bytes;
-                        pipe.add_command(
-                            self.cfg
-                                .enriched_trim
-                                .xadd(&enriched_key, &[(RECORD_FIELD, field)]),
-                        )
-                        .ignore();
-                    }
-                    Err(reason) => {
-                        // JSON, so that whoever reads the dead letters sees the event
-                        // without a MessagePack decoder.
-                        let payload =
-                            serde_json::to_vec(&raw.event).unwrap_or_else(|_| entry.record.clone());
-                        let mut letter = DeadLetter::new("enrich", reason, payload);
-                        letter.event_id = Some(raw.event.id());
-                        reject(&mut pipe, letter);
-                    }
+                rejected += 1;
+                first_reason.get_or_insert_with(|| letter.reason.clone());
+                let fields = letter.fields();
+                commit.arg(&entry.id).arg("d").arg(fields.len() * 2);
+                for (k, v) in fields {
+                    commit.arg(k).arg(v);
                 }
             }
         }
-        let mut ack = redis::cmd("XACK");
-        ack.arg(stream).arg(ENRICH_GROUP);
-        for entry in &entries {
-            ack.arg(&entry.id);
-        }
-        pipe.add_command(ack).ignore();
         let mut con = self.con.clone();
-        pipe.query_async::<()>(&mut con).await?;
+        let written: usize = commit.invoke_async(&mut con).await?;
+        if written < entries.len() {
+            tracing::warn!(
+                skipped = entries.len() - written,
+                "entries already acknowledged by another consumer; their outcomes were not written again"
+            );
+        }
         if let Some(reason) = first_reason {
             tracing::warn!(enriched, rejected, first_reason = %reason, "batch enriched; events dead-lettered");
         } else {

@@ -10,7 +10,7 @@
 //!
 //! `<s>` is the shard, `fnv1a(instrument) % shards`, so one instrument's events stay
 //! in order. The `{<s>}` hash tag puts a shard's raw, enriched and dead-letter
-//! streams in one Redis Cluster slot, so enrich can XADD and XACK in one MULTI.
+//! streams in one Redis Cluster slot, so enrich can XADD and XACK in one script.
 //! Consumer groups: [`ENRICH_GROUP`] on raw streams, [`LOAD_GROUP`] on enriched ones.
 
 use std::fmt;
@@ -113,18 +113,27 @@ pub enum Trim {
 }
 
 impl Trim {
-    /// Appends the trim arguments of an XADD.
-    pub fn apply(&self, cmd: &mut redis::Cmd) {
+    /// The trim arguments of an XADD (`MAXLEN ~ n`, `MINID ~ id` or nothing).
+    pub fn args(&self) -> Vec<String> {
         match *self {
-            Trim::MaxLen(n) => {
-                cmd.arg("MAXLEN").arg("~").arg(n);
-            }
+            Trim::MaxLen(n) => vec!["MAXLEN".into(), "~".into(), n.to_string()],
             Trim::MaxAge(age) => {
                 let now_ms = u64::try_from(now_nanos() / 1_000_000).unwrap_or(0);
                 let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
-                cmd.arg("MINID").arg("~").arg(now_ms.saturating_sub(age_ms));
+                vec![
+                    "MINID".into(),
+                    "~".into(),
+                    now_ms.saturating_sub(age_ms).to_string(),
+                ]
             }
-            Trim::None => {}
+            Trim::None => Vec::new(),
+        }
+    }
+
+    /// Appends the trim arguments of an XADD.
+    pub fn apply(&self, cmd: &mut redis::Cmd) {
+        for a in self.args() {
+            cmd.arg(a);
         }
     }
 
@@ -221,18 +230,24 @@ impl DeadLetter {
         }
     }
 
-    pub fn xadd(&self, key: &str, trim: Trim) -> redis::Cmd {
-        let at = self.at_ns.to_string();
-        let mut fields: Vec<(&str, &[u8])> = vec![
-            ("stage", self.stage.as_bytes()),
-            ("reason", self.reason.as_bytes()),
-            ("payload", &self.payload),
-            ("at_ns", at.as_bytes()),
+    /// The entry's fields, as XADD takes them.
+    pub fn fields(&self) -> Vec<(&'static str, Vec<u8>)> {
+        let mut fields = vec![
+            ("stage", self.stage.as_bytes().to_vec()),
+            ("reason", self.reason.clone().into_bytes()),
+            ("payload", self.payload.clone()),
+            ("at_ns", self.at_ns.to_string().into_bytes()),
         ];
         if let Some(id) = &self.event_id {
-            fields.push(("event_id", id.as_bytes()));
+            fields.push(("event_id", id.clone().into_bytes()));
         }
-        trim.xadd(key, &fields)
+        fields
+    }
+
+    pub fn xadd(&self, key: &str, trim: Trim) -> redis::Cmd {
+        let fields = self.fields();
+        let borrowed: Vec<(&str, &[u8])> = fields.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        trim.xadd(key, &borrowed)
     }
 }
 

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 use sqlx::PgPool;
+use tickgraph_enrich::consumer::{BatchHandler, Entry};
 use tickgraph_enrich::refdata::AssetClass;
-use tickgraph_enrich::worker::{self, EnrichConfig};
+use tickgraph_enrich::worker::{self, EnrichConfig, Enricher};
 use tickgraph_enrich::{Derived, EnrichedRecord, RefCache};
 use tickgraph_ingest::stream::{ensure_group, RawRecord, ENRICH_GROUP};
 use tickgraph_ingest::Event;
@@ -285,5 +286,67 @@ async fn pending_entries_trimmed_away_are_acked_not_stuck(pool: PgPool) {
     run_until_drained(&mut r, cfg, refs).await;
 
     assert_each_once(&enriched(&mut r).await, &fresh);
+    assert_eq!(raw_pending(&mut r).await, 0);
+}
+
+/// The entries `consumer` holds pending, with their payloads, per shard.
+async fn own_pending(r: &mut TestRedis, consumer: &str) -> Vec<(u16, String, Vec<Entry>)> {
+    let mut out = Vec::new();
+    for s in r.layout.shard_ids().collect::<Vec<_>>() {
+        let key = r.layout.raw(s);
+        let opts = redis::streams::StreamReadOptions::default()
+            .group(ENRICH_GROUP, consumer)
+            .count(10_000);
+        let reply: redis::streams::StreamReadReply = r
+            .con
+            .xread_options(&[&key], &["0"], &opts)
+            .await
+            .expect("xreadgroup own pending");
+        let entries: Vec<Entry> = reply
+            .keys
+            .into_iter()
+            .flat_map(|k| k.ids)
+            .map(|id| {
+                let record = match id.map.get("e") {
+                    Some(redis::Value::BulkString(b)) => b.clone(),
+                    other => panic!("entry without record: {other:?}"),
+                };
+                Entry { id: id.id, record }
+            })
+            .collect();
+        out.push((s, key, entries));
+    }
+    out
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_batch_done_twice_is_written_once(pool: PgPool) {
+    // A slow consumer holds a batch past claim_idle; another consumer claims and
+    // commits it; then the slow one commits the same batch. The second commit
+    // must write nothing.
+    seed_refdata(&pool).await;
+    let refs = RefCache::load(&pool).await.expect("refdata");
+    let mut r = TestRedis::new(2).await;
+    let events = many(30);
+    r.add_raw(&events).await;
+    assert_eq!(read_without_ack(&mut r, "slow").await, events.len());
+    let held = own_pending(&mut r, "slow").await;
+    assert_eq!(
+        held.iter().map(|(_, _, e)| e.len()).sum::<usize>(),
+        events.len()
+    );
+
+    let mut cfg = config(&r, "claimer");
+    cfg.claim_idle = Duration::from_millis(200);
+    run_until_drained(&mut r, cfg, refs.clone()).await;
+    assert_each_once(&enriched(&mut r).await, &events);
+
+    let slow = Enricher::new(config(&r, "slow"), &r.client, refs).expect("enricher");
+    for (shard, key, entries) in held {
+        slow.handle(shard, &key, entries)
+            .await
+            .expect("late commit succeeds");
+    }
+    assert_each_once(&enriched(&mut r).await, &events);
     assert_eq!(raw_pending(&mut r).await, 0);
 }
