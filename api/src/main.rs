@@ -113,7 +113,7 @@ struct IngestArgs {
         env = "TG_INGEST_LISTEN",
         default_value = "127.0.0.1:8081"
     )]
-    listen: SocketAddr,
+    ingest_listen: SocketAddr,
     /// Events per batch; more gets 413.
     #[arg(long, env = "TG_MAX_BATCH_EVENTS", default_value_t = 10_000)]
     max_batch_events: usize,
@@ -132,16 +132,16 @@ struct IngestArgs {
 struct EnrichArgs {
     /// Consumer name in the group; unique per process (default: host-pid).
     #[arg(long = "enrich-consumer", env = "TG_ENRICH_CONSUMER")]
-    consumer: Option<String>,
+    enrich_consumer: Option<String>,
     #[arg(long = "enrich-batch", env = "TG_ENRICH_BATCH", default_value_t = 1000)]
-    batch: usize,
+    enrich_batch: usize,
     /// Pending entries idle this long are taken over from their (dead) consumer.
     #[arg(
         long = "claim-idle-secs",
         env = "TG_CLAIM_IDLE_SECS",
         default_value_t = 30
     )]
-    claim_idle_secs: u64,
+    enrich_claim_idle_secs: u64,
     /// Enriched stream trimming: maxlen:<entries>, maxage:<seconds> or none.
     #[arg(long, env = "TG_ENRICHED_TRIM", default_value = "maxlen:1000000")]
     enriched_trim: Trim,
@@ -150,21 +150,21 @@ struct EnrichArgs {
         env = "TG_DLQ_TRIM",
         default_value = "maxlen:100000"
     )]
-    dlq_trim: Trim,
+    enrich_dlq_trim: Trim,
 }
 
 #[derive(Args, Clone)]
 struct LoadArgs {
     #[arg(long = "load-consumer", env = "TG_LOAD_CONSUMER")]
-    consumer: Option<String>,
+    load_consumer: Option<String>,
     #[arg(long = "load-batch", env = "TG_LOAD_BATCH", default_value_t = 2000)]
-    batch: usize,
+    load_batch: usize,
     #[arg(
         long = "load-claim-idle-secs",
         env = "TG_CLAIM_IDLE_SECS",
         default_value_t = 30
     )]
-    claim_idle_secs: u64,
+    load_claim_idle_secs: u64,
 }
 
 #[derive(Args, Clone)]
@@ -174,7 +174,7 @@ struct ApiArgs {
         env = "TG_API_LISTEN",
         default_value = "127.0.0.1:8080"
     )]
-    listen: SocketAddr,
+    api_listen: SocketAddr,
     #[arg(long, env = "TG_MAX_DEPTH", default_value_t = 16)]
     max_depth: usize,
     #[arg(long, env = "TG_MAX_COMPLEXITY", default_value_t = 10_000)]
@@ -207,19 +207,19 @@ struct FeedArgs {
     #[arg(long, env = "TG_INGEST_URL", default_value = "http://127.0.0.1:8081")]
     ingest_url: String,
     /// Events per second.
-    #[arg(long, default_value_t = 1000.0)]
+    #[arg(long, env = "TG_FEED_RATE", default_value_t = 1000.0)]
     rate: f64,
     /// Events per request.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "TG_FEED_BATCH", default_value_t = 100)]
     batch: usize,
     /// Send MessagePack instead of JSON.
-    #[arg(long)]
+    #[arg(long, env = "TG_FEED_MSGPACK")]
     msgpack: bool,
     /// Stop after this many seconds (default: run until ctrl-c).
-    #[arg(long)]
+    #[arg(long, env = "TG_FEED_DURATION_SECS")]
     duration_secs: Option<u64>,
     /// Producer id the events carry.
-    #[arg(long, default_value = "demo-feed")]
+    #[arg(long, env = "TG_FEED_SOURCE", default_value = "demo-feed")]
     source: String,
 }
 
@@ -243,20 +243,20 @@ impl IngestArgs {
 
 impl EnrichArgs {
     fn config(&self, layout: StreamLayout) -> EnrichConfig {
-        let mut c = EnrichConfig::new(layout, consumer_name(&self.consumer, "enrich"));
-        c.batch = self.batch;
-        c.claim_idle = Duration::from_secs(self.claim_idle_secs);
+        let mut c = EnrichConfig::new(layout, consumer_name(&self.enrich_consumer, "enrich"));
+        c.batch = self.enrich_batch;
+        c.claim_idle = Duration::from_secs(self.enrich_claim_idle_secs);
         c.enriched_trim = self.enriched_trim;
-        c.dlq_trim = self.dlq_trim;
+        c.dlq_trim = self.enrich_dlq_trim;
         c
     }
 }
 
 impl LoadArgs {
     fn config(&self, layout: StreamLayout) -> LoadConfig {
-        let mut c = LoadConfig::new(layout, consumer_name(&self.consumer, "load"));
-        c.batch = self.batch;
-        c.claim_idle = Duration::from_secs(self.claim_idle_secs);
+        let mut c = LoadConfig::new(layout, consumer_name(&self.load_consumer, "load"));
+        c.batch = self.load_batch;
+        c.claim_idle = Duration::from_secs(self.load_claim_idle_secs);
         c
     }
 }
@@ -308,10 +308,10 @@ async fn run_ingest(
     )
     .await
     .context("starting ingest")?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(args.ingest_listen)
         .await
-        .with_context(|| format!("binding ingest to {}", args.listen))?;
-    tracing::info!(addr = %args.listen, "ingest listening: POST /v1/events, GET /v1/stream");
+        .with_context(|| format!("binding ingest to {}", args.ingest_listen))?;
+    tracing::info!(addr = %args.ingest_listen, "ingest listening: POST /v1/events, GET /v1/stream");
     tickgraph_ingest::server::serve(listener, ingest.router(), shutdown).await?;
     ingest.finished().await;
     Ok(())
@@ -333,11 +333,11 @@ async fn run_api(
     )
     .await
     .context("starting api")?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(args.api_listen)
         .await
-        .with_context(|| format!("binding api to {}", args.listen))?;
+        .with_context(|| format!("binding api to {}", args.api_listen))?;
     tracing::info!(
-        graphiql = %format!("http://{}/graphiql", args.listen),
+        graphiql = %format!("http://{}/graphiql", args.api_listen),
         "api listening: POST /graphql, WebSocket /graphql/ws"
     );
     tickgraph_api::serve(listener, api.router(), shutdown).await?;
@@ -477,11 +477,11 @@ async fn run_all(
     let layout = common.layout();
     let cfg = PipelineConfig {
         ingest: args.ingest.config(layout.clone()),
-        ingest_listen: args.ingest.listen,
+        ingest_listen: args.ingest.ingest_listen,
         enrich: args.enrich.config(layout.clone()),
         load: args.load.config(layout.clone()),
         api: args.api.config(layout),
-        api_listen: args.api.listen,
+        api_listen: args.api.api_listen,
     };
     let mut pipeline = Pipeline::start(cfg, common.redis()?, pool, refs.clone(), shutdown.clone())
         .await
@@ -506,4 +506,46 @@ async fn run_all(
     }
     pipeline.wait().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        // Catches argument ids that collide once `all` flattens every component's.
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn all_takes_every_components_flags() {
+        let cli = Cli::try_parse_from([
+            "tickgraph",
+            "all",
+            "--ingest-listen",
+            "127.0.0.1:9001",
+            "--api-listen",
+            "127.0.0.1:9002",
+            "--enrich-batch",
+            "7",
+            "--load-batch",
+            "9",
+            "--raw-trim",
+            "maxage:60",
+            "--feed-rate",
+            "10",
+        ])
+        .expect("parses");
+        let Command::All(a) = cli.command else {
+            panic!("not `all`")
+        };
+        assert_eq!(a.ingest.ingest_listen.port(), 9001);
+        assert_eq!(a.api.api_listen.port(), 9002);
+        assert_eq!((a.enrich.enrich_batch, a.load.load_batch), (7, 9));
+        assert_eq!(a.ingest.raw_trim.to_string(), "maxage:60");
+        assert_eq!(a.feed_rate, 10.0);
+    }
 }
