@@ -120,9 +120,6 @@ struct IngestArgs {
     /// Bytes per request body or stream message; more gets 413.
     #[arg(long, env = "TG_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     max_body_bytes: usize,
-    /// Raw stream trimming: maxlen:<entries>, maxage:<seconds> or none.
-    #[arg(long, env = "TG_RAW_TRIM", default_value = "maxlen:1000000")]
-    raw_trim: Trim,
     /// Dead-letter stream trimming.
     #[arg(long, env = "TG_DLQ_TRIM", default_value = "maxlen:100000")]
     dlq_trim: Trim,
@@ -130,6 +127,10 @@ struct IngestArgs {
 
 #[derive(Args, Clone)]
 struct EnrichArgs {
+    /// Raw stream retention, applied behind the enrich group (never drops unread
+    /// entries): maxlen:<entries>, maxage:<seconds> or none.
+    #[arg(long, env = "TG_RAW_TRIM", default_value = "maxlen:1000000")]
+    raw_trim: Trim,
     /// Consumer name in the group; unique per process (default: host-pid).
     #[arg(long = "enrich-consumer", env = "TG_ENRICH_CONSUMER")]
     enrich_consumer: Option<String>,
@@ -142,9 +143,6 @@ struct EnrichArgs {
         default_value_t = 30
     )]
     enrich_claim_idle_secs: u64,
-    /// Enriched stream trimming: maxlen:<entries>, maxage:<seconds> or none.
-    #[arg(long, env = "TG_ENRICHED_TRIM", default_value = "maxlen:1000000")]
-    enriched_trim: Trim,
     #[arg(
         long = "enrich-dlq-trim",
         env = "TG_DLQ_TRIM",
@@ -155,6 +153,10 @@ struct EnrichArgs {
 
 #[derive(Args, Clone)]
 struct LoadArgs {
+    /// Enriched stream retention, applied behind the load group; also bounds how
+    /// far back subscribers can resume: maxlen:<entries>, maxage:<seconds> or none.
+    #[arg(long, env = "TG_ENRICHED_TRIM", default_value = "maxlen:1000000")]
+    enriched_trim: Trim,
     #[arg(long = "load-consumer", env = "TG_LOAD_CONSUMER")]
     load_consumer: Option<String>,
     #[arg(long = "load-batch", env = "TG_LOAD_BATCH", default_value_t = 2000)]
@@ -235,7 +237,6 @@ impl IngestArgs {
         let mut c = IngestConfig::new(layout);
         c.max_batch_events = self.max_batch_events;
         c.max_body_bytes = self.max_body_bytes;
-        c.raw_trim = self.raw_trim;
         c.dlq_trim = self.dlq_trim;
         c
     }
@@ -246,7 +247,7 @@ impl EnrichArgs {
         let mut c = EnrichConfig::new(layout, consumer_name(&self.enrich_consumer, "enrich"));
         c.batch = self.enrich_batch;
         c.claim_idle = Duration::from_secs(self.enrich_claim_idle_secs);
-        c.enriched_trim = self.enriched_trim;
+        c.raw_retention = self.raw_trim;
         c.dlq_trim = self.enrich_dlq_trim;
         c
     }
@@ -257,6 +258,7 @@ impl LoadArgs {
         let mut c = LoadConfig::new(layout, consumer_name(&self.load_consumer, "load"));
         c.batch = self.load_batch;
         c.claim_idle = Duration::from_secs(self.load_claim_idle_secs);
+        c.enriched_retention = self.enriched_trim;
         c
     }
 }
@@ -545,7 +547,7 @@ mod tests {
         assert_eq!(a.ingest.ingest_listen.port(), 9001);
         assert_eq!(a.api.api_listen.port(), 9002);
         assert_eq!((a.enrich.enrich_batch, a.load.load_batch), (7, 9));
-        assert_eq!(a.ingest.raw_trim.to_string(), "maxage:60");
+        assert_eq!(a.enrich.raw_trim.to_string(), "maxage:60");
         assert_eq!(a.feed_rate, 10.0);
     }
 }

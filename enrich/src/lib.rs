@@ -20,6 +20,7 @@ pub mod demo;
 pub mod loader;
 pub mod record;
 pub mod refdata;
+pub mod retention;
 pub mod transform;
 pub mod worker;
 

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{self, BatchHandler, ConsumerConfig, ConsumerError, Entry};
 use crate::record::{Derived, EnrichedRecord};
+use crate::retention;
 use crate::worker::{claim_every, WRITE_TIMEOUT};
 
 #[derive(Debug, Clone)]
@@ -25,6 +26,9 @@ pub struct LoadConfig {
     pub batch: usize,
     pub block: Duration,
     pub claim_idle: Duration,
+    /// Retention of the enriched streams, applied behind this group (see
+    /// [`crate::retention`]); it also bounds how far back subscribers can resume.
+    pub enriched_retention: Trim,
 }
 
 impl LoadConfig {
@@ -36,6 +40,7 @@ impl LoadConfig {
             batch: 2000,
             block: Duration::from_secs(1),
             claim_idle: Duration::from_secs(30),
+            enriched_retention: Trim::MaxLen(1_000_000),
         }
     }
 }
@@ -73,12 +78,27 @@ pub async fn run(
         claim_every: claim_every(cfg.claim_idle),
     };
     tracing::info!(consumer = %cfg.consumer, shards = cfg.layout.shards(), "history loader starting");
+    let enriched_keys = cfg
+        .layout
+        .shard_ids()
+        .map(|s| cfg.layout.enriched(s))
+        .collect();
+    let stop_trimming = shutdown.child_token();
+    let trimmer = retention::spawn(
+        client.clone(),
+        enriched_keys,
+        cfg.enriched_retention,
+        stop_trimming.clone(),
+    );
     let handler = Loader {
         layout: cfg.layout,
         con,
         pool,
     };
-    consumer::run(client, consumer_cfg, streams, handler, shutdown).await?;
+    let result = consumer::run(client, consumer_cfg, streams, handler, shutdown).await;
+    stop_trimming.cancel();
+    let _ = trimmer.await;
+    result?;
     Ok(())
 }
 

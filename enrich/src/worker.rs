@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{self, BatchHandler, ConsumerConfig, ConsumerError, Entry};
 use crate::refdata::RefCache;
+use crate::retention;
 use crate::transform::enrich;
 
 #[derive(Debug, Clone)]
@@ -28,7 +29,8 @@ pub struct EnrichConfig {
     pub batch: usize,
     pub block: Duration,
     pub claim_idle: Duration,
-    pub enriched_trim: Trim,
+    /// Retention of the raw streams, applied behind the group (see [`crate::retention`]).
+    pub raw_retention: Trim,
     pub dlq_trim: Trim,
 }
 
@@ -42,7 +44,7 @@ impl EnrichConfig {
             batch: 1000,
             block: Duration::from_secs(1),
             claim_idle: Duration::from_secs(30),
-            enriched_trim: Trim::MaxLen(1_000_000),
+            raw_retention: Trim::MaxLen(1_000_000),
             dlq_trim: Trim::MaxLen(100_000),
         }
     }
@@ -79,7 +81,18 @@ pub async fn run(
         claim_every: claim_every(cfg.claim_idle),
     };
     tracing::info!(consumer = %cfg.consumer, shards = cfg.layout.shards(), "enrich worker starting");
-    consumer::run(client, consumer_cfg, streams, handler, shutdown).await?;
+    let raw_keys = cfg.layout.shard_ids().map(|s| cfg.layout.raw(s)).collect();
+    let stop_trimming = shutdown.child_token();
+    let trimmer = retention::spawn(
+        client.clone(),
+        raw_keys,
+        cfg.raw_retention,
+        stop_trimming.clone(),
+    );
+    let result = consumer::run(client, consumer_cfg, streams, handler, shutdown).await;
+    stop_trimming.cancel();
+    let _ = trimmer.await;
+    result?;
     Ok(())
 }
 
@@ -164,7 +177,8 @@ impl BatchHandler for Enricher {
         let mut commit = COMMIT.prepare_invoke();
         commit.key(stream).key(&enriched_key).key(&dlq_key);
         commit.arg(ENRICH_GROUP);
-        for trim in [self.cfg.enriched_trim.args(), self.cfg.dlq_trim.args()] {
+        // Enriched streams are trimmed by the loader, behind its group.
+        for trim in [Vec::new(), self.cfg.dlq_trim.args()] {
             commit.arg(trim.len());
             for a in trim {
                 commit.arg(a);

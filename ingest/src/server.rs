@@ -32,7 +32,6 @@ pub struct IngestConfig {
     pub max_batch_events: usize,
     /// Bytes per request body or WebSocket message; more is refused with 413.
     pub max_body_bytes: usize,
-    pub raw_trim: Trim,
     pub dlq_trim: Trim,
 }
 
@@ -42,7 +41,6 @@ impl IngestConfig {
             layout,
             max_batch_events: 10_000,
             max_body_bytes: 16 * 1024 * 1024,
-            raw_trim: Trim::MaxLen(1_000_000),
             dlq_trim: Trim::MaxLen(100_000),
         }
     }
@@ -73,7 +71,6 @@ impl Ingest {
     ) -> Result<Self, IngestError> {
         let con = redis::aio::ConnectionManager::new(client).await?;
         let mut wcfg = WriterConfig::new(cfg.layout.clone());
-        wcfg.raw_trim = cfg.raw_trim;
         wcfg.dlq_trim = cfg.dlq_trim;
         let (writer, writer_task) = StreamWriter::spawn(wcfg, con, shutdown);
         Ok(Self {

@@ -36,7 +36,6 @@ struct Job {
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
     pub layout: StreamLayout,
-    pub raw_trim: Trim,
     pub dlq_trim: Trim,
     /// Commands per pipeline before a new one is started.
     pub max_pipeline: usize,
@@ -48,7 +47,6 @@ impl WriterConfig {
     pub fn new(layout: StreamLayout) -> Self {
         Self {
             layout,
-            raw_trim: Trim::MaxLen(1_000_000),
             dlq_trim: Trim::MaxLen(100_000),
             max_pipeline: 4096,
             max_in_flight: 4,
@@ -172,7 +170,9 @@ async fn write_jobs(
     for job in jobs {
         for e in &job.entries {
             let key = &raw_keys[usize::from(e.shard) % raw_keys.len()];
-            pipe.add_command(cfg.raw_trim.xadd(key, &[(RECORD_FIELD, &e.record)]))
+            // Never trimmed here: the enrich workers trim raw streams behind their
+            // consumer group (see tickgraph_enrich::retention).
+            pipe.add_command(Trim::None.xadd(key, &[(RECORD_FIELD, &e.record)]))
                 .ignore();
         }
         for d in &job.dead {

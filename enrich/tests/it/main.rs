@@ -7,4 +7,5 @@ mod demo;
 mod helpers;
 mod loader;
 mod refcache;
+mod retention;
 mod worker;
