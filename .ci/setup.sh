@@ -14,26 +14,30 @@ need_pkgs=()
 command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
 command -v pg_ctlcluster >/dev/null 2>&1 || need_pkgs+=(postgresql)
 command -v psql >/dev/null 2>&1 || need_pkgs+=(postgresql-client)
+# Some crates build C (rustup does not bring a C toolchain).
+command -v cc >/dev/null 2>&1 || need_pkgs+=(gcc libc6-dev)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]} with apt-get"
     as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+    # env, not a prefix assignment: sudo's env_reset would drop it.
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
 if ! command -v cargo >/dev/null 2>&1; then
     [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 fi
 command -v cargo >/dev/null 2>&1 || { log "cargo not found: install Rust (rustup) first"; exit 1; }
 
-# Redis
-if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
-    log "starting redis-server on 127.0.0.1:6379"
+# Redis. redis-cli exits 0 on error replies too, so look for PONG itself.
+redis_up() { [ "$(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null)" = PONG ]; }
+if ! redis_up; then
+    log "starting redis-server on 127.0.0.1:6379 (append-only file, fsync every second)"
     as_root mkdir -p /var/lib/redis /var/log/redis
     as_root redis-server --daemonize yes --bind 127.0.0.1 --port 6379 \
         --dir /var/lib/redis --logfile /var/log/redis/tickgraph.log \
-        --save "" --appendonly no
-    for _ in $(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done
+        --save "" --appendonly yes --appendfsync everysec
+    for _ in $(seq 50); do redis_up && break; sleep 0.1; done
 fi
-redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null || { log "redis did not start"; exit 1; }
+redis_up || { log "redis is not answering PONG on 127.0.0.1:6379"; exit 1; }
 
 # Postgres
 if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then

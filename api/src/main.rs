@@ -225,10 +225,19 @@ struct FeedArgs {
     source: String,
 }
 
+/// The default consumer name is the host's and the role's, stable across restarts,
+/// so a restarted worker finishes its own pending entries at once instead of
+/// waiting for them to be claimed. Two workers sharing a name stay correct (the
+/// enrich commit and the loader are idempotent), but run them with distinct names.
 fn consumer_name(given: &Option<String>, role: &str) -> String {
     given.clone().unwrap_or_else(|| {
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
-        format!("{host}-{role}-{}", std::process::id())
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "local".into());
+        format!("{host}-{role}")
     })
 }
 

@@ -8,6 +8,16 @@ use std::fmt;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+/// A producer's value as quoted in a rejection: at most 64 characters, so a
+/// hostile megabyte-long field cannot blow up the answer or the dead-letter stream.
+pub fn shown(s: &str) -> String {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &s[..cut], s.len()),
+    }
+}
+
 /// Why one event was refused. The text is shown to the producer and stored in the
 /// dead-letter stream, so it names the field and the rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -96,7 +106,8 @@ impl Mic {
             Ok(Self(s.to_owned()))
         } else {
             Err(Rejection(format!(
-                "`venue` must be a 4-character upper-case MIC, got {s:?}"
+                "`venue` must be a 4-character upper-case MIC, got {}",
+                shown(s)
             )))
         }
     }
@@ -134,11 +145,15 @@ impl Timestamp {
     }
 
     pub fn parse_rfc3339(s: &str) -> Result<Self, Rejection> {
-        let dt = chrono::DateTime::parse_from_rfc3339(s)
-            .map_err(|e| Rejection(format!("`ts` {s:?} is not an RFC 3339 timestamp: {e}")))?;
+        let dt = chrono::DateTime::parse_from_rfc3339(s).map_err(|e| {
+            Rejection(format!(
+                "`ts` {} is not an RFC 3339 timestamp: {e}",
+                shown(s)
+            ))
+        })?;
         let ns = dt
             .timestamp_nanos_opt()
-            .ok_or_else(|| Rejection(format!("`ts` {s:?} is out of range")))?;
+            .ok_or_else(|| Rejection(format!("`ts` {} is out of range", shown(s))))?;
         Self::from_nanos(ns)
     }
 
@@ -336,7 +351,8 @@ impl WireEvent<'_> {
             Some("quote") => Kind::Quote,
             Some(other) => {
                 return Err(Rejection(format!(
-                    "`kind` must be \"trade\" or \"quote\", got {other:?}"
+                    "`kind` must be \"trade\" or \"quote\", got {}",
+                    shown(other)
                 )))
             }
             None => return Err(Rejection::new("event is missing required field `kind`")),
@@ -366,7 +382,8 @@ impl WireEvent<'_> {
                     "sell" => Side::Sell,
                     other => {
                         return Err(Rejection(format!(
-                            "`side` must be \"buy\" or \"sell\", got {other:?}"
+                            "`side` must be \"buy\" or \"sell\", got {}",
+                            shown(other)
                         )))
                     }
                 };
@@ -475,7 +492,7 @@ mod de {
         } else {
             Decimal::from_str_exact(s)
         };
-        parsed.map_err(|e| format!("{s:?} is not a decimal number ({e})"))
+        parsed.map_err(|e| format!("{} is not a decimal number ({e})", super::shown(s)))
     }
 
     impl<'de> Deserialize<'de> for DecimalValue {
@@ -548,7 +565,8 @@ mod de {
                             let s: Cow<'de, str> = map.next_value()?;
                             let ns = i64::from_str(&s).map_err(|_| {
                                 de::Error::custom(format_args!(
-                                    "{s} is not integer epoch nanoseconds"
+                                    "{} is not integer epoch nanoseconds",
+                                    super::shown(&s)
                                 ))
                             })?;
                             self.visit_i64(ns)
@@ -619,6 +637,15 @@ mod tests {
     fn fields_of_the_other_kind_are_refused() {
         let err = parse(&TRADE.replace("\"side\"", "\"bid\":1,\"side\"")).unwrap_err();
         assert_eq!(err.0, "a trade has no field `bid`");
+    }
+
+    #[test]
+    fn rejections_quote_at_most_64_characters_of_a_value() {
+        let long = "X".repeat(1 << 20);
+        let err = Mic::parse(&long).unwrap_err();
+        assert!(err.0.len() < 200, "{} bytes", err.0.len());
+        assert!(err.0.contains("(1048576 bytes)"), "{err}");
+        assert_eq!(shown("XNAS"), "\"XNAS\"");
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub enum IngestError {
 struct Shared {
     cfg: IngestConfig,
     writer: StreamWriter,
+    /// Streaming sessions end on it; HTTP requests are drained by axum.
+    shutdown: CancellationToken,
 }
 
 /// A built ingest service: its router, and the writer task to wait for at shutdown.
@@ -72,9 +74,13 @@ impl Ingest {
         let con = redis::aio::ConnectionManager::new(client).await?;
         let mut wcfg = WriterConfig::new(cfg.layout.clone());
         wcfg.dlq_trim = cfg.dlq_trim;
-        let (writer, writer_task) = StreamWriter::spawn(wcfg, con, shutdown);
+        let (writer, writer_task) = StreamWriter::spawn(wcfg, con);
         Ok(Self {
-            shared: Arc::new(Shared { cfg, writer }),
+            shared: Arc::new(Shared {
+                cfg,
+                writer,
+                shutdown,
+            }),
             writer_task,
         })
     }
@@ -89,7 +95,8 @@ impl Ingest {
             .with_state(self.shared.clone())
     }
 
-    /// Resolves once every accepted batch has been written (after shutdown).
+    /// Resolves once every accepted batch has been written: after shutdown, when
+    /// the server has drained its requests and every streaming session has ended.
     pub async fn finished(self) {
         drop(self.shared);
         let _ = self.writer_task.await;
@@ -151,6 +158,22 @@ impl IntoResponse for BatchFailure {
     }
 }
 
+/// Most of a refused event kept in the dead-letter stream; real events are far
+/// smaller, and the stream is bounded in entries, not bytes.
+const DEAD_PAYLOAD_MAX: usize = 16 * 1024;
+
+fn dead_letter(r: &crate::Rejection, raw: &[u8]) -> DeadLetter {
+    if raw.len() <= DEAD_PAYLOAD_MAX {
+        return DeadLetter::new("ingest", r.0.clone(), raw.to_vec());
+    }
+    let reason = format!(
+        "{} (payload cut to its first {DEAD_PAYLOAD_MAX} of {} bytes)",
+        r.0,
+        raw.len()
+    );
+    DeadLetter::new("ingest", reason, raw[..DEAD_PAYLOAD_MAX].to_vec())
+}
+
 /// Validates a batch, writes its valid events to their raw streams and its invalid
 /// ones to the dead-letter stream, and answers per event.
 async fn ingest_batch(
@@ -175,7 +198,7 @@ async fn ingest_batch(
         match outcome {
             Ok(entry) => entries.push(entry),
             Err(r) => {
-                dead.push(DeadLetter::new("ingest", r.0.clone(), item.raw.to_vec()));
+                dead.push(dead_letter(&r, item.raw));
                 rejected.push(RejectedEvent { index, reason: r.0 });
             }
         }
@@ -228,10 +251,26 @@ async fn stream_events(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) 
 }
 
 /// One producer's streaming session. Batches are taken one at a time, so a
-/// producer's events keep their order across batches.
+/// producer's events keep their order across batches. On shutdown the batch in
+/// hand is finished and answered, then the session closes with 1001 (going away).
 async fn stream_session(shared: Arc<Shared>, mut socket: WebSocket) {
     let mut batch = 0u64;
-    while let Some(msg) = socket.recv().await {
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => {
+                let frame = axum::extract::ws::CloseFrame {
+                    code: axum::extract::ws::close_code::AWAY,
+                    reason: "ingest is shutting down".into(),
+                };
+                let _ = socket.send(Message::Close(Some(frame))).await;
+                break;
+            }
+            m = socket.recv() => match m {
+                Some(m) => m,
+                None => break,
+            },
+        };
         let (format, bytes) = match msg {
             Ok(Message::Text(t)) => {
                 let first = t.as_str().trim_start().as_bytes().first().copied();

@@ -77,8 +77,20 @@ pub fn decode_batch(
 
 fn decode_json_item(raw: &[u8]) -> Result<Event, Rejection> {
     serde_json::from_slice::<WireEvent>(raw)
-        .map_err(|e| Rejection(format!("invalid event: {e}")))?
+        .map_err(invalid)?
         .into_event()
+}
+
+/// A decoder's error as a rejection. Decoders quote offending values in full, so
+/// the text is cut to keep a hostile value out of answers and dead letters.
+fn invalid(e: impl std::fmt::Display) -> Rejection {
+    const MAX: usize = 300;
+    let mut msg = format!("invalid event: {e}");
+    if let Some((cut, _)) = msg.char_indices().nth(MAX) {
+        msg.truncate(cut);
+        msg.push_str("...");
+    }
+    Rejection(msg)
 }
 
 /// Reads the array's elements as raw slices, failing as soon as there are too many
@@ -178,7 +190,7 @@ fn decode_msgpack_array(body: &[u8], limit: usize) -> Result<Vec<Item<'_>>, Batc
         let end = msgpack_skip(body, pos, 0).map_err(|e| malformed(format!("element {i}: {e}")))?;
         let raw = &body[pos..end];
         let outcome = rmp_serde::from_slice::<WireEvent>(raw)
-            .map_err(|e| Rejection(format!("invalid event: {e}")))
+            .map_err(invalid)
             .and_then(WireEvent::into_event);
         out.push(Item { raw, outcome });
         pos = end;
@@ -365,6 +377,14 @@ mod tests {
             decode_batch(Format::MsgPack, &deep, 10),
             Err(BatchError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_huge_mistyped_value_is_not_echoed_in_full() {
+        let body = format!(r#"[{{"kind":"trade","seq":"{}"}}]"#, "9".repeat(1 << 20));
+        let items = decode_batch(Format::Json, body.as_bytes(), 10).expect("framing ok");
+        let e = items[0].outcome.as_ref().unwrap_err();
+        assert!(e.0.len() <= 310, "{} bytes", e.0.len());
     }
 
     #[test]

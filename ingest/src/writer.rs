@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio_util::sync::CancellationToken;
 
 use crate::stream::{DeadLetter, StreamLayout, Trim, RECORD_FIELD};
 
@@ -61,16 +60,14 @@ pub struct StreamWriter {
 }
 
 impl StreamWriter {
-    /// Starts the writer task. It runs until `shutdown` and every queued batch is
-    /// written; the returned handle finishes then.
-    pub fn spawn(
-        cfg: WriterConfig,
-        con: ConnectionManager,
-        shutdown: CancellationToken,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Starts the writer task. It runs until every handle is dropped and every
+    /// queued batch is written; the returned handle finishes then. It does not
+    /// watch a shutdown signal itself: requests still finishing during a graceful
+    /// shutdown must have their batches written, not refused.
+    pub fn spawn(cfg: WriterConfig, con: ConnectionManager) -> (Self, tokio::task::JoinHandle<()>) {
         // Bounded in batches, not events: handlers wait for their answer anyway.
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(run(cfg, con, rx, shutdown));
+        let task = tokio::spawn(run(cfg, con, rx));
         (Self { tx }, task)
     }
 
@@ -97,32 +94,10 @@ impl StreamWriter {
     }
 }
 
-async fn run(
-    cfg: WriterConfig,
-    con: ConnectionManager,
-    mut rx: mpsc::Receiver<Job>,
-    shutdown: CancellationToken,
-) {
+async fn run(cfg: WriterConfig, con: ConnectionManager, mut rx: mpsc::Receiver<Job>) {
     let cfg = Arc::new(cfg);
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
-    let mut draining = false;
-    loop {
-        let first = if draining {
-            match rx.recv().await {
-                Some(j) => j,
-                None => break,
-            }
-        } else {
-            tokio::select! {
-                j = rx.recv() => match j { Some(j) => j, None => break },
-                _ = shutdown.cancelled() => {
-                    // Stop taking new work, but write what is already queued.
-                    rx.close();
-                    draining = true;
-                    continue;
-                }
-            }
-        };
+    while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         let mut commands = jobs[0].entries.len() + jobs[0].dead.len();
         while commands < cfg.max_pipeline {
