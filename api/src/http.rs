@@ -15,8 +15,9 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 
@@ -27,6 +28,11 @@ pub const WS_PATH: &str = "/graphql/ws";
 pub const GRAPHIQL_PATH: &str = "/graphiql";
 /// Largest GraphQL request body accepted; a query is text, not data.
 const MAX_BODY: usize = 1 << 20;
+/// Most operations one batched request may hold: each is checked against the
+/// depth and complexity limits on its own, so a batch multiplies them.
+const MAX_BATCH: usize = 10;
+/// Largest WebSocket message (and frame) accepted; subscribe messages are small.
+const MAX_WS_MESSAGE: usize = 64 << 10;
 const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
 /// WebSocket close code 1001: the server is going away.
 const GOING_AWAY: u16 = 1001;
@@ -35,9 +41,13 @@ const GOING_AWAY: u16 = 1001;
 struct AppState {
     schema: ApiSchema,
     shutdown: CancellationToken,
+    /// The hub's tasks: once they have all finished, every feed has ended.
+    hub_tasks: TaskTracker,
 }
 
-pub fn router(schema: ApiSchema, shutdown: CancellationToken) -> Router {
+/// The routes of the API. `hub_tasks` tracks the hub's tasks, so that at
+/// `shutdown` a socket knows when every subscription has ended.
+pub fn router(schema: ApiSchema, shutdown: CancellationToken, hub_tasks: TaskTracker) -> Router {
     Router::new()
         .route(
             GRAPHQL_PATH,
@@ -49,7 +59,11 @@ pub fn router(schema: ApiSchema, shutdown: CancellationToken) -> Router {
         .route(GRAPHIQL_PATH, get(graphiql))
         .route("/", get(|| async { Redirect::temporary(GRAPHIQL_PATH) }))
         .layer(TraceLayer::new_for_http())
-        .with_state(AppState { schema, shutdown })
+        .with_state(AppState {
+            schema,
+            shutdown,
+            hub_tasks,
+        })
 }
 
 /// GraphQL over HTTP. A client that accepts `application/graphql-response+json`
@@ -66,7 +80,20 @@ async fn graphql(
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains(GRAPHQL_RESPONSE_JSON));
-    let resp = s.schema.execute_batch(req.into_inner()).await;
+    let resp = match req.into_inner() {
+        async_graphql::BatchRequest::Batch(ops) if ops.len() > MAX_BATCH => {
+            async_graphql::BatchResponse::Single(async_graphql::Response::from_errors(vec![
+                async_graphql::ServerError::new(
+                    format!(
+                        "at most {MAX_BATCH} operations per batch, got {}",
+                        ops.len()
+                    ),
+                    None,
+                ),
+            ]))
+        }
+        req => s.schema.execute_batch(req).await,
+    };
     let refused = match &resp {
         async_graphql::BatchResponse::Single(r) => {
             // Errors without a path never reached execution.
@@ -150,22 +177,42 @@ async fn subscriptions(
     // Answer with exactly the protocol chosen above; axum would otherwise pick by
     // our order rather than the client's.
     upgrade
+        .max_message_size(MAX_WS_MESSAGE)
+        .max_frame_size(MAX_WS_MESSAGE)
         .protocols([name])
-        .on_upgrade(move |socket| serve_socket(socket, s.schema, protocol, s.shutdown))
+        .on_upgrade(move |socket| serve_socket(socket, s.schema, protocol, s.shutdown, s.hub_tasks))
+}
+
+/// The client's messages until it leaves; from `shutdown` on, none are read, yet
+/// the stream never ends: the protocol handler stops at the end of its input,
+/// before it has said `complete` for the subscriptions the hub is ending.
+fn read_until_shutdown<S: Stream + Unpin>(
+    client: S,
+    shutdown: CancellationToken,
+) -> impl Stream<Item = S::Item> {
+    futures_util::stream::unfold((client, shutdown), |(mut client, shutdown)| async move {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => std::future::pending().await,
+            m = client.next() => m.map(|m| (m, (client, shutdown))),
+        }
+    })
 }
 
 /// Runs one WebSocket connection until the client leaves or the server shuts
 /// down. axum's graceful shutdown does not wait for upgraded connections, so each
-/// watches `shutdown` itself and says goodbye with close code 1001.
+/// watches `shutdown` itself: it stops reading, waits for the hub to end every
+/// feed, says `complete` for each subscription, then goodbye with close code
+/// 1001.
 async fn serve_socket(
     socket: WebSocket,
     schema: ApiSchema,
     protocol: WebSocketProtocols,
     shutdown: CancellationToken,
+    hub_tasks: TaskTracker,
 ) {
     let (mut sink, stream) = socket.split();
-    let input = stream
-        .take_until(shutdown.clone().cancelled_owned())
+    let input = read_until_shutdown(stream, shutdown.clone())
         .take_while(|m| ready(m.is_ok()))
         .filter_map(|m| {
             ready(match m {
@@ -181,9 +228,37 @@ async fn serve_socket(
         })),
     });
     let mut output = std::pin::pin!(output);
-    while let Some(m) = output.next().await {
+    let hub_stopped = async {
+        shutdown.cancelled().await;
+        hub_tasks.wait().await;
+    };
+    let mut hub_stopped = std::pin::pin!(hub_stopped);
+    let stopping = loop {
+        let m = tokio::select! {
+            m = output.next() => m,
+            () = &mut hub_stopped => break true,
+        };
+        let Some(m) = m else { break false };
         if sink.send(m).await.is_err() {
             return;
+        }
+    };
+    if stopping {
+        // Every feed has ended and the input is idle, so all the handler has left
+        // to say is ready now. Unconstrained: tokio's cooperative budget could
+        // otherwise make a ready feed look pending.
+        let rest = tokio::task::unconstrained(async {
+            let mut rest = Vec::new();
+            while let Some(Some(m)) = output.next().now_or_never() {
+                rest.push(m);
+            }
+            rest
+        })
+        .await;
+        for m in rest {
+            if sink.send(m).await.is_err() {
+                return;
+            }
         }
     }
     if shutdown.is_cancelled() {

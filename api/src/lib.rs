@@ -40,7 +40,8 @@ pub struct ApiConfig {
     pub layout: StreamLayout,
     /// Deepest selection nesting a request may have.
     pub max_depth: usize,
-    /// Most fields a request may select, counted statically.
+    /// Most fields a request may select, counted statically; a field returning a
+    /// page or a list counts its selection once per item it may return.
     pub max_complexity: usize,
     /// Whether clients may introspect the schema (GraphiQL needs it).
     pub introspection: bool,
@@ -133,7 +134,11 @@ impl Api {
 
     /// `/graphql`, `/graphql/ws`, `/graphiql` and `/` (a redirect to GraphiQL).
     pub fn router(&self) -> axum::Router {
-        http::router(self.schema.clone(), self.shutdown.clone())
+        http::router(
+            self.schema.clone(),
+            self.shutdown.clone(),
+            self.tasks.clone(),
+        )
     }
 
     pub fn schema(&self) -> &ApiSchema {

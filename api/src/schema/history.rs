@@ -8,7 +8,7 @@ use async_graphql::{Context, Object, Result};
 use chrono::{DateTime, Utc};
 
 use super::types::{QuoteNode, SortOrder, TradeNode};
-use super::{internal, page_size, Services};
+use super::{internal, page_cost, page_size, Services};
 use crate::history::{self, HistoryKey, Order, Page};
 use crate::tick::{QuoteRow, TradeRow};
 
@@ -125,6 +125,7 @@ impl HistoryQuery {
     /// with `order: DESC`. Pages hold `first` trades (at most 1000); pass a page's
     /// `pageInfo.endCursor` as `after` (with the same arguments) for the next.
     #[allow(clippy::too_many_arguments)]
+    #[graphql(complexity = "page_cost(first, child_complexity)")]
     async fn trades(
         &self,
         ctx: &Context<'_>,
@@ -148,6 +149,7 @@ impl HistoryQuery {
     /// with `order: DESC`. Pages hold `first` quotes (at most 1000); pass a page's
     /// `pageInfo.endCursor` as `after` (with the same arguments) for the next.
     #[allow(clippy::too_many_arguments)]
+    #[graphql(complexity = "page_cost(first, child_complexity)")]
     async fn quotes(
         &self,
         ctx: &Context<'_>,

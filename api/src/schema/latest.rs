@@ -12,7 +12,7 @@ use std::sync::Arc;
 use async_graphql::{Context, Object, Result};
 
 use super::types::{QuoteNode, TradeNode};
-use super::{internal, Services, MAX_INSTRUMENTS};
+use super::{internal, list_cost, Services, MAX_INSTRUMENTS};
 use crate::history;
 
 fn check_len(instruments: &[String]) -> Result<()> {
@@ -122,6 +122,7 @@ impl LatestQuery {
 
     /// The newest quote of each instrument, in the order asked (at most 1000);
     /// null for an instrument without quotes.
+    #[graphql(complexity = "list_cost(instruments.len(), MAX_INSTRUMENTS, child_complexity)")]
     async fn latest_quotes(
         &self,
         ctx: &Context<'_>,
@@ -132,6 +133,7 @@ impl LatestQuery {
 
     /// The newest trade of each instrument, in the order asked (at most 1000);
     /// null for an instrument without trades.
+    #[graphql(complexity = "list_cost(instruments.len(), MAX_INSTRUMENTS, child_complexity)")]
     async fn latest_trades(
         &self,
         ctx: &Context<'_>,

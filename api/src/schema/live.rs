@@ -6,8 +6,21 @@ use async_graphql::{Context, Result, Subscription};
 use futures_util::{Stream, StreamExt};
 
 use super::types::{AssetClassKind, QuoteNode, SideKind, TradeNode};
-use super::{Services, MAX_INSTRUMENTS};
+use super::{Services, MAX_FILTER_VALUES};
 use crate::hub::Filter;
+
+/// Refuses a filter list longer than [`MAX_FILTER_VALUES`]: every event is
+/// matched against it.
+fn check_len<T>(arg: &str, values: &Option<Vec<T>>) -> Result<()> {
+    match values {
+        Some(v) if v.len() > MAX_FILTER_VALUES => Err(format!(
+            "at most {MAX_FILTER_VALUES} `{arg}` per subscription, got {}",
+            v.len()
+        )
+        .into()),
+        _ => Ok(()),
+    }
+}
 
 fn filter(
     instruments: Option<Vec<String>>,
@@ -15,15 +28,10 @@ fn filter(
     asset_classes: Option<Vec<AssetClassKind>>,
     sides: Option<Vec<SideKind>>,
 ) -> Result<Filter> {
-    if let Some(i) = &instruments {
-        if i.len() > MAX_INSTRUMENTS {
-            return Err(format!(
-                "at most {MAX_INSTRUMENTS} instruments per subscription, got {}",
-                i.len()
-            )
-            .into());
-        }
-    }
+    check_len("instruments", &instruments)?;
+    check_len("venues", &venues)?;
+    check_len("assetClasses", &asset_classes)?;
+    check_len("sides", &sides)?;
     Ok(Filter {
         instruments,
         venues,
@@ -38,10 +46,10 @@ pub struct TradeSubscription;
 #[Subscription]
 impl TradeSubscription {
     /// Live trades matching every given filter (an omitted filter matches all;
-    /// an empty list is refused, as it would match nothing). Per instrument,
-    /// trades arrive in stream order. A subscriber that falls `subscriber_queue`
-    /// events behind gets the error "subscriber too slow: ..." and is closed;
-    /// resubscribe to continue.
+    /// an empty list is refused, as it would match nothing, and so is a list of
+    /// more than 1000 values). Per instrument, trades arrive in stream order. A
+    /// subscriber that falls `subscriber_queue` events behind gets the error
+    /// "subscriber too slow: ..." and is closed; resubscribe to continue.
     async fn trades(
         &self,
         ctx: &Context<'_>,
@@ -62,10 +70,10 @@ pub struct QuoteSubscription;
 #[Subscription]
 impl QuoteSubscription {
     /// Live quotes matching every given filter (an omitted filter matches all;
-    /// an empty list is refused, as it would match nothing). Per instrument,
-    /// quotes arrive in stream order. A subscriber that falls `subscriber_queue`
-    /// events behind gets the error "subscriber too slow: ..." and is closed;
-    /// resubscribe to continue.
+    /// an empty list is refused, as it would match nothing, and so is a list of
+    /// more than 1000 values). Per instrument, quotes arrive in stream order. A
+    /// subscriber that falls `subscriber_queue` events behind gets the error
+    /// "subscriber too slow: ..." and is closed; resubscribe to continue.
     async fn quotes(
         &self,
         ctx: &Context<'_>,

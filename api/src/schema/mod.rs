@@ -21,8 +21,10 @@ use crate::hub::Hub;
 
 /// Most items one page may hold.
 pub const MAX_PAGE: usize = 1000;
-/// Most instruments one request or subscription may name.
+/// Most instruments one query may name.
 pub const MAX_INSTRUMENTS: usize = 1000;
+/// Most values any list argument of a subscription may hold.
+pub const MAX_FILTER_VALUES: usize = 1000;
 
 #[derive(MergedObject, Default)]
 pub struct Query(
@@ -87,6 +89,26 @@ pub fn sdl() -> String {
             .sorted_fields()
             .sorted_arguments()
             .sorted_enum_items(),
+    )
+}
+
+/// Complexity of a field that returns up to `items` of its selection: each item
+/// costs what its selection does, plus one for the field itself. `cap` is the
+/// most the resolver will ever return (it refuses more), so an out-of-range
+/// argument is costed at the cap and gets the resolver's clearer error.
+pub(crate) fn list_cost(items: usize, cap: usize, child_complexity: usize) -> usize {
+    items
+        .min(cap)
+        .saturating_mul(child_complexity)
+        .saturating_add(1)
+}
+
+/// [`list_cost`] of a page of `first` items.
+pub(crate) fn page_cost(first: i32, child_complexity: usize) -> usize {
+    list_cost(
+        usize::try_from(first).unwrap_or(0),
+        MAX_PAGE,
+        child_complexity,
     )
 }
 

@@ -8,7 +8,7 @@ use async_graphql::{Context, Object, Result, SimpleObject};
 use tickgraph_enrich::refdata::{AssetClass, Instrument};
 
 use super::types::{AccountNode, AssetClassKind, FxRate, InstrumentNode, VenueNode};
-use super::{page_size, Services};
+use super::{page_cost, page_size, Services};
 
 /// Extra fields on `InstrumentConnection`.
 #[derive(SimpleObject, Debug, Default)]
@@ -58,6 +58,7 @@ impl RefDataQuery {
     /// `sector` ignore case. Pages hold `first` instruments (at most 1000); pass a
     /// page's `pageInfo.endCursor` as `after` for the next.
     #[allow(clippy::too_many_arguments)]
+    #[graphql(complexity = "page_cost(first, child_complexity)")]
     async fn instruments(
         &self,
         ctx: &Context<'_>,

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 
 use super::history::nanos;
 use super::types::{InstrumentNode, QuoteNode, TradeNode};
-use super::{internal, Services, MAX_INSTRUMENTS};
+use super::{internal, list_cost, Services, MAX_INSTRUMENTS};
 use crate::history;
 
 /// GraphQL `InstrumentSnapshot`.
@@ -54,6 +54,7 @@ pub struct SnapshotQuery;
 impl SnapshotQuery {
     /// For each instrument (at most 1000, answered in the order asked), its newest
     /// quote and newest trade with `ts <= at`, from history.
+    #[graphql(complexity = "list_cost(instruments.len(), MAX_INSTRUMENTS, child_complexity)")]
     async fn snapshot(
         &self,
         ctx: &Context<'_>,

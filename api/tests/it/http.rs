@@ -60,6 +60,19 @@ async fn graphql_over_http_speaks_both_media_types(pool: PgPool) {
     .await
     .expect("POST");
     assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(
+        body["data"]["venues"],
+        json!([{"mic": "XLON"}, {"mic": "XNAS"}, {"mic": "XNYS"}]),
+        "{body}"
+    );
+    assert!(body["data"]["trades"].is_null(), "{body}");
+    assert_eq!(body["errors"].as_array().map(Vec::len), Some(1), "{body}");
+    assert_eq!(body["errors"][0]["path"], json!(["trades"]), "{body}");
+    assert_eq!(
+        body["errors"][0]["message"], "`first` must be between 0 and 1000, got -1",
+        "{body}"
+    );
 
     let resp = app
         .http
@@ -107,5 +120,51 @@ async fn graphiql_is_served_and_the_root_redirects_to_it(pool: PgPool) {
         .await
         .expect("GET /graphql/ws");
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    app.stop().await;
+}
+
+/// Every operation of a batch runs with its own complexity budget, so a batch
+/// is capped in length.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_batch_of_more_than_ten_operations_is_refused(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let batch = |n: usize, accept: &'static str| {
+        let ops: Vec<Value> = (0..n)
+            .map(|_| json!({"query": "{ venues { mic } }"}))
+            .collect();
+        app.http
+            .post(app.url("/graphql"))
+            .header(ACCEPT, accept)
+            .json(&ops)
+            .send()
+    };
+
+    let resp = batch(10, "application/graphql-response+json")
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.expect("json");
+    let answers = body.as_array().expect("one answer per operation");
+    assert_eq!(answers.len(), 10, "{body}");
+    assert!(
+        answers
+            .iter()
+            .all(|a| a["data"]["venues"][0]["mic"] == "XLON"),
+        "{body}"
+    );
+
+    for (accept, status) in [
+        ("application/graphql-response+json", StatusCode::BAD_REQUEST),
+        ("application/json", StatusCode::OK),
+    ] {
+        let resp = batch(11, accept).await.expect("POST");
+        assert_eq!(resp.status(), status, "{accept}");
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body["data"], Value::Null, "{body}");
+        assert_eq!(
+            body["errors"][0]["message"], "at most 10 operations per batch, got 11",
+            "{body}"
+        );
+    }
     app.stop().await;
 }

@@ -54,9 +54,10 @@ async fn configured_limits_apply(pool: PgPool) {
         json!({}),
     )
     .await;
+    // Depth 4; a page of one keeps it within the complexity limit too.
     let body = app
         .post(
-            "{ trades(instrument: \"AAPL\") { edges { node { id } } } }",
+            "{ trades(instrument: \"AAPL\", first: 1) { edges { node { id } } } }",
             json!({}),
         )
         .await;
@@ -80,5 +81,88 @@ async fn configured_limits_apply(pool: PgPool) {
         .data("{ __type(name: \"Query\") { name } }", json!({}))
         .await;
     assert_eq!(data, json!({"__type": null}));
+    app.stop().await;
+}
+
+/// Pages and lists cost their selection once per item they may return, so
+/// aliasing a big page many times cannot hide under the limit.
+#[sqlx::test(migrations = "../migrations")]
+async fn pages_and_lists_cost_their_selection_per_item(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let many: Vec<String> = (0..1000).map(|i| format!("S{i}")).collect();
+    // Each costs just over the default limit of 10000; each was 12 at most when
+    // complexity ignored sizes.
+    let too_complex = [
+        (
+            "{ trades(instrument: \"AAPL\", first: 1000) { nodes {
+                id source seq instrument venue ts price qty side notional } } }",
+            json!({}),
+        ),
+        (
+            "{ quotes(instrument: \"AAPL\", first: 1000) { nodes {
+                id source seq instrument venue ts bid ask bidSize askSize } } }",
+            json!({}),
+        ),
+        (
+            "{ instruments(first: 1000) { nodes {
+                symbol name assetClass currency venue tickSize lotSize sector isin
+                listingVenue { mic } } } }",
+            json!({}),
+        ),
+        (
+            "query($i: [String!]!) { snapshot(instruments: $i, at: \"2024-11-25T15:53:20Z\") {
+                instrument quote { id bid ask mid } trade { id price qty side } } }",
+            json!({ "i": many }),
+        ),
+        (
+            "query($i: [String!]!) { latestQuotes(instruments: $i) {
+                id source seq instrument venue ts bid ask bidSize askSize } }",
+            json!({ "i": many }),
+        ),
+        (
+            "query($i: [String!]!) { latestTrades(instruments: $i) {
+                id source seq instrument venue ts price qty side notional } }",
+            json!({ "i": many }),
+        ),
+    ];
+    for (query, vars) in too_complex {
+        let body = app.post(query, vars).await;
+        // Only the errors: the data of 1000 items would drown the message.
+        let errors = &body["errors"];
+        assert_eq!(
+            errors[0]["message"], "Query is too complex.",
+            "{query}: {errors}"
+        );
+        assert_eq!(body["data"], serde_json::Value::Null, "{query}");
+    }
+
+    // The reviewer's case: one modest page, aliased.
+    let aliased: String = (0..10)
+        .map(|i| {
+            format!(
+                "t{i}: trades(instrument: \"AAPL\", first: 1000) {{ edges {{ node {{ id }} }} }} "
+            )
+        })
+        .collect();
+    let body = app.post(&format!("{{ {aliased} }}"), json!({})).await;
+    assert_eq!(
+        body["errors"][0]["message"], "Query is too complex.",
+        "{body}"
+    );
+
+    // What a GraphiQL user writes still runs: a default page with its page info,
+    // a full page of a few fields, reference data, a few latest values.
+    let data = app
+        .data(
+            "{ trades(instrument: \"AAPL\") {
+                 edges { cursor node { id ts price qty side venue reference { name } } }
+                 pageInfo { hasNextPage endCursor } }
+               full: quotes(instrument: \"AAPL\", first: 1000) { nodes { id ts bid ask } }
+               instruments { totalCount nodes { symbol name currency } }
+               latestQuotes(instruments: [\"AAPL\", \"MSFT\"]) { id mid } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(data["instruments"]["totalCount"], 5, "{data}");
     app.stop().await;
 }

@@ -199,6 +199,67 @@ async fn an_empty_filter_list_is_refused_with_a_clear_error(pool: PgPool) {
     app.stop().await;
 }
 
+#[sqlx::test(migrations = "../migrations")]
+async fn a_filter_list_of_more_than_1000_values_is_refused(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let (mut ws, _) = app.ws("graphql-transport-ws").await;
+    ws.send(json!({"type": "connection_init"})).await;
+    assert_eq!(ws.expect().await["type"], "connection_ack");
+    let venues: Vec<String> = (0..1001).map(|i| format!("V{i:04}")).collect();
+    let sides = vec!["BUY"; 1001];
+    let cases = [
+        (
+            "subscription($l: [String!]) { trades(venues: $l) { id } }",
+            json!(venues),
+            "at most 1000 `venues` per subscription, got 1001",
+        ),
+        (
+            "subscription($l: [String!]) { quotes(instruments: $l) { id } }",
+            json!(venues),
+            "at most 1000 `instruments` per subscription, got 1001",
+        ),
+        (
+            "subscription($l: [Side!]) { trades(sides: $l) { id } }",
+            json!(sides),
+            "at most 1000 `sides` per subscription, got 1001",
+        ),
+    ];
+    for (id, (query, list, error)) in cases.into_iter().enumerate() {
+        let id = id.to_string();
+        ws.send(json!({"id": id, "type": "subscribe", "payload": {
+            "query": query, "variables": {"l": list}}}))
+            .await;
+        let msg = ws.expect().await;
+        assert_eq!(msg["id"], id.as_str(), "{msg}");
+        assert_eq!(msg["payload"]["errors"][0]["message"], error, "{msg}");
+        let msg = ws.expect().await;
+        assert_eq!(
+            (msg["type"].as_str(), msg["id"].as_str()),
+            (Some("complete"), Some(id.as_str())),
+            "{msg}"
+        );
+    }
+    assert_eq!(app.api.hub().subscribers(), 0);
+    app.stop().await;
+}
+
+/// A message over 64 KiB closes the socket instead of being read into memory.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_websocket_message_over_64_kib_closes_the_socket(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let (mut ws, _) = app.ws("graphql-transport-ws").await;
+    ws.send(json!({"type": "connection_init", "payload": {"pad": "x".repeat(64 << 10)}}))
+        .await;
+    assert_eq!(ws.recv().await, None, "the socket closes");
+
+    // A message of a normal size is served as ever.
+    let (mut ws, _) = app.ws("graphql-transport-ws").await;
+    ws.send(json!({"type": "connection_init", "payload": {"pad": "x".repeat(60 << 10)}}))
+        .await;
+    assert_eq!(ws.expect().await["type"], "connection_ack");
+    app.stop().await;
+}
+
 /// A subscriber that does not keep up is closed with an error, and the hub
 /// neither waits for it nor keeps its events.
 #[sqlx::test(migrations = "../migrations")]
@@ -243,12 +304,22 @@ async fn shutdown_completes_subscriptions_and_closes_sockets(pool: PgPool) {
     ws.send(json!({"id": "1", "type": "subscribe", "payload": {
         "query": "subscription { trades { id } }"}}))
         .await;
-    app.wait_for_subscribers(1).await;
+    ws.send(json!({"id": "2", "type": "subscribe", "payload": {
+        "query": "subscription { quotes { id } }"}}))
+        .await;
+    app.wait_for_subscribers(2).await;
     app.stop().await;
-    // Whatever the server managed to say before closing, the socket ends.
-    while let Some(msg) = ws.recv().await {
+    let mut completed = HashSet::new();
+    while completed.len() < 2 {
+        let msg = ws
+            .recv()
+            .await
+            .expect("`complete` before the socket closes");
         assert_eq!(msg["type"], "complete", "{msg}");
+        completed.insert(msg["id"].as_str().unwrap_or_default().to_owned());
     }
+    assert_eq!(completed, HashSet::from(["1".to_owned(), "2".to_owned()]));
+    assert_eq!(ws.recv().await, None, "the socket closes after `complete`");
 }
 
 /// The id of the Redis connection named `name`, from CLIENT LIST.
