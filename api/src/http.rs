@@ -284,12 +284,5 @@ async fn graphiql() -> Html<String> {
 
 /// Serves `router` on `listener` until `shutdown`, then stops accepting and waits
 /// for in-flight requests; WebSocket connections close themselves on `shutdown`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-}
+/// The same edge as ingest's, so both stop alike.
+pub use tickgraph_ingest::server::serve;
