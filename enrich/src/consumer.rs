@@ -257,14 +257,10 @@ impl<H: BatchHandler> ShardReader<H> {
                     }
                     entries
                 }
-                None => {
-                    let block = Some(self.cfg.block);
-                    tokio::select! {
-                        biased;
-                        _ = self.shutdown.cancelled() => return Ok(()),
-                        r = self.read(con, ">", block) => r?,
-                    }
-                }
+                // Not raced with shutdown: a read Redis has already answered would
+                // be dropped, leaving its entries pending until claimed. BLOCK is
+                // short, so shutdown still waits at most one block and one batch.
+                None => self.read(con, ">", Some(self.cfg.block)).await?,
             };
             self.process(entries, backoff).await?;
         }
