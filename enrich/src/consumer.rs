@@ -25,9 +25,12 @@ use redis::AsyncConnectionConfig;
 use tickgraph_ingest::stream::{
     ensure_group, parse_entries, parse_read_reply, value_string, StreamEntry,
 };
+use tickgraph_ingest::Trim;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+use crate::retention;
 
 /// One delivered stream entry with its record bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +67,32 @@ pub struct ConsumerConfig {
     /// Pending entries idle this long belong to a dead consumer and are claimed.
     pub claim_idle: Duration,
     pub claim_every: Duration,
+    /// How the consumed streams are trimmed, behind this group (see
+    /// [`crate::retention`]).
+    pub retention: Trim,
+}
+
+impl ConsumerConfig {
+    /// Claims are checked twice per idle period, which bounds how long a dead
+    /// consumer's entries wait to about 1.5 x `claim_idle`.
+    pub fn new(
+        group: &str,
+        consumer: &str,
+        batch: usize,
+        block: Duration,
+        claim_idle: Duration,
+        retention: Trim,
+    ) -> Self {
+        Self {
+            group: group.to_string(),
+            consumer: consumer.to_string(),
+            batch,
+            block,
+            claim_idle,
+            claim_every: (claim_idle / 2).max(Duration::from_millis(50)),
+            retention,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,8 +103,9 @@ pub enum ConsumerError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// Consumes `streams` (`(shard, key)` pairs) with one task each until `shutdown`;
-/// returns once every task has finished its in-flight batch.
+/// Consumes `streams` (`(shard, key)` pairs) with one task each until `shutdown`,
+/// and trims them behind the group; returns once every task has finished its
+/// in-flight batch.
 pub async fn run<H: BatchHandler>(
     client: redis::Client,
     cfg: ConsumerConfig,
@@ -83,11 +113,11 @@ pub async fn run<H: BatchHandler>(
     handler: H,
     shutdown: CancellationToken,
 ) -> Result<(), ConsumerError> {
-    let acker = client.get_connection_manager_lazy(
-        ConnectionManagerConfig::new().set_response_timeout(Some(ACK_TIMEOUT)),
-    )?;
+    let acker = write_connection(&client)?;
     // A child token, so that a panicked task stops its siblings, not the process.
     let shutdown = shutdown.child_token();
+    let keys = streams.iter().map(|(_, key)| key.clone()).collect();
+    let trimmer = retention::spawn(client.clone(), keys, cfg.retention, shutdown.clone());
     let cfg = Arc::new(cfg);
     let handler = Arc::new(handler);
     let mut tasks = tokio::task::JoinSet::new();
@@ -112,10 +142,23 @@ pub async fn run<H: BatchHandler>(
             result = Err(e.into());
         }
     }
+    shutdown.cancel();
+    let _ = trimmer.await;
     result
 }
 
-const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// A transaction or insert of a few thousand entries takes milliseconds; the
+/// default 500 ms would turn a busy Redis into needless retries.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The connection workers write and acknowledge through (not the blocking reads).
+pub(crate) fn write_connection(
+    client: &redis::Client,
+) -> redis::RedisResult<redis::aio::ConnectionManager> {
+    client.get_connection_manager_lazy(
+        ConnectionManagerConfig::new().set_response_timeout(Some(WRITE_TIMEOUT)),
+    )
+}
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use rust_decimal::Decimal;
 use tickgraph_ingest::stream::{DeadLetter, LOAD_GROUP};
 use tickgraph_ingest::{Event, StreamLayout, Trim};
@@ -15,8 +15,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{self, BatchHandler, ConsumerConfig, ConsumerError, Entry};
 use crate::record::{Derived, EnrichedRecord};
-use crate::retention;
-use crate::worker::{claim_every, WRITE_TIMEOUT};
 
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
@@ -61,43 +59,27 @@ pub async fn run(
     pool: sqlx::PgPool,
     shutdown: CancellationToken,
 ) -> Result<(), LoadError> {
-    let con = client.get_connection_manager_lazy(
-        ConnectionManagerConfig::new().set_response_timeout(Some(WRITE_TIMEOUT)),
-    )?;
+    let con = consumer::write_connection(&client)?;
     let streams = cfg
         .layout
         .shard_ids()
         .map(|s| (s, cfg.layout.enriched(s)))
         .collect();
-    let consumer_cfg = ConsumerConfig {
-        group: LOAD_GROUP.to_string(),
-        consumer: cfg.consumer.clone(),
-        batch: cfg.batch,
-        block: cfg.block,
-        claim_idle: cfg.claim_idle,
-        claim_every: claim_every(cfg.claim_idle),
-    };
-    tracing::info!(consumer = %cfg.consumer, shards = cfg.layout.shards(), "history loader starting");
-    let enriched_keys = cfg
-        .layout
-        .shard_ids()
-        .map(|s| cfg.layout.enriched(s))
-        .collect();
-    let stop_trimming = shutdown.child_token();
-    let trimmer = retention::spawn(
-        client.clone(),
-        enriched_keys,
+    let consumer_cfg = ConsumerConfig::new(
+        LOAD_GROUP,
+        &cfg.consumer,
+        cfg.batch,
+        cfg.block,
+        cfg.claim_idle,
         cfg.enriched_retention,
-        stop_trimming.clone(),
     );
+    tracing::info!(consumer = %cfg.consumer, shards = cfg.layout.shards(), "history loader starting");
     let handler = Loader {
         layout: cfg.layout,
         con,
         pool,
     };
     let result = consumer::run(client, consumer_cfg, streams, handler, shutdown).await;
-    stop_trimming.cancel();
-    let _ = trimmer.await;
     result?;
     Ok(())
 }

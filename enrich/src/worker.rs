@@ -10,7 +10,7 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use tickgraph_ingest::event::now_nanos;
 use tickgraph_ingest::stream::{DeadLetter, RawRecord, ENRICH_GROUP, RECORD_FIELD};
 use tickgraph_ingest::{StreamLayout, Trim};
@@ -18,7 +18,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{self, BatchHandler, ConsumerConfig, ConsumerError, Entry};
 use crate::refdata::RefCache;
-use crate::retention;
 use crate::transform::enrich;
 
 #[derive(Debug, Clone)]
@@ -72,38 +71,18 @@ pub async fn run(
         .shard_ids()
         .map(|s| (s, cfg.layout.raw(s)))
         .collect();
-    let consumer_cfg = ConsumerConfig {
-        group: ENRICH_GROUP.to_string(),
-        consumer: cfg.consumer.clone(),
-        batch: cfg.batch,
-        block: cfg.block,
-        claim_idle: cfg.claim_idle,
-        claim_every: claim_every(cfg.claim_idle),
-    };
-    tracing::info!(consumer = %cfg.consumer, shards = cfg.layout.shards(), "enrich worker starting");
-    let raw_keys = cfg.layout.shard_ids().map(|s| cfg.layout.raw(s)).collect();
-    let stop_trimming = shutdown.child_token();
-    let trimmer = retention::spawn(
-        client.clone(),
-        raw_keys,
+    let consumer_cfg = ConsumerConfig::new(
+        ENRICH_GROUP,
+        &cfg.consumer,
+        cfg.batch,
+        cfg.block,
+        cfg.claim_idle,
         cfg.raw_retention,
-        stop_trimming.clone(),
     );
+    tracing::info!(consumer = %cfg.consumer, shards = cfg.layout.shards(), "enrich worker starting");
     let result = consumer::run(client, consumer_cfg, streams, handler, shutdown).await;
-    stop_trimming.cancel();
-    let _ = trimmer.await;
     result?;
     Ok(())
-}
-
-/// A transaction of a few thousand XADDs takes milliseconds; the default 500 ms
-/// would turn a busy Redis into needless retries.
-pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Checking twice per idle period bounds how long a dead consumer's entries wait
-/// to about 1.5 x `claim_idle`.
-pub(crate) fn claim_every(claim_idle: Duration) -> Duration {
-    (claim_idle / 2).max(Duration::from_millis(50))
 }
 
 /// The per-batch work of the enrich worker: join, then commit (see [`COMMIT_LUA`]).
@@ -119,9 +98,7 @@ impl Enricher {
         client: &redis::Client,
         refs: RefCache,
     ) -> Result<Self, EnrichError> {
-        let con = client.get_connection_manager_lazy(
-            ConnectionManagerConfig::new().set_response_timeout(Some(WRITE_TIMEOUT)),
-        )?;
+        let con = consumer::write_connection(client)?;
         Ok(Self { cfg, con, refs })
     }
 }

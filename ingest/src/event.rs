@@ -11,10 +11,17 @@ use serde::{Deserialize, Serialize};
 /// A producer's value as quoted in a rejection: at most 64 characters, so a
 /// hostile megabyte-long field cannot blow up the answer or the dead-letter stream.
 pub fn shown(s: &str) -> String {
-    const MAX: usize = 64;
-    match s.char_indices().nth(MAX) {
-        None => format!("{s:?}"),
-        Some((cut, _)) => format!("{:?}... ({} bytes)", &s[..cut], s.len()),
+    match clip(s, 64) {
+        (head, true) => format!("{head:?}... ({} bytes)", s.len()),
+        (_, false) => format!("{s:?}"),
+    }
+}
+
+/// `s` cut to at most `max` characters, and whether anything was cut.
+pub(crate) fn clip(s: &str, max: usize) -> (&str, bool) {
+    match s.char_indices().nth(max) {
+        Some((cut, _)) => (&s[..cut], true),
+        None => (s, false),
     }
 }
 
@@ -155,10 +162,6 @@ impl Timestamp {
             .timestamp_nanos_opt()
             .ok_or_else(|| Rejection(format!("`ts` {} is out of range", shown(s))))?;
         Self::from_nanos(ns)
-    }
-
-    pub fn now() -> Self {
-        Self(now_nanos())
     }
 
     /// Trusted constructor for values read back from our own streams and tables.

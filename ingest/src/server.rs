@@ -158,22 +158,6 @@ impl IntoResponse for BatchFailure {
     }
 }
 
-/// Most of a refused event kept in the dead-letter stream; real events are far
-/// smaller, and the stream is bounded in entries, not bytes.
-const DEAD_PAYLOAD_MAX: usize = 16 * 1024;
-
-fn dead_letter(r: &crate::Rejection, raw: &[u8]) -> DeadLetter {
-    if raw.len() <= DEAD_PAYLOAD_MAX {
-        return DeadLetter::new("ingest", r.0.clone(), raw.to_vec());
-    }
-    let reason = format!(
-        "{} (payload cut to its first {DEAD_PAYLOAD_MAX} of {} bytes)",
-        r.0,
-        raw.len()
-    );
-    DeadLetter::new("ingest", reason, raw[..DEAD_PAYLOAD_MAX].to_vec())
-}
-
 /// Validates a batch, writes its valid events to their raw streams and its invalid
 /// ones to the dead-letter stream, and answers per event.
 async fn ingest_batch(
@@ -198,7 +182,7 @@ async fn ingest_batch(
         match outcome {
             Ok(entry) => entries.push(entry),
             Err(r) => {
-                dead.push(dead_letter(&r, item.raw));
+                dead.push(DeadLetter::new("ingest", r.0.clone(), item.raw.to_vec()));
                 rejected.push(RejectedEvent { index, reason: r.0 });
             }
         }

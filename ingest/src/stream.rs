@@ -130,19 +130,10 @@ impl Trim {
         }
     }
 
-    /// Appends the trim arguments of an XADD.
-    pub fn apply(&self, cmd: &mut redis::Cmd) {
-        for a in self.args() {
-            cmd.arg(a);
-        }
-    }
-
     /// An `XADD key <trim> * field value ...` command.
     pub fn xadd(&self, key: &str, fields: &[(&str, &[u8])]) -> redis::Cmd {
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(key);
-        self.apply(&mut cmd);
-        cmd.arg("*");
+        cmd.arg(key).arg(self.args()).arg("*");
         for (k, v) in fields {
             cmd.arg(*k).arg(*v);
         }
@@ -220,7 +211,24 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    pub fn new(stage: &'static str, reason: String, payload: Vec<u8>) -> Self {
+    /// Most of a payload kept: real events are far smaller, and dead-letter
+    /// streams are bounded in entries, not bytes, so a hostile event must not
+    /// inflate them.
+    pub const PAYLOAD_MAX: usize = 16 * 1024;
+
+    /// A dead letter; a payload over [`Self::PAYLOAD_MAX`] is cut, and the reason
+    /// says so.
+    pub fn new(stage: &'static str, reason: String, mut payload: Vec<u8>) -> Self {
+        let reason = if payload.len() > Self::PAYLOAD_MAX {
+            let len = payload.len();
+            payload.truncate(Self::PAYLOAD_MAX);
+            format!(
+                "{reason} (payload cut to its first {} of {len} bytes)",
+                Self::PAYLOAD_MAX
+            )
+        } else {
+            reason
+        };
         Self {
             stage,
             reason,
@@ -386,7 +394,6 @@ mod tests {
 
     #[test]
     fn shards_are_stable_and_in_range() {
-        assert_eq!(shard_of("AAPL", 4), shard_of("AAPL", 4));
         for s in ["AAPL", "MSFT", "VOD.L", "7203.T", ""] {
             assert!(shard_of(s, 4) < 4);
         }
@@ -412,6 +419,21 @@ mod tests {
         }
         assert!("maxlen:x".parse::<Trim>().is_err());
         assert!("keep".parse::<Trim>().is_err());
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_at_most_16_kib_of_payload_and_says_so() {
+        let big = DeadLetter::new("ingest", "bad".into(), vec![b'x'; 20_000]);
+        assert_eq!(big.payload.len(), DeadLetter::PAYLOAD_MAX);
+        assert_eq!(
+            big.reason,
+            "bad (payload cut to its first 16384 of 20000 bytes)"
+        );
+        let small = DeadLetter::new("ingest", "bad".into(), b"{}".to_vec());
+        assert_eq!(
+            (small.payload.as_slice(), small.reason.as_str()),
+            (&b"{}"[..], "bad")
+        );
     }
 
     #[test]

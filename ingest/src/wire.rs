@@ -84,13 +84,11 @@ fn decode_json_item(raw: &[u8]) -> Result<Event, Rejection> {
 /// A decoder's error as a rejection. Decoders quote offending values in full, so
 /// the text is cut to keep a hostile value out of answers and dead letters.
 fn invalid(e: impl std::fmt::Display) -> Rejection {
-    const MAX: usize = 300;
-    let mut msg = format!("invalid event: {e}");
-    if let Some((cut, _)) = msg.char_indices().nth(MAX) {
-        msg.truncate(cut);
-        msg.push_str("...");
+    let msg = format!("invalid event: {e}");
+    match crate::event::clip(&msg, 300) {
+        (head, true) => Rejection(format!("{head}...")),
+        (_, false) => Rejection(msg),
     }
-    Rejection(msg)
 }
 
 /// Reads the array's elements as raw slices, failing as soon as there are too many

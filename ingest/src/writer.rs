@@ -94,7 +94,17 @@ impl StreamWriter {
     }
 }
 
+/// The keys a writer appends to, named once at start-up.
+struct Keys {
+    raw: Vec<String>,
+    dlq: String,
+}
+
 async fn run(cfg: WriterConfig, con: ConnectionManager, mut rx: mpsc::Receiver<Job>) {
+    let keys = Arc::new(Keys {
+        raw: cfg.layout.shard_ids().map(|s| cfg.layout.raw(s)).collect(),
+        dlq: cfg.layout.ingest_dlq(),
+    });
     let cfg = Arc::new(cfg);
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
     while let Some(first) = rx.recv().await {
@@ -112,10 +122,10 @@ async fn run(cfg: WriterConfig, con: ConnectionManager, mut rx: mpsc::Receiver<J
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
-        let cfg = cfg.clone();
+        let (cfg, keys) = (cfg.clone(), keys.clone());
         let mut con = con.clone();
         tokio::spawn(async move {
-            let result = write_jobs(&cfg, &mut con, &jobs).await;
+            let result = write_jobs(&cfg, &keys, &mut con, &jobs).await;
             drop(permit);
             if let Err(e) = &result {
                 tracing::error!(error = %e, batches = jobs.len(), "raw stream write failed");
@@ -136,22 +146,21 @@ async fn run(cfg: WriterConfig, con: ConnectionManager, mut rx: mpsc::Receiver<J
 /// different shards live in different cluster slots.
 async fn write_jobs(
     cfg: &WriterConfig,
+    keys: &Keys,
     con: &mut ConnectionManager,
     jobs: &[Job],
 ) -> Result<(), WriteError> {
     let mut pipe = redis::pipe();
-    let raw_keys: Vec<String> = cfg.layout.shard_ids().map(|s| cfg.layout.raw(s)).collect();
-    let dlq = cfg.layout.ingest_dlq();
     for job in jobs {
         for e in &job.entries {
-            let key = &raw_keys[usize::from(e.shard) % raw_keys.len()];
+            let key = &keys.raw[usize::from(e.shard) % keys.raw.len()];
             // Never trimmed here: the enrich workers trim raw streams behind their
             // consumer group (see tickgraph_enrich::retention).
             pipe.add_command(Trim::None.xadd(key, &[(RECORD_FIELD, &e.record)]))
                 .ignore();
         }
         for d in &job.dead {
-            pipe.add_command(d.xadd(&dlq, cfg.dlq_trim)).ignore();
+            pipe.add_command(d.xadd(&keys.dlq, cfg.dlq_trim)).ignore();
         }
     }
     // Bounded: a hung Redis must not hold producers' answers forever.

@@ -22,7 +22,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
-pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// The Redis the tests use: `TG_TEST_REDIS_URL`, as `.ci/run` sets it.
+pub fn redis_url() -> String {
+    std::env::var("TG_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
 /// Upper bound on waiting for something that should happen; reaching it fails the
 /// test instead of hanging it. Never an assertion on speed.
 pub const PATIENCE: Duration = Duration::from_secs(15);
@@ -165,7 +168,7 @@ pub async fn spawn_app_with(
 ) -> TestApp {
     seed_refdata(&pool).await;
     let layout = StreamLayout::new(format!("t{}", rand::random::<u64>()), shards);
-    let client = redis::Client::open(REDIS_URL).expect("redis url");
+    let client = redis::Client::open(redis_url()).expect("redis url");
     let keys = KeyGuard {
         client: client.clone(),
         keys: layout.shard_ids().map(|s| layout.enriched(s)).collect(),

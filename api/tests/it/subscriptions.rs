@@ -349,7 +349,7 @@ async fn the_hub_reconnects_and_resumes_after_a_lost_connection(pool: PgPool) {
         .await;
     app.wait_for_subscribers(1).await;
 
-    let client = redis::Client::open(crate::helpers::REDIS_URL).expect("redis url");
+    let client = redis::Client::open(crate::helpers::redis_url()).expect("redis url");
     let mut admin = client
         .get_multiplexed_async_connection()
         .await

@@ -91,14 +91,15 @@ async fn failed_batches_are_retried_until_they_succeed() {
         fail_first: 3,
         seen: seen.clone(),
     };
-    let cfg = ConsumerConfig {
-        group: GROUP.into(),
-        consumer: "c1".into(),
-        batch: 8,
-        block: Duration::from_millis(100),
-        claim_idle: Duration::from_secs(3600),
-        claim_every: Duration::from_secs(3600),
-    };
+    // Nobody else consumes here: claiming and trimming stay out of the way.
+    let cfg = ConsumerConfig::new(
+        GROUP,
+        "c1",
+        8,
+        Duration::from_millis(100),
+        Duration::from_secs(3600),
+        tickgraph_ingest::Trim::None,
+    );
     let shutdown = CancellationToken::new();
     let streams: Vec<(u16, String)> = keys
         .iter()

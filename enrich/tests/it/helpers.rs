@@ -24,7 +24,8 @@ pub struct TestRedis {
 
 impl TestRedis {
     pub async fn new(shards: u16) -> Self {
-        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+        let url =
+            std::env::var("TG_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
         let client = redis::Client::open(url).expect("redis url");
         let con = client
             .get_multiplexed_async_connection()
