@@ -28,7 +28,9 @@ use futures_util::Stream;
 use redis::aio::MultiplexedConnection;
 use tickgraph_enrich::record::EnrichedRecord;
 use tickgraph_enrich::refdata::AssetClass;
-use tickgraph_ingest::stream::{parse_entries, parse_read_reply, StreamLayout};
+use tickgraph_ingest::stream::{
+    decode_entry, event_position, is_batch, parse_entries, parse_read_reply, StreamLayout,
+};
 use tickgraph_ingest::Side;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -708,20 +710,27 @@ impl Reader {
             for entry in list {
                 entries += 1;
                 let decoded = match entry.record.as_deref() {
-                    Some(bytes) => EnrichedRecord::decode(bytes)
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| {
-                            Tick::from_record(cursor(self.shard, &entry.id), r)
-                                .map_err(|e| e.to_string())
-                        }),
+                    Some(bytes) => decode_entry::<EnrichedRecord>(bytes)
+                        .map(|recs| (is_batch(bytes), recs))
+                        .map_err(|e| e.to_string()),
                     None => Err("entry has no record field".to_owned()),
                 };
+                let mut fail = |e: String| {
+                    bad += 1;
+                    first_error.get_or_insert(e);
+                };
                 match decoded {
-                    Ok(t) => ticks.push(t),
-                    Err(e) => {
-                        bad += 1;
-                        first_error.get_or_insert(e);
+                    Ok((batch, recs)) => {
+                        ticks.reserve(recs.len());
+                        for (i, r) in recs.into_iter().enumerate() {
+                            let at = cursor(self.shard, &event_position(&entry.id, i, batch));
+                            match Tick::from_record(at, r) {
+                                Ok(t) => ticks.push(t),
+                                Err(e) => fail(e.to_string()),
+                            }
+                        }
                     }
+                    Err(e) => fail(e),
                 }
                 self.last_id = entry.id;
             }

@@ -55,7 +55,8 @@ pub enum TickError {
     BadRow { id: String, msg: String },
 }
 
-/// The stream position a subscriber sees: the shard and the entry id.
+/// The stream position a subscriber sees: the shard and the event's position in
+/// that shard's stream (`tickgraph_ingest::stream::event_position`).
 pub fn cursor(shard: u16, entry_id: &str) -> String {
     format!("{shard}:{entry_id}")
 }

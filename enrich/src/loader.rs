@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use rust_decimal::Decimal;
-use tickgraph_ingest::stream::{DeadLetter, LOAD_GROUP};
+use tickgraph_ingest::stream::{decode_entry, event_position, is_batch, DeadLetter, LOAD_GROUP};
 use tickgraph_ingest::{Event, StreamLayout, Trim};
 use tokio_util::sync::CancellationToken;
 
@@ -30,15 +30,16 @@ pub struct LoadConfig {
 }
 
 impl LoadConfig {
-    /// Batches of 2000, 1 s block, claim after 30 s idle.
+    /// Batches of 100 entries (each up to 256 events), 1 s block, claim after 30 s
+    /// idle, enriched streams of about 20,000 entries per shard.
     pub fn new(layout: StreamLayout, consumer: impl Into<String>) -> Self {
         Self {
             layout,
             consumer: consumer.into(),
-            batch: 2000,
+            batch: 100,
             block: Duration::from_secs(1),
             claim_idle: Duration::from_secs(30),
-            enriched_retention: Trim::MaxLen(1_000_000),
+            enriched_retention: Trim::MaxLen(20_000),
         }
     }
 }
@@ -286,28 +287,47 @@ impl BatchHandler for Loader {
         stream: &str,
         entries: Vec<Entry>,
     ) -> Result<(), Self::Error> {
+        // Each event's place in the stream: the entry id, and its index in a batch entry.
         let decoded: Vec<_> = entries
             .iter()
-            .map(|e| EnrichedRecord::decode(&e.record))
+            .map(|e| {
+                let batch = is_batch(&e.record);
+                decode_entry::<EnrichedRecord>(&e.record).map(|recs| {
+                    recs.into_iter()
+                        .enumerate()
+                        .map(|(i, r)| (event_position(&e.id, i, batch), r))
+                        .collect::<Vec<_>>()
+                })
+            })
             .collect();
         let mut trades = TradeRows::default();
         let mut quotes = QuoteRows::default();
         let mut bad = Vec::new();
-        for (entry, rec) in entries.iter().zip(&decoded) {
-            let outcome = match rec {
-                Ok(rec) => add_row(&mut trades, &mut quotes, rec, &entry.id),
-                Err(e) => Err(e.to_string()),
+        for (entry, recs) in entries.iter().zip(&decoded) {
+            let recs = match recs {
+                Ok(recs) => recs,
+                Err(e) => {
+                    bad.push(DeadLetter::new(
+                        "load",
+                        format!("unloadable enriched entry {}: {e}", entry.id),
+                        entry.record.clone(),
+                    ));
+                    continue;
+                }
             };
-            if let Err(reason) = outcome {
-                // Enrich wrote it, so this is a bug or a version skew: keep the bytes
-                // for a replay rather than stall the shard on it forever.
-                let mut letter = DeadLetter::new(
-                    "load",
-                    format!("unloadable enriched entry {}: {reason}", entry.id),
-                    entry.record.clone(),
-                );
-                letter.event_id = rec.as_ref().ok().map(|r| r.event.id());
-                bad.push(letter);
+            for (position, rec) in recs {
+                if let Err(reason) = add_row(&mut trades, &mut quotes, rec, position) {
+                    // Enrich wrote it, so this is a bug or a version skew: keep the
+                    // event for a replay rather than stall the shard on it forever.
+                    let payload = serde_json::to_vec(rec).unwrap_or_default();
+                    let mut letter = DeadLetter::new(
+                        "load",
+                        format!("unloadable enriched event {position}: {reason}"),
+                        payload,
+                    );
+                    letter.event_id = Some(rec.event.id());
+                    bad.push(letter);
+                }
             }
         }
         self.insert(&trades, &quotes).await?;

@@ -1,6 +1,6 @@
 //! The enriched stream entry: what enrich writes, and what the loader and the API
-//! read. Encoded as named MessagePack in the entry's `e` field (see
-//! `tickgraph_ingest::stream`).
+//! read. Encoded as named MessagePack; an entry's `e` field holds an array of them,
+//! one per event of the raw entry it came from (see `tickgraph_ingest::stream`).
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -48,5 +48,11 @@ impl EnrichedRecord {
 
     pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
         Ok(rmp_serde::from_slice(bytes)?)
+    }
+
+    /// One enriched batch entry: a MessagePack array of records, in order (read
+    /// back with [`tickgraph_ingest::stream::decode_entry`]).
+    pub fn encode_batch(records: &[Self]) -> Result<Vec<u8>, CodecError> {
+        Ok(rmp_serde::to_vec_named(records)?)
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! | key                        | written by | entry fields                                  |
 //! |----------------------------|------------|-----------------------------------------------|
-//! | `<prefix>:raw:{<s>}`       | ingest     | `e` = MessagePack [`RawRecord`]               |
-//! | `<prefix>:enriched:{<s>}`  | enrich     | `e` = MessagePack enriched record (enrich)    |
+//! | `<prefix>:raw:{<s>}`       | ingest     | `e` = MessagePack array of [`RawRecord`]      |
+//! | `<prefix>:enriched:{<s>}`  | enrich     | `e` = MessagePack array of enriched records   |
 //! | `<prefix>:dlq:{<s>}`       | enrich     | [`DeadLetter`] fields                         |
 //! | `<prefix>:dlq:ingest`      | ingest     | [`DeadLetter`] fields                         |
 //!
@@ -12,6 +12,13 @@
 //! in order. The `{<s>}` hash tag puts a shard's raw, enriched and dead-letter
 //! streams in one Redis Cluster slot, so enrich can XADD and XACK in one script.
 //! Consumer groups: [`ENRICH_GROUP`] on raw streams, [`LOAD_GROUP`] on enriched ones.
+//!
+//! An entry is a batch: the events of one shard that ingest wrote in one round trip
+//! (at most 256), in order, so Redis and every reader pay per batch, not per event.
+//! Each raw entry becomes at most one enriched entry, with the same events in the
+//! same order minus the dead-lettered ones. An event's position is
+//! `<entry id>.<index>` ([`event_position`]). Readers also accept an entry holding a
+//! single record (a map), the format before batching.
 
 use std::fmt;
 use std::str::FromStr;
@@ -194,6 +201,50 @@ impl RawRecord {
 
     pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
         Ok(rmp_serde::from_slice(bytes)?)
+    }
+}
+
+/// Joins records already encoded (each one MessagePack value) into the record
+/// field of one batch entry: a MessagePack array of them, built without decoding
+/// or re-encoding any record.
+pub fn encode_batch<'a, I>(records: I) -> Vec<u8>
+where
+    I: IntoIterator<Item = &'a [u8]>,
+    I::IntoIter: ExactSizeIterator,
+{
+    let records = records.into_iter();
+    let len = records.len();
+    let mut out = Vec::with_capacity(5 + len * 160);
+    // Writing to a Vec cannot fail; the length fits u32 as entries are capped far below.
+    let _ = rmp::encode::write_array_len(&mut out, u32::try_from(len).unwrap_or(u32::MAX));
+    for r in records {
+        out.extend_from_slice(r);
+    }
+    out
+}
+
+/// Whether an entry's record field is a batch (an array) rather than one record.
+pub fn is_batch(bytes: &[u8]) -> bool {
+    matches!(bytes.first(), Some(0x90..=0x9f | 0xdc | 0xdd))
+}
+
+/// An event's place in a stream: `<entry id>.<index>` inside a batch entry, the
+/// entry id alone for an entry of one record.
+pub fn event_position(entry_id: &str, index: usize, batch: bool) -> String {
+    if batch {
+        format!("{entry_id}.{index}")
+    } else {
+        entry_id.to_owned()
+    }
+}
+
+/// Decodes an entry's record field: a batch (a MessagePack array of records) or a
+/// single record (a map), so entries written one event each still read.
+pub fn decode_entry<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<Vec<T>, CodecError> {
+    if is_batch(bytes) {
+        Ok(rmp_serde::from_slice(bytes)?)
+    } else {
+        Ok(vec![rmp_serde::from_slice(bytes)?])
     }
 }
 
@@ -434,6 +485,25 @@ mod tests {
             (small.payload.as_slice(), small.reason.as_str()),
             (&b"{}"[..], "bad")
         );
+    }
+
+    #[test]
+    fn batch_entries_and_single_record_entries_both_decode() {
+        let rec = |seq: u64| RawRecord {
+            event: serde_json::from_value(serde_json::json!({"quote": {
+                "header": {"source": "s", "seq": seq, "instrument": "AAPL",
+                           "venue": "XNAS", "ts": 1},
+                "bid": "1.5", "ask": "1.6", "bid_size": "10", "ask_size": "20"}}))
+            .expect("a quote"),
+            ingest_ns: 7,
+        };
+        let encoded: Vec<Vec<u8>> = (1..=3).map(|s| rec(s).encode().expect("encodes")).collect();
+        let batch = encode_batch(encoded.iter().map(Vec::as_slice));
+        let back: Vec<RawRecord> = decode_entry(&batch).expect("batch decodes");
+        assert_eq!(back, vec![rec(1), rec(2), rec(3)]);
+        let single: Vec<RawRecord> = decode_entry(&encoded[1]).expect("single decodes");
+        assert_eq!(single, vec![rec(2)]);
+        assert!(decode_entry::<RawRecord>(&[0x93, 0x01]).is_err());
     }
 
     #[test]

@@ -174,8 +174,8 @@ impl TradeNode {
         reference(ctx, self.0.trade.header.instrument.as_str())
     }
 
-    /// Position in the enriched streams, `<shard>:<entry id>`, e.g.
-    /// `2:1732550000000-5`.
+    /// Position in the enriched streams, `<shard>:<entry id>.<index in the entry>`,
+    /// e.g. `2:1732550000000-5.17` (events loaded before batching: no `.<index>`).
     async fn cursor(&self) -> &str {
         &self.0.cursor
     }
@@ -268,8 +268,8 @@ impl QuoteNode {
         reference(ctx, self.0.quote.header.instrument.as_str())
     }
 
-    /// Position in the enriched streams, `<shard>:<entry id>`, e.g.
-    /// `2:1732550000000-5`.
+    /// Position in the enriched streams, `<shard>:<entry id>.<index in the entry>`,
+    /// e.g. `2:1732550000000-5.17` (events loaded before batching: no `.<index>`).
     async fn cursor(&self) -> &str {
         &self.0.cursor
     }

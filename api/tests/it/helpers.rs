@@ -233,8 +233,8 @@ impl TestApp {
         body["data"].clone()
     }
 
-    /// XADDs each record to the enriched stream of its instrument's shard, as
-    /// enrich would, and returns each entry's cursor (`<shard>:<id>`).
+    /// XADDs each record to the enriched stream of its instrument's shard, as a
+    /// batch entry of one, and returns each event's cursor (`<shard>:<id>.0`).
     pub async fn publish(&mut self, records: &[EnrichedRecord]) -> Vec<String> {
         let mut pipe = redis::pipe();
         let mut shards = Vec::new();
@@ -245,13 +245,13 @@ impl TestApp {
                 .arg(self.layout.enriched(shard))
                 .arg("*")
                 .arg("e")
-                .arg(r.encode().expect("encode record"));
+                .arg(EnrichedRecord::encode_batch(std::slice::from_ref(r)).expect("encode record"));
         }
         let ids: Vec<String> = pipe.query_async(&mut self.redis).await.expect("XADD");
         shards
             .into_iter()
             .zip(ids)
-            .map(|(s, id)| format!("{s}:{id}"))
+            .map(|(s, id)| format!("{s}:{id}.0"))
             .collect()
     }
 

@@ -9,7 +9,7 @@ use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 use rust_decimal::Decimal;
 use tickgraph_ingest::event::{AccountId, Header, Mic, Source, Symbol};
-use tickgraph_ingest::stream::{parse_entries, EntryId, RawRecord, StreamEntry};
+use tickgraph_ingest::stream::{encode_batch, parse_entries, EntryId, RawRecord, StreamEntry};
 use tickgraph_ingest::{Event, Quote, Side, StreamLayout, Timestamp, Trade};
 
 pub fn dec(s: &str) -> Decimal {
@@ -39,17 +39,27 @@ impl TestRedis {
         }
     }
 
-    /// XADDs raw records to their shards; returns the entry ids in order.
+    /// XADDs raw records to their shards, each as a batch entry of one, as ingest
+    /// writes them; returns the entry ids in order.
     pub async fn add_raw(&mut self, records: &[RawRecord]) -> Vec<String> {
         let mut ids = Vec::new();
         for rec in records {
-            let key = self
-                .layout
-                .raw(self.layout.shard_of(&rec.event.header().instrument));
-            let bytes = rec.encode().expect("encode");
-            ids.push(self.add(&key, &bytes).await);
+            ids.push(self.add_raw_batch(std::slice::from_ref(rec)).await);
         }
         ids
+    }
+
+    /// XADDs records of one shard as one batch entry; returns its id.
+    pub async fn add_raw_batch(&mut self, records: &[RawRecord]) -> String {
+        let key = self
+            .layout
+            .raw(self.layout.shard_of(&records[0].event.header().instrument));
+        let encoded: Vec<Vec<u8>> = records
+            .iter()
+            .map(|r| r.encode().expect("encode"))
+            .collect();
+        let bytes = encode_batch(encoded.iter().map(Vec::as_slice));
+        self.add(&key, &bytes).await
     }
 
     pub async fn add(&mut self, key: &str, record: &[u8]) -> String {

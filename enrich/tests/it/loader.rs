@@ -108,9 +108,14 @@ async fn loads_each_event_once_even_when_redelivered(pool: PgPool) {
             spread: dec("0.06"),
         },
     );
-    let t1_id = add(&mut r, &t1).await;
+    // t1 and q1 (both AAPL, one shard) in one batch entry, the rest one per entry.
+    let key = r
+        .layout
+        .enriched(r.layout.shard_of(&t1.event.header().instrument));
+    let batch = EnrichedRecord::encode_batch(&[t1.clone(), q1.clone()]).expect("encode");
+    let batch_id = r.add(&key, &batch).await;
+    let (t1_id, q1_id) = (format!("{batch_id}.0"), format!("{batch_id}.1"));
     add(&mut r, &t2).await;
-    let q1_id = add(&mut r, &q1).await;
     add(&mut r, &t3).await;
     add(&mut r, &q2).await;
     // Redelivery, as after an enrich retry or a replay.

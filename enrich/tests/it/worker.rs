@@ -10,7 +10,7 @@ use tickgraph_enrich::consumer::{BatchHandler, Entry};
 use tickgraph_enrich::refdata::AssetClass;
 use tickgraph_enrich::worker::{self, EnrichConfig, Enricher};
 use tickgraph_enrich::{Derived, EnrichedRecord, RefCache};
-use tickgraph_ingest::stream::{ensure_group, RawRecord, ENRICH_GROUP};
+use tickgraph_ingest::stream::{decode_entry, ensure_group, RawRecord, ENRICH_GROUP};
 use tickgraph_ingest::Event;
 use tokio_util::sync::CancellationToken;
 
@@ -45,7 +45,9 @@ async fn enriched(r: &mut TestRedis) -> Vec<(u16, EnrichedRecord)> {
         let key = r.layout.enriched(s);
         for e in r.range(&key).await {
             let bytes = e.record.expect("enriched entry has its record");
-            out.push((s, EnrichedRecord::decode(&bytes).expect("decodes")));
+            for rec in decode_entry::<EnrichedRecord>(&bytes).expect("decodes") {
+                out.push((s, rec));
+            }
         }
     }
     out
@@ -178,6 +180,38 @@ async fn enriches_good_events_and_dead_letters_bad_ones(pool: PgPool) {
     );
     assert_eq!(garbage["payload"], b"not messagepack");
 
+    assert_eq!(raw_pending(&mut r).await, 0);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_batch_entry_becomes_one_enriched_entry_in_order_minus_its_bad_events(pool: PgPool) {
+    seed_refdata(&pool).await;
+    let refs = RefCache::load(&pool).await.expect("refdata");
+    let mut r = TestRedis::new(1).await;
+    let batch = vec![
+        quote(1, "AAPL", "XNAS", "187.25", "187.26"),
+        quote(2, "ZZZZ", "XNAS", "1", "2"),
+        trade(3, "AAPL", "XNAS", "187.25", "100", None),
+        trade(4, "MSFT", "XNAS", "415.10", "3", None),
+    ];
+    r.add_raw_batch(&batch).await;
+
+    let cfg = config(&r, "w1");
+    run_until_drained(&mut r, cfg, refs).await;
+
+    let entries = r.range(&r.layout.enriched(0)).await;
+    assert_eq!(entries.len(), 1, "one enriched entry per raw entry");
+    let bytes = entries[0].record.clone().expect("record");
+    let recs = decode_entry::<EnrichedRecord>(&bytes).expect("a batch");
+    let seqs: Vec<u64> = recs.iter().map(|r| r.event.header().seq).collect();
+    assert_eq!(
+        seqs,
+        vec![1, 3, 4],
+        "same events, same order, minus the bad one"
+    );
+    let letters = r.range_fields(&r.layout.dlq(0)).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["event_id"], batch[1].event.id().into_bytes());
     assert_eq!(raw_pending(&mut r).await, 0);
 }
 
