@@ -183,6 +183,9 @@ async fn subscriptions(
         .on_upgrade(move |socket| serve_socket(socket, s.schema, protocol, s.shutdown, s.hub_tasks))
 }
 
+/// Messages written to a socket before it is flushed, at most.
+const MAX_COALESCED: usize = 256;
+
 /// The client's messages until it leaves; from `shutdown` on, none are read, yet
 /// the stream never ends: the protocol handler stops at the end of its input,
 /// before it has said `complete` for the subscriptions the hub is ending.
@@ -239,8 +242,29 @@ async fn serve_socket(
             () = &mut hub_stopped => break true,
         };
         let Some(m) = m else { break false };
-        if sink.send(m).await.is_err() {
+        // Everything the handler has ready goes out in one write: a subscriber of
+        // thousands of events a second must not cost a syscall per event.
+        let mut ended = false;
+        let mut next = Some(m);
+        let mut coalesced = 0;
+        while let Some(m) = next.take() {
+            if sink.feed(m).await.is_err() {
+                return;
+            }
+            coalesced += 1;
+            if coalesced < MAX_COALESCED {
+                match output.next().now_or_never() {
+                    Some(Some(m)) => next = Some(m),
+                    Some(None) => ended = true,
+                    None => {}
+                }
+            }
+        }
+        if sink.flush().await.is_err() {
             return;
+        }
+        if ended {
+            break false;
         }
     };
     if stopping {
