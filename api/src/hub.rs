@@ -2,7 +2,7 @@
 //!
 //! Each process reads every enriched shard exactly once, however many subscriptions
 //! it serves: a reader task per shard, on its own blocking Redis connection, runs
-//! `XREAD COUNT 1000 BLOCK 1000` from the last id it saw, decodes each entry once
+//! `XREAD COUNT 32 BLOCK 1000` from the last id it saw, decodes each entry once
 //! into an `Arc`'d [`Tick`] and dispatches the batch.
 //!
 //! Dispatch takes the registry's read lock once per batch. Subscriptions are indexed
@@ -38,8 +38,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::tick::{cursor, QuoteTick, Tick, TickMeta, TradeTick};
 
-/// Entries per XREAD.
-const READ_COUNT: usize = 1000;
+/// Entries per XREAD. An entry holds up to 256 events, and a read is dispatched
+/// to the subscribers' queues before they can run, so this bounds the burst a
+/// queue must absorb after a stall: 32 entries, typically a few hundred events.
+const READ_COUNT: usize = 32;
 /// Milliseconds an XREAD waits for new entries; it also bounds how long a reader
 /// takes to notice shutdown when the stream is idle.
 const READ_BLOCK_MS: u64 = 1000;

@@ -57,7 +57,7 @@ impl ApiConfig {
             max_depth: 16,
             max_complexity: 10_000,
             introspection: true,
-            subscriber_queue: 10_000,
+            subscriber_queue: 50_000,
         }
     }
 }

@@ -129,12 +129,13 @@ struct IngestArgs {
 struct EnrichArgs {
     /// Raw stream retention, applied behind the enrich group (never drops unread
     /// entries): maxlen:<entries>, maxage:<seconds> or none.
-    #[arg(long, env = "TG_RAW_TRIM", default_value = "maxlen:1000000")]
+    #[arg(long, env = "TG_RAW_TRIM", default_value = "maxlen:10000")]
     raw_trim: Trim,
     /// Consumer name in the group; unique per process (default: host-pid).
     #[arg(long = "enrich-consumer", env = "TG_ENRICH_CONSUMER")]
     enrich_consumer: Option<String>,
-    #[arg(long = "enrich-batch", env = "TG_ENRICH_BATCH", default_value_t = 1000)]
+    /// Raw entries per read; each holds up to 256 events.
+    #[arg(long = "enrich-batch", env = "TG_ENRICH_BATCH", default_value_t = 100)]
     enrich_batch: usize,
     /// Pending entries idle this long are taken over from their (dead) consumer.
     #[arg(
@@ -155,12 +156,20 @@ struct EnrichArgs {
 struct LoadArgs {
     /// Enriched stream retention, applied behind the load group; also bounds how
     /// far back subscribers can resume: maxlen:<entries>, maxage:<seconds> or none.
-    #[arg(long, env = "TG_ENRICHED_TRIM", default_value = "maxlen:1000000")]
+    #[arg(long, env = "TG_ENRICHED_TRIM", default_value = "maxlen:20000")]
     enriched_trim: Trim,
     #[arg(long = "load-consumer", env = "TG_LOAD_CONSUMER")]
     load_consumer: Option<String>,
-    #[arg(long = "load-batch", env = "TG_LOAD_BATCH", default_value_t = 2000)]
+    /// Enriched entries per read; each holds up to 256 events.
+    #[arg(long = "load-batch", env = "TG_LOAD_BATCH", default_value_t = 100)]
     load_batch: usize,
+    /// Pause after a short batch so that each transaction carries more rows.
+    #[arg(
+        long = "load-linger-ms",
+        env = "TG_LOAD_LINGER_MS",
+        default_value_t = 100
+    )]
+    load_linger_ms: u64,
     #[arg(
         long = "load-claim-idle-secs",
         env = "TG_CLAIM_IDLE_SECS",
@@ -185,7 +194,7 @@ struct ApiArgs {
     #[arg(long, env = "TG_NO_INTROSPECTION")]
     no_introspection: bool,
     /// Events buffered per subscription before it is cut off as too slow.
-    #[arg(long, env = "TG_SUBSCRIBER_QUEUE", default_value_t = 10_000)]
+    #[arg(long, env = "TG_SUBSCRIBER_QUEUE", default_value_t = 50_000)]
     subscriber_queue: usize,
 }
 
@@ -268,6 +277,7 @@ impl LoadArgs {
         c.batch = self.load_batch;
         c.claim_idle = Duration::from_secs(self.load_claim_idle_secs);
         c.enriched_retention = self.enriched_trim;
+        c.linger = Duration::from_millis(self.load_linger_ms);
         c
     }
 }

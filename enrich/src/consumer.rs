@@ -70,6 +70,10 @@ pub struct ConsumerConfig {
     /// How the consumed streams are trimmed, behind this group (see
     /// [`crate::retention`]).
     pub retention: Trim,
+    /// After a read that found fewer than `batch` new entries, wait this long
+    /// before the next, so that batches grow with the load instead of one small
+    /// batch per arrival (zero: read again at once).
+    pub linger: Duration,
 }
 
 impl ConsumerConfig {
@@ -91,6 +95,7 @@ impl ConsumerConfig {
             claim_idle,
             claim_every: (claim_idle / 2).max(Duration::from_millis(50)),
             retention,
+            linger: Duration::ZERO,
         }
     }
 }
@@ -305,7 +310,14 @@ impl<H: BatchHandler> ShardReader<H> {
                 // short, so shutdown still waits at most one block and one batch.
                 None => self.read(con, ">", Some(self.cfg.block)).await?,
             };
+            let short = entries.len() < self.cfg.batch && pending_from.is_none();
             self.process(entries, backoff).await?;
+            if short && !self.cfg.linger.is_zero() {
+                tokio::select! {
+                    () = self.shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(self.cfg.linger) => {}
+                }
+            }
         }
     }
 
