@@ -17,6 +17,7 @@
 //! [`Api::build`] wires them: it starts the hub and builds the schema;
 //! [`Api::router`] and [`serve`] put it on the network.
 
+pub mod bench;
 pub mod history;
 pub mod http;
 pub mod hub;

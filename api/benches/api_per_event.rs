@@ -1,0 +1,348 @@
+//! Per-event CPU cost of the API's live path, without Redis or Postgres.
+//!
+//! Events are drawn by the demo feed's market simulator over the whole demo
+//! universe (`demo_refdata()`), validated by ingest and enriched by
+//! `tickgraph_enrich::enrich`, as in `tickgraph all --feed-rate`.
+//!
+//! The hub is a reader-less `Hub::new`, fed with `Hub::publish`, which is the
+//! dispatch a shard reader runs after its XREAD. The GraphQL benches run the real
+//! schema (`schema::build`) over that hub; its `Services` hold a lazy Postgres
+//! pool that never connects, since live `Trade`/`Quote` fields never touch it.
+//!
+//! Allocator: the system one, like the other crates' benches. The `tickgraph`
+//! binary runs on mimalloc, so absolute numbers there may differ.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use async_graphql::Response;
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use futures_util::stream::BoxStream;
+use futures_util::{FutureExt, StreamExt};
+use tickgraph_api::hub::Feed;
+use tickgraph_api::schema::{self, Limits, Services};
+use tickgraph_api::tick::{cursor, QuoteTick, Tick, TradeTick};
+use tickgraph_api::{ApiConfig, Filter, Hub};
+use tickgraph_enrich::demo::{demo_refdata, reference_price};
+use tickgraph_enrich::refdata::{AssetClass, RefCache, RefData};
+use tickgraph_enrich::{enrich, EnrichedRecord};
+use tickgraph_ingest::feed::{FeedInstrument, Market};
+use tickgraph_ingest::stream::{decode_entry, event_position, is_batch, shard_of, RawRecord};
+use tickgraph_ingest::wire::{decode_batch, Format};
+use tickgraph_ingest::Side;
+
+const BATCH: usize = 1000;
+const SHARDS: u16 = 4;
+/// Far above one batch: no subscriber is ever cut off as too slow here.
+const QUEUE: usize = 1 << 16;
+const INGEST_NS: i64 = 1_764_066_667_000_000_000;
+const ENTRY_ID: &str = "1764066667000-0";
+
+/// `BATCH` enriched demo events, `trade_ratio` of them trades.
+fn enriched(refs: &RefData, trade_ratio: f64) -> Vec<EnrichedRecord> {
+    let mut instruments: Vec<FeedInstrument> = refs
+        .instruments
+        .values()
+        .map(|i| FeedInstrument {
+            symbol: i.symbol.clone(),
+            venue: i.venue.clone(),
+            price: reference_price(i),
+            tick: i.tick_size,
+        })
+        .collect();
+    instruments.sort_by(|a, b| a.symbol.cmp(&b.symbol));
+    let mut accounts: Vec<String> = refs.accounts.keys().cloned().collect();
+    accounts.sort();
+    let body =
+        Market::new(instruments, "demo-feed".into(), trade_ratio, accounts, 42).batch(BATCH, false);
+    decode_batch(Format::Json, &body, BATCH)
+        .expect("feed JSON decodes")
+        .into_iter()
+        .map(|item| {
+            let raw = RawRecord {
+                event: item.outcome.expect("the feed sends only valid events"),
+                ingest_ns: INGEST_NS,
+            };
+            enrich(&raw, refs, INGEST_NS + 250_000).expect("demo events enrich")
+        })
+        .collect()
+}
+
+/// Ticks as the hub reader builds them from one batch entry.
+fn ticks_of(entry: &[u8]) -> Vec<Tick> {
+    let batch = is_batch(entry);
+    decode_entry::<EnrichedRecord>(entry)
+        .expect("entry decodes")
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let shard = shard_of(r.event.header().instrument.as_str(), SHARDS);
+            let at = cursor(shard, &event_position(ENTRY_ID, i, batch));
+            Tick::from_record(at, r).expect("kinds match")
+        })
+        .collect()
+}
+
+fn quick<'a>(c: &'a mut Criterion, name: &str) -> BenchmarkGroup<'a, WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.throughput(Throughput::Elements(BATCH as u64))
+        .sample_size(30)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    g
+}
+
+/// `decode_entry::<EnrichedRecord>` of a 1000-event entry plus `Tick::from_record`
+/// (with its cursor string) per event: the decode half of the hub reader's step.
+fn hub_decode(c: &mut Criterion) {
+    let refs = demo_refdata();
+    let entry = EnrichedRecord::encode_batch(&enriched(&refs, 0.2)).expect("batch encodes");
+    assert_eq!(ticks_of(&entry).len(), BATCH);
+    let mut g = quick(c, "api/hub");
+    g.bench_function("decode_to_ticks", |b| {
+        b.iter(|| ticks_of(black_box(&entry)))
+    });
+    g.finish();
+}
+
+fn symbols(v: &[&str]) -> Option<Vec<String>> {
+    Some(v.iter().map(|s| (*s).to_owned()).collect())
+}
+
+/// Subscriptions a busy API might hold: per-instrument watchers of the busiest
+/// names, plus wildcards with venue, asset-class and side filters.
+fn realistic_subscriptions(
+    hub: &Hub,
+    busiest: &[String],
+) -> (Vec<Feed<TradeTick>>, Vec<Feed<QuoteTick>>) {
+    let mut trades = Vec::new();
+    let mut quotes = Vec::new();
+    for (i, chunk) in busiest.chunks(2).enumerate() {
+        let f = Filter {
+            instruments: Some(chunk.to_vec()),
+            ..Filter::default()
+        };
+        if i % 2 == 0 {
+            quotes.push(hub.subscribe_quotes(f).expect("subscribe"));
+        } else {
+            trades.push(hub.subscribe_trades(f).expect("subscribe"));
+        }
+    }
+    trades.push(hub.subscribe_trades(Filter::default()).expect("subscribe"));
+    quotes.push(hub.subscribe_quotes(Filter::default()).expect("subscribe"));
+    quotes.push(
+        hub.subscribe_quotes(Filter {
+            venues: symbols(&["XLON", "XPAR", "XETR"]),
+            ..Filter::default()
+        })
+        .expect("subscribe"),
+    );
+    trades.push(
+        hub.subscribe_trades(Filter {
+            asset_classes: Some(vec![AssetClass::Fx, AssetClass::Crypto]),
+            ..Filter::default()
+        })
+        .expect("subscribe"),
+    );
+    trades.push(
+        hub.subscribe_trades(Filter {
+            venues: symbols(&["XNAS", "XNYS", "ARCX"]),
+            asset_classes: Some(vec![AssetClass::Equity, AssetClass::Etf]),
+            sides: Some(vec![Side::Sell]),
+            ..Filter::default()
+        })
+        .expect("subscribe"),
+    );
+    (trades, quotes)
+}
+
+fn drain<T>(feeds: &mut [Feed<T>]) -> usize {
+    let mut n = 0;
+    for f in feeds {
+        while let Some(Some(_)) = f.next().now_or_never() {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// `Hub::publish` of 1000 ticks (about 80% quotes, 20% trades), timed alone; queued deliveries are drained outside the timing. Each
+/// publish takes the registry read lock once, visits per event the subscribers
+/// indexed under its instrument plus the wildcards of its kind, runs their filter
+/// check, `try_send`s an `Arc` to each match, and updates the latest-value map.
+///
+/// - `no_subscribers`: lock, index lookup and latest-value map only.
+/// - `reject_x10`: 10 wildcard trade and 10 wildcard quote subscriptions whose
+///   3-venue filter never matches, so each event runs 10 filter checks and
+///   delivers nothing. (reject_x10 - no_subscribers) / 10 is the cost of one
+///   filter check; the check itself (`Check::matches`) is private, see the report.
+/// - `realistic`: 25 instrument watchers over the 50 busiest names and 5
+///   filtered wildcards; most events are delivered to one to three feeds.
+fn hub_dispatch(c: &mut Criterion) {
+    let refs = demo_refdata();
+    let entry = EnrichedRecord::encode_batch(&enriched(&refs, 0.2)).expect("batch encodes");
+    let ticks = ticks_of(&entry);
+    let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for t in &ticks {
+        let sym = match t {
+            Tick::Trade(t) => t.trade.header.instrument.as_str(),
+            Tick::Quote(q) => q.quote.header.instrument.as_str(),
+        };
+        *counts.entry(sym.to_owned()).or_default() += 1;
+    }
+    let mut busiest: Vec<(String, usize)> = counts.into_iter().collect();
+    busiest.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let busiest: Vec<String> = busiest.into_iter().take(50).map(|(s, _)| s).collect();
+
+    let timed_publish =
+        |hub: &Hub, trades: &mut [Feed<TradeTick>], quotes: &mut [Feed<QuoteTick>], iters: u64| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                hub.publish(black_box(&ticks));
+                total += start.elapsed();
+                drain(trades);
+                drain(quotes);
+            }
+            total
+        };
+
+    let mut g = quick(c, "api/hub_dispatch");
+    {
+        let hub = Hub::new(QUEUE);
+        g.bench_function("no_subscribers", |b| {
+            b.iter_custom(|iters| timed_publish(&hub, &mut [], &mut [], iters))
+        });
+    }
+    {
+        let hub = Hub::new(QUEUE);
+        let never = || Filter {
+            venues: symbols(&["ZZZ1", "ZZZ2", "ZZZ3"]),
+            ..Filter::default()
+        };
+        let mut trades: Vec<_> = (0..10)
+            .map(|_| hub.subscribe_trades(never()).expect("subscribe"))
+            .collect();
+        let mut quotes: Vec<_> = (0..10)
+            .map(|_| hub.subscribe_quotes(never()).expect("subscribe"))
+            .collect();
+        hub.publish(&ticks);
+        assert_eq!(drain(&mut trades) + drain(&mut quotes), 0);
+        g.bench_function("reject_x10", |b| {
+            b.iter_custom(|iters| timed_publish(&hub, &mut trades, &mut quotes, iters))
+        });
+    }
+    {
+        let hub = Hub::new(QUEUE);
+        let (mut trades, mut quotes) = realistic_subscriptions(&hub, &busiest);
+        hub.publish(&ticks);
+        let delivered = drain(&mut trades) + drain(&mut quotes);
+        assert!(delivered >= BATCH, "every event reaches a wildcard");
+        g.bench_function("realistic", |b| {
+            b.iter_custom(|iters| timed_publish(&hub, &mut trades, &mut quotes, iters))
+        });
+    }
+    g.finish();
+}
+
+const TRADE_FIELDS: &str = "id source seq instrument venue ts price qty side tradeId account \
+     notional notionalUsd currency assetClass ingestedAt enrichedAt cursor";
+const QUOTE_FIELDS: &str = "id source seq instrument venue ts bid ask bidSize askSize mid spread \
+     currency assetClass ingestedAt enrichedAt cursor";
+
+/// A subscription running on the real schema, already registered with the hub.
+struct Live {
+    hub: Hub,
+    stream: BoxStream<'static, Response>,
+    ticks: Vec<Tick>,
+}
+
+fn live(refs: &RefData, query: String, trade_ratio: f64) -> Live {
+    let records = enriched(refs, trade_ratio);
+    let ticks = ticks_of(&EnrichedRecord::encode_batch(&records).expect("batch encodes"));
+    let hub = Hub::new(QUEUE);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .connect_lazy("postgres://bench@127.0.0.1:1/never-connected")
+        .expect("lazy pool");
+    let defaults = ApiConfig::default();
+    let schema = schema::build(
+        Limits {
+            max_depth: defaults.max_depth,
+            max_complexity: defaults.max_complexity,
+            introspection: defaults.introspection,
+        },
+        Services {
+            pool,
+            refs: RefCache::new(refs.clone()),
+            hub: hub.clone(),
+            shards: SHARDS,
+        },
+    );
+    let mut stream = schema.execute_stream(query);
+    // The first poll runs the subscription resolver, which subscribes to the hub.
+    assert!(stream.next().now_or_never().is_none(), "no event yet");
+    assert_eq!(hub.subscribers(), 1);
+    Live { hub, stream, ticks }
+}
+
+/// One subscription event as a `graphql-ws` subscriber gets it: the next item of
+/// the schema's `execute_stream` (hub feed -> `TradeNode`/`QuoteNode` -> every
+/// selected field resolved into a `Response`) plus `serde_json` of that response,
+/// which is the `payload` of the `next` message (the envelope is not counted).
+/// Publishing the 1000 ticks into the hub is outside the timing.
+fn graphql(c: &mut Criterion) {
+    let refs = demo_refdata();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    // The lazy pool spawns its maintenance task on the ambient runtime.
+    let _rt = rt.enter();
+    let cases = [
+        (
+            "trade_all_fields",
+            format!("subscription {{ trades {{ {TRADE_FIELDS} }} }}"),
+            1.0,
+        ),
+        (
+            "quote_all_fields",
+            format!("subscription {{ quotes {{ {QUOTE_FIELDS} }} }}"),
+            0.0,
+        ),
+        (
+            "quote_typical",
+            "subscription { quotes { instrument venue ts bid ask mid } }".to_owned(),
+            0.0,
+        ),
+    ];
+    let mut g = quick(c, "api/graphql_event");
+    for (name, query, trade_ratio) in cases {
+        let mut l = live(&refs, query, trade_ratio);
+        l.hub.publish(&l.ticks);
+        for _ in 0..BATCH {
+            let resp = l.stream.next().now_or_never().flatten().expect("an event");
+            assert!(resp.errors.is_empty(), "{name}: {:?}", resp.errors);
+        }
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    l.hub.publish(&l.ticks);
+                    let start = Instant::now();
+                    for _ in 0..BATCH {
+                        let resp = l.stream.next().now_or_never().flatten();
+                        let resp = resp.expect("one response per published tick");
+                        black_box(serde_json::to_vec(&resp).expect("response serializes"));
+                    }
+                    total += start.elapsed();
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, hub_decode, hub_dispatch, graphql);
+criterion_main!(benches);
