@@ -5,7 +5,8 @@
 use async_graphql::{Context, Result, Subscription};
 use futures_util::{Stream, StreamExt};
 
-use super::types::{AssetClassKind, QuoteNode, SideKind, TradeNode};
+use super::fast::{LiveQuote, LiveTrade};
+use super::types::{AssetClassKind, SideKind};
 use super::{Services, MAX_FILTER_VALUES};
 use crate::hub::Filter;
 
@@ -57,10 +58,10 @@ impl TradeSubscription {
         venues: Option<Vec<String>>,
         asset_classes: Option<Vec<AssetClassKind>>,
         sides: Option<Vec<SideKind>>,
-    ) -> Result<impl Stream<Item = Result<TradeNode>>> {
+    ) -> Result<impl Stream<Item = Result<LiveTrade>>> {
         let hub = &ctx.data::<Services>()?.hub;
         let feed = hub.subscribe_trades(filter(instruments, venues, asset_classes, sides)?)?;
-        Ok(feed.map(|r| r.map(TradeNode).map_err(Into::into)))
+        Ok(feed.map(|r| r.map(LiveTrade).map_err(Into::into)))
     }
 }
 
@@ -80,9 +81,9 @@ impl QuoteSubscription {
         instruments: Option<Vec<String>>,
         venues: Option<Vec<String>>,
         asset_classes: Option<Vec<AssetClassKind>>,
-    ) -> Result<impl Stream<Item = Result<QuoteNode>>> {
+    ) -> Result<impl Stream<Item = Result<LiveQuote>>> {
         let hub = &ctx.data::<Services>()?.hub;
         let feed = hub.subscribe_quotes(filter(instruments, venues, asset_classes, None)?)?;
-        Ok(feed.map(|r| r.map(QuoteNode).map_err(Into::into)))
+        Ok(feed.map(|r| r.map(LiveQuote).map_err(Into::into)))
     }
 }

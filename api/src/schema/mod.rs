@@ -6,6 +6,7 @@
 //! [`build`] is the one place the schema is assembled, for the server, the tests
 //! and the SDL export alike.
 
+mod fast;
 pub mod history;
 pub mod latest;
 pub mod live;
