@@ -1,8 +1,14 @@
 //! The history loader: consumer group [`LOAD_GROUP`] on every enriched stream,
-//! writing trades and quotes to Postgres. Per batch, one `INSERT ... SELECT FROM
-//! UNNEST` per kind inside one transaction, then the `XACK`. Nothing is acked
-//! before the commit; a redelivered batch inserts nothing new thanks to
-//! `ON CONFLICT (source, seq) DO NOTHING`, so at-least-once delivery gives
+//! writing trades and quotes to Postgres. Per batch, one transaction, then the
+//! `XACK`; nothing is acked before the commit.
+//!
+//! A batch is written with `COPY ... FROM STDIN`: Postgres's cheapest way in,
+//! with no plan, no speculative insertion and no per-row executor work. COPY
+//! has no `ON CONFLICT`, so a batch holding an event that is already stored (a
+//! redelivery after a crash between commit and ack, or a producer's resend)
+//! fails with a unique violation; that batch is rolled back and written again
+//! with `INSERT ... SELECT FROM UNNEST ... ON CONFLICT (source, seq) DO
+//! NOTHING`, which skips what is there. Either way at-least-once delivery gives
 //! exactly-once rows.
 
 use std::time::Duration;
@@ -126,6 +132,90 @@ const QUOTES_SQL: &str = "INSERT INTO quotes (source, seq, instrument, venue, ts
      $12::numeric[], $13::numeric[], $14::int8[], $15::int8[], $16::text[]) \
      ON CONFLICT (source, seq) DO NOTHING";
 
+const TRADES_COPY: &str = "COPY trades (source, seq, instrument, venue, ts_ns, price, qty, \
+     side, trade_id, account, asset_class, currency, notional, notional_usd, ingest_ns, \
+     enriched_ns, stream_id) FROM STDIN";
+
+const QUOTES_COPY: &str = "COPY quotes (source, seq, instrument, venue, ts_ns, bid, ask, \
+     bid_size, ask_size, asset_class, currency, mid, spread, ingest_ns, enriched_ns, stream_id) \
+     FROM STDIN";
+
+/// SQLSTATE of a unique violation.
+const UNIQUE_VIOLATION: &str = "23505";
+
+/// One row of COPY's text format: fields split by tabs, `\N` for null, and
+/// backslash, tab, newline and carriage return escaped in text.
+struct CopyRow<'b> {
+    buf: &'b mut Vec<u8>,
+    first: bool,
+}
+
+impl<'b> CopyRow<'b> {
+    fn new(buf: &'b mut Vec<u8>) -> Self {
+        Self { buf, first: true }
+    }
+
+    fn sep(&mut self) {
+        if !self.first {
+            self.buf.push(b'\t');
+        }
+        self.first = false;
+    }
+
+    fn text(&mut self, s: &str) -> &mut Self {
+        self.sep();
+        if s.bytes()
+            .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
+        {
+            for b in s.bytes() {
+                match b {
+                    b'\\' => self.buf.extend_from_slice(b"\\\\"),
+                    b'\t' => self.buf.extend_from_slice(b"\\t"),
+                    b'\n' => self.buf.extend_from_slice(b"\\n"),
+                    b'\r' => self.buf.extend_from_slice(b"\\r"),
+                    b => self.buf.push(b),
+                }
+            }
+        } else {
+            self.buf.extend_from_slice(s.as_bytes());
+        }
+        self
+    }
+
+    fn opt(&mut self, s: Option<&str>) -> &mut Self {
+        match s {
+            Some(s) => self.text(s),
+            None => {
+                self.sep();
+                self.buf.extend_from_slice(b"\\N");
+                self
+            }
+        }
+    }
+
+    fn int(&mut self, i: i64) -> &mut Self {
+        use std::io::Write;
+        self.sep();
+        // Writing to a Vec cannot fail.
+        let _ = write!(self.buf, "{i}");
+        self
+    }
+
+    /// `Decimal`'s `Display` is plain notation, never an exponent: what
+    /// `numeric` reads back exactly.
+    fn decimal(&mut self, d: &Decimal) -> &mut Self {
+        use std::io::Write;
+        self.sep();
+        // Writing to a Vec cannot fail.
+        let _ = write!(self.buf, "{d}");
+        self
+    }
+
+    fn end(&mut self) {
+        self.buf.push(b'\n');
+    }
+}
+
 /// Columns shared by both tables, one vector per column.
 #[derive(Default)]
 struct Common<'a> {
@@ -177,6 +267,34 @@ struct TradeRows<'a> {
     notional_usd: Vec<Decimal>,
 }
 
+impl TradeRows<'_> {
+    /// The rows in COPY text format, columns as in [`TRADES_COPY`].
+    fn copy_text(&self, buf: &mut Vec<u8>) {
+        let c = &self.common;
+        for i in 0..c.len() {
+            CopyRow::new(buf)
+                .text(c.source[i])
+                .int(c.seq[i])
+                .text(c.instrument[i])
+                .text(c.venue[i])
+                .int(c.ts_ns[i])
+                .decimal(&self.price[i])
+                .decimal(&self.qty[i])
+                .text(self.side[i])
+                .opt(self.trade_id[i])
+                .opt(self.account[i])
+                .text(c.asset_class[i])
+                .text(c.currency[i])
+                .decimal(&self.notional[i])
+                .decimal(&self.notional_usd[i])
+                .int(c.ingest_ns[i])
+                .int(c.enriched_ns[i])
+                .text(c.stream_id[i])
+                .end();
+        }
+    }
+}
+
 #[derive(Default)]
 struct QuoteRows<'a> {
     common: Common<'a>,
@@ -186,6 +304,33 @@ struct QuoteRows<'a> {
     ask_size: Vec<Decimal>,
     mid: Vec<Decimal>,
     spread: Vec<Decimal>,
+}
+
+impl QuoteRows<'_> {
+    /// The rows in COPY text format, columns as in [`QUOTES_COPY`].
+    fn copy_text(&self, buf: &mut Vec<u8>) {
+        let c = &self.common;
+        for i in 0..c.len() {
+            CopyRow::new(buf)
+                .text(c.source[i])
+                .int(c.seq[i])
+                .text(c.instrument[i])
+                .text(c.venue[i])
+                .int(c.ts_ns[i])
+                .decimal(&self.bid[i])
+                .decimal(&self.ask[i])
+                .decimal(&self.bid_size[i])
+                .decimal(&self.ask_size[i])
+                .text(c.asset_class[i])
+                .text(c.currency[i])
+                .decimal(&self.mid[i])
+                .decimal(&self.spread[i])
+                .int(c.ingest_ns[i])
+                .int(c.enriched_ns[i])
+                .text(c.stream_id[i])
+                .end();
+        }
+    }
 }
 
 /// Splits decoded records into column vectors; a record that cannot become a row
@@ -231,7 +376,54 @@ fn add_row<'a>(
     Ok(())
 }
 
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(UNIQUE_VIOLATION))
+}
+
 impl Loader {
+    /// Writes the batch in one transaction: by COPY, or, when some of it is
+    /// already stored, by INSERT that skips those rows.
+    async fn store(
+        &self,
+        trades: &TradeRows<'_>,
+        quotes: &QuoteRows<'_>,
+    ) -> Result<(), sqlx::Error> {
+        match self.copy(trades, quotes).await {
+            Err(e) if is_unique_violation(&e) => {
+                tracing::info!(
+                    error = %e,
+                    "batch holds events already in history (a redelivery or a resend); \
+                     storing the rest"
+                );
+                self.insert(trades, quotes).await
+            }
+            other => other,
+        }
+    }
+
+    async fn copy(
+        &self,
+        trades: &TradeRows<'_>,
+        quotes: &QuoteRows<'_>,
+    ) -> Result<(), sqlx::Error> {
+        let mut buf = Vec::with_capacity(256 * (trades.common.len() + quotes.common.len()));
+        let mut tx = self.pool.begin().await?;
+        if !trades.common.is_empty() {
+            trades.copy_text(&mut buf);
+            let mut copy = tx.copy_in_raw(TRADES_COPY).await?;
+            copy.send(buf.as_slice()).await?;
+            copy.finish().await?;
+        }
+        if !quotes.common.is_empty() {
+            buf.clear();
+            quotes.copy_text(&mut buf);
+            let mut copy = tx.copy_in_raw(QUOTES_COPY).await?;
+            copy.send(buf.as_slice()).await?;
+            copy.finish().await?;
+        }
+        tx.commit().await
+    }
+
     async fn insert(
         &self,
         trades: &TradeRows<'_>,
@@ -339,7 +531,7 @@ impl BatchHandler for Loader {
                 }
             }
         }
-        self.insert(&trades, &quotes).await?;
+        self.store(&trades, &quotes).await?;
         let dlq = self.layout.dlq(shard);
         let mut pipe = redis::pipe();
         pipe.atomic();
