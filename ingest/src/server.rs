@@ -16,6 +16,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -294,6 +295,15 @@ pub async fn serve(
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    // Without TCP_NODELAY, Nagle's algorithm holds each small write until the
+    // previous one is acked, and the peer delays its acks: a WebSocket pushing
+    // tens of thousands of messages a second was held to one burst per ack,
+    // so a subscriber fell behind with the CPU half idle.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY on a connection");
+        }
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
@@ -181,7 +182,13 @@ async fn connect(url: &str, spec: &SubscriberSpec) -> anyhow::Result<Ws> {
     );
     let (mut ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::connect_async(req),
+        // tungstenite zeroes its whole read buffer before every read: 128 KiB by
+        // default, which cost the bench more than parsing the messages.
+        tokio_tungstenite::connect_async_with_config(
+            req,
+            Some(WebSocketConfig::default().read_buffer_size(32 << 10)),
+            true,
+        ),
     )
     .await
     .context("WebSocket connect timed out")?
