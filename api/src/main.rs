@@ -131,6 +131,10 @@ struct IngestArgs {
     /// Dead-letter stream trimming.
     #[arg(long, env = "TG_DLQ_TRIM", default_value = "maxlen:100000")]
     dlq_trim: Trim,
+    /// Milliseconds the stream writer waits after a batch for more before its
+    /// round trip: fewer, larger stream entries for up to this much latency.
+    #[arg(long, env = "TG_INGEST_LINGER_MS", default_value_t = 2)]
+    ingest_linger_ms: u64,
 }
 
 #[derive(Args, Clone)]
@@ -264,6 +268,7 @@ impl IngestArgs {
         c.max_batch_events = self.max_batch_events;
         c.max_body_bytes = self.max_body_bytes;
         c.dlq_trim = self.dlq_trim;
+        c.linger = Duration::from_millis(self.ingest_linger_ms);
         c
     }
 }

@@ -9,6 +9,7 @@
 //! - `GET /healthz`: the process is up.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -34,6 +35,8 @@ pub struct IngestConfig {
     /// Bytes per request body or WebSocket message; more is refused with 413.
     pub max_body_bytes: usize,
     pub dlq_trim: Trim,
+    /// See [`WriterConfig::linger`].
+    pub linger: Duration,
 }
 
 impl IngestConfig {
@@ -43,6 +46,7 @@ impl IngestConfig {
             max_batch_events: 10_000,
             max_body_bytes: 16 * 1024 * 1024,
             dlq_trim: Trim::MaxLen(100_000),
+            linger: Duration::ZERO,
         }
     }
 }
@@ -75,6 +79,7 @@ impl Ingest {
         let con = redis::aio::ConnectionManager::new(client).await?;
         let mut wcfg = WriterConfig::new(cfg.layout.clone());
         wcfg.dlq_trim = cfg.dlq_trim;
+        wcfg.linger = cfg.linger;
         let (writer, writer_task) = StreamWriter::spawn(wcfg, con);
         Ok(Self {
             shared: Arc::new(Shared {

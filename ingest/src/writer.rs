@@ -45,6 +45,12 @@ pub struct WriterConfig {
     pub max_entry_events: usize,
     /// Pipelines in flight at once on the connection.
     pub max_in_flight: usize,
+    /// How long a round gathers batches after its first before it writes. Each
+    /// stream entry costs Redis and every consumer downstream about as much as a
+    /// few dozen events in it, and producers' batches are often small: waiting
+    /// a little makes entries several times fuller for that much latency. Zero
+    /// writes at once.
+    pub linger: Duration,
 }
 
 impl WriterConfig {
@@ -55,6 +61,7 @@ impl WriterConfig {
             max_pipeline: 16_384,
             max_entry_events: 256,
             max_in_flight: 4,
+            linger: Duration::ZERO,
         }
     }
 }
@@ -116,6 +123,19 @@ async fn run(cfg: WriterConfig, con: ConnectionManager, mut rx: mpsc::Receiver<J
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         let mut commands = jobs[0].entries.len() + jobs[0].dead.len();
+        if !cfg.linger.is_zero() {
+            let deadline = tokio::time::Instant::now() + cfg.linger;
+            while commands < cfg.max_pipeline {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(j)) => {
+                        commands += j.entries.len() + j.dead.len();
+                        jobs.push(j);
+                    }
+                    // Closed: write what is here; the next recv ends the loop.
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
         while commands < cfg.max_pipeline {
             match rx.try_recv() {
                 Ok(j) => {
@@ -180,5 +200,98 @@ async fn write_jobs(
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(WriteError::Redis(e.to_string())),
         Err(_) => Err(WriteError::Redis("timed out after 10s".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a real Redis (`TG_TEST_REDIS_URL`, default 127.0.0.1:6379), on
+    //! stream keys of this test's own.
+
+    use super::*;
+
+    fn redis_url() -> String {
+        std::env::var("TG_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    }
+
+    fn entry(seq: u64) -> RawEntry {
+        RawEntry {
+            shard: 0,
+            record: format!("r{seq}").into_bytes(),
+        }
+    }
+
+    /// Entries of the shard-0 raw stream, each as the records it holds.
+    async fn entries(con: &mut ConnectionManager, key: &str) -> Vec<usize> {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(key)
+            .arg("-")
+            .arg("+")
+            .query_async(con)
+            .await
+            .expect("XRANGE");
+        reply
+            .ids
+            .iter()
+            .map(|id| match id.map.get(RECORD_FIELD) {
+                Some(redis::Value::BulkString(b)) => {
+                    // Records here are not RawRecords; count the array's items.
+                    let mut rd = b.as_slice();
+                    rmp::decode::read_array_len(&mut rd).expect("batch entry") as usize
+                }
+                other => panic!("entry without a record: {other:?}"),
+            })
+            .collect()
+    }
+
+    /// Batches that arrive within the linger share a round trip, so each shard
+    /// gets one entry holding all their events; without a linger, batches that
+    /// arrive one after another each make their own entry.
+    #[tokio::test]
+    async fn batches_within_the_linger_share_one_entry() {
+        let client = redis::Client::open(redis_url()).expect("redis url");
+        let mut con = ConnectionManager::new(client).await.expect("redis");
+        for (linger, expected) in [
+            (Duration::from_millis(300), vec![3]),
+            (Duration::ZERO, vec![1, 1, 1]),
+        ] {
+            let layout = StreamLayout::new(
+                format!("writer-test-{}-{}", std::process::id(), linger.as_millis()),
+                1,
+            );
+            let key = layout.raw(0);
+            let _: () = redis::cmd("DEL")
+                .arg(&key)
+                .query_async(&mut con)
+                .await
+                .expect("DEL");
+            let mut cfg = WriterConfig::new(layout);
+            cfg.linger = linger;
+            let (writer, task) = StreamWriter::spawn(cfg, con.clone());
+            if linger.is_zero() {
+                for seq in 0..3 {
+                    writer
+                        .write(vec![entry(seq)], Vec::new())
+                        .await
+                        .expect("write");
+                }
+            } else {
+                let writes = (0..3).map(|seq| {
+                    let w = writer.clone();
+                    tokio::spawn(async move { w.write(vec![entry(seq)], Vec::new()).await })
+                });
+                for w in futures_util::future::join_all(writes).await {
+                    w.expect("task").expect("write");
+                }
+            }
+            drop(writer);
+            task.await.expect("writer task");
+            assert_eq!(entries(&mut con, &key).await, expected, "linger {linger:?}");
+            let _: () = redis::cmd("DEL")
+                .arg(&key)
+                .query_async(&mut con)
+                .await
+                .expect("DEL");
+        }
     }
 }
