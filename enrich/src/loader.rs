@@ -253,6 +253,24 @@ impl<'a> Common<'a> {
     fn is_empty(&self) -> bool {
         self.seq.is_empty()
     }
+
+    /// The first columns of both tables: source, seq, instrument, venue, ts_ns.
+    fn copy_head(&self, row: &mut CopyRow<'_>, i: usize) {
+        row.text(self.source[i])
+            .int(self.seq[i])
+            .text(self.instrument[i])
+            .text(self.venue[i])
+            .int(self.ts_ns[i]);
+    }
+
+    /// The last columns of both tables: ingest_ns, enriched_ns, stream_id; ends
+    /// the row.
+    fn copy_tail(&self, row: &mut CopyRow<'_>, i: usize) {
+        row.int(self.ingest_ns[i])
+            .int(self.enriched_ns[i])
+            .text(self.stream_id[i])
+            .end();
+    }
 }
 
 #[derive(Default)]
@@ -272,13 +290,9 @@ impl TradeRows<'_> {
     fn copy_text(&self, buf: &mut Vec<u8>) {
         let c = &self.common;
         for i in 0..c.len() {
-            CopyRow::new(buf)
-                .text(c.source[i])
-                .int(c.seq[i])
-                .text(c.instrument[i])
-                .text(c.venue[i])
-                .int(c.ts_ns[i])
-                .decimal(&self.price[i])
+            let mut row = CopyRow::new(buf);
+            c.copy_head(&mut row, i);
+            row.decimal(&self.price[i])
                 .decimal(&self.qty[i])
                 .text(self.side[i])
                 .opt(self.trade_id[i])
@@ -286,11 +300,8 @@ impl TradeRows<'_> {
                 .text(c.asset_class[i])
                 .text(c.currency[i])
                 .decimal(&self.notional[i])
-                .decimal(&self.notional_usd[i])
-                .int(c.ingest_ns[i])
-                .int(c.enriched_ns[i])
-                .text(c.stream_id[i])
-                .end();
+                .decimal(&self.notional_usd[i]);
+            c.copy_tail(&mut row, i);
         }
     }
 }
@@ -311,24 +322,17 @@ impl QuoteRows<'_> {
     fn copy_text(&self, buf: &mut Vec<u8>) {
         let c = &self.common;
         for i in 0..c.len() {
-            CopyRow::new(buf)
-                .text(c.source[i])
-                .int(c.seq[i])
-                .text(c.instrument[i])
-                .text(c.venue[i])
-                .int(c.ts_ns[i])
-                .decimal(&self.bid[i])
+            let mut row = CopyRow::new(buf);
+            c.copy_head(&mut row, i);
+            row.decimal(&self.bid[i])
                 .decimal(&self.ask[i])
                 .decimal(&self.bid_size[i])
                 .decimal(&self.ask_size[i])
                 .text(c.asset_class[i])
                 .text(c.currency[i])
                 .decimal(&self.mid[i])
-                .decimal(&self.spread[i])
-                .int(c.ingest_ns[i])
-                .int(c.enriched_ns[i])
-                .text(c.stream_id[i])
-                .end();
+                .decimal(&self.spread[i]);
+            c.copy_tail(&mut row, i);
         }
     }
 }

@@ -132,52 +132,49 @@ fn plain<T: Leaves>(tick: &T, type_name: &str, set: &Positioned<SelectionSet>) -
     Some(Value::Object(out))
 }
 
-/// `Trade` as a subscription yields it.
-#[derive(Debug, Clone)]
-pub struct LiveTrade(pub Arc<TradeTick>);
+/// A subscription's output type over the ticks of one kind: plain selections are
+/// built by [`plain`], anything else by the `#[Object]` type `$node`, whose name
+/// and schema entry it shares.
+macro_rules! live_type {
+    ($(#[$doc:meta])* $name:ident, $tick:ty, $node:ident, $type_name:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone)]
+        pub struct $name(pub Arc<$tick>);
 
-impl OutputType for LiveTrade {
-    fn type_name() -> Cow<'static, str> {
-        <TradeNode as OutputType>::type_name()
-    }
+        impl OutputType for $name {
+            fn type_name() -> Cow<'static, str> {
+                <$node as OutputType>::type_name()
+            }
 
-    fn create_type_info(registry: &mut Registry) -> String {
-        <TradeNode as OutputType>::create_type_info(registry)
-    }
+            fn create_type_info(registry: &mut Registry) -> String {
+                <$node as OutputType>::create_type_info(registry)
+            }
 
-    async fn resolve(
-        &self,
-        ctx: &ContextSelectionSet<'_>,
-        field: &Positioned<Field>,
-    ) -> ServerResult<Value> {
-        match plain(&*self.0, "Trade", ctx.item) {
-            Some(v) => Ok(v),
-            None => TradeNode(self.0.clone()).resolve(ctx, field).await,
+            async fn resolve(
+                &self,
+                ctx: &ContextSelectionSet<'_>,
+                field: &Positioned<Field>,
+            ) -> ServerResult<Value> {
+                match plain(&*self.0, $type_name, ctx.item) {
+                    Some(v) => Ok(v),
+                    None => $node(self.0.clone()).resolve(ctx, field).await,
+                }
+            }
         }
-    }
+    };
 }
 
-/// `Quote` as a subscription yields it.
-#[derive(Debug, Clone)]
-pub struct LiveQuote(pub Arc<QuoteTick>);
-
-impl OutputType for LiveQuote {
-    fn type_name() -> Cow<'static, str> {
-        <QuoteNode as OutputType>::type_name()
-    }
-
-    fn create_type_info(registry: &mut Registry) -> String {
-        <QuoteNode as OutputType>::create_type_info(registry)
-    }
-
-    async fn resolve(
-        &self,
-        ctx: &ContextSelectionSet<'_>,
-        field: &Positioned<Field>,
-    ) -> ServerResult<Value> {
-        match plain(&*self.0, "Quote", ctx.item) {
-            Some(v) => Ok(v),
-            None => QuoteNode(self.0.clone()).resolve(ctx, field).await,
-        }
-    }
-}
+live_type!(
+    /// `Trade` as a subscription yields it.
+    LiveTrade,
+    TradeTick,
+    TradeNode,
+    "Trade"
+);
+live_type!(
+    /// `Quote` as a subscription yields it.
+    LiveQuote,
+    QuoteTick,
+    QuoteNode,
+    "Quote"
+);
