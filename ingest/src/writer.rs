@@ -3,8 +3,9 @@
 //! into batch entries of up to [`WriterConfig::max_entry_events`] (one XADD whose
 //! `e` field is a MessagePack array of records, in arrival order), and sends them
 //! in one pipeline. Redis then does one command per shard per round trip instead of
-//! one per event, which is what lets 100k events/s fit beside everything else on
-//! two cores. A batch is answered only after Redis has it.
+//! one per event, and every consumer downstream pays per entry; a round gathers
+//! for up to [`WriterConfig::linger`] so that entries are fuller. A batch is
+//! answered only after Redis has it.
 
 use std::sync::Arc;
 use std::time::Duration;
