@@ -24,10 +24,10 @@ use tickgraph_api::hub::Feed;
 use tickgraph_api::schema::{self, Limits, Services};
 use tickgraph_api::tick::{cursor, QuoteTick, Tick, TradeTick};
 use tickgraph_api::{ApiConfig, Filter, Hub};
-use tickgraph_enrich::demo::{demo_refdata, reference_price};
+use tickgraph_enrich::demo::{demo_refdata, feed_accounts, feed_instruments};
 use tickgraph_enrich::refdata::{AssetClass, RefCache, RefData};
 use tickgraph_enrich::{enrich, EnrichedRecord};
-use tickgraph_ingest::feed::{FeedInstrument, Market};
+use tickgraph_ingest::feed::Market;
 use tickgraph_ingest::stream::{decode_entry, event_position, is_batch, shard_of, RawRecord};
 use tickgraph_ingest::wire::{decode_batch, Format};
 use tickgraph_ingest::Side;
@@ -41,19 +41,8 @@ const ENTRY_ID: &str = "1764066667000-0";
 
 /// `BATCH` enriched demo events, `trade_ratio` of them trades.
 fn enriched(refs: &RefData, trade_ratio: f64) -> Vec<EnrichedRecord> {
-    let mut instruments: Vec<FeedInstrument> = refs
-        .instruments
-        .values()
-        .map(|i| FeedInstrument {
-            symbol: i.symbol.clone(),
-            venue: i.venue.clone(),
-            price: reference_price(i),
-            tick: i.tick_size,
-        })
-        .collect();
-    instruments.sort_by(|a, b| a.symbol.cmp(&b.symbol));
-    let mut accounts: Vec<String> = refs.accounts.keys().cloned().collect();
-    accounts.sort();
+    let instruments = feed_instruments(refs);
+    let accounts = feed_accounts(refs);
     let body =
         Market::new(instruments, "demo-feed".into(), trade_ratio, accounts, 42).batch(BATCH, false);
     decode_batch(Format::Json, &body, BATCH)

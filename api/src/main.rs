@@ -14,10 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use tickgraph_api::pipeline::{Pipeline, PipelineConfig};
 use tickgraph_api::{Api, ApiConfig};
+use tickgraph_enrich::demo::{feed_accounts, feed_instruments};
 use tickgraph_enrich::loader::LoadConfig;
 use tickgraph_enrich::refdata::RefCache;
 use tickgraph_enrich::worker::EnrichConfig;
-use tickgraph_ingest::feed::{FeedConfig, FeedInstrument};
+use tickgraph_ingest::feed::FeedConfig;
 use tickgraph_ingest::server::{Ingest, IngestConfig};
 use tickgraph_ingest::{StreamLayout, Trim};
 
@@ -387,29 +388,12 @@ async fn refdata(pool: &PgPool, shutdown: &CancellationToken) -> anyhow::Result<
     Ok(refs)
 }
 
-fn feed_instruments(refs: &RefCache) -> Vec<FeedInstrument> {
-    let data = refs.read();
-    let mut list: Vec<FeedInstrument> = data
-        .instruments
-        .values()
-        .map(|i| FeedInstrument {
-            symbol: i.symbol.clone(),
-            venue: i.venue.clone(),
-            price: tickgraph_enrich::demo::reference_price(i),
-            tick: i.tick_size,
-        })
-        .collect();
-    // A stable order makes the skewed activity land on the same names every run.
-    list.sort_by(|a, b| a.symbol.cmp(&b.symbol));
-    list
-}
-
 async fn run_feed_against(
     cfg: FeedConfig,
     refs: &RefCache,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let instruments = feed_instruments(refs);
+    let instruments = feed_instruments(&refs.read());
     tracing::info!(instruments = instruments.len(), rate = cfg.rate, url = %cfg.ingest_url, "demo feed starting");
     let stats = tickgraph_ingest::feed::run(cfg, instruments, shutdown).await?;
     tracing::info!(?stats, "demo feed stopped");
@@ -492,8 +476,7 @@ async fn main() -> anyhow::Result<()> {
             cfg.msgpack = args.msgpack;
             cfg.source = args.source;
             cfg.duration = args.duration_secs.map(Duration::from_secs);
-            cfg.accounts = refs.read().accounts.keys().cloned().collect();
-            cfg.accounts.sort();
+            cfg.accounts = feed_accounts(&refs.read());
             run_feed_against(cfg, &refs, shutdown).await?;
         }
         Command::All(args) => run_all(&common, args, shutdown).await?,
@@ -537,9 +520,8 @@ async fn run_all(
         let mut cfg = FeedConfig::new(format!("http://{}", pipeline.ingest_addr));
         cfg.rate = args.feed_rate;
         cfg.batch = ((args.feed_rate / 20.0) as usize).clamp(1, 1000);
-        cfg.accounts = refs.read().accounts.keys().cloned().collect();
-        cfg.accounts.sort();
-        let instruments = feed_instruments(&refs);
+        cfg.accounts = feed_accounts(&refs.read());
+        let instruments = feed_instruments(&refs.read());
         pipeline.spawn(async move {
             let stats = tickgraph_ingest::feed::run(cfg, instruments, shutdown).await?;
             tracing::info!(?stats, "demo feed stopped");

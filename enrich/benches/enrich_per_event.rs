@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
-use tickgraph_enrich::demo::{demo_refdata, reference_price};
+use tickgraph_enrich::demo::{demo_refdata, feed_accounts, feed_instruments};
 use tickgraph_enrich::{enrich, EnrichedRecord, RefData};
-use tickgraph_ingest::feed::{FeedInstrument, Market};
+use tickgraph_ingest::feed::Market;
 use tickgraph_ingest::stream::{decode_entry, encode_batch, RawRecord};
 use tickgraph_ingest::wire::{decode_batch, Format};
 
@@ -26,19 +26,8 @@ const ENRICHED_NS: i64 = INGEST_NS + 250_000;
 
 /// Demo events over `refs`, built the way `tickgraph all` builds its feed.
 fn raw_records(refs: &RefData) -> Vec<RawRecord> {
-    let mut instruments: Vec<FeedInstrument> = refs
-        .instruments
-        .values()
-        .map(|i| FeedInstrument {
-            symbol: i.symbol.clone(),
-            venue: i.venue.clone(),
-            price: reference_price(i),
-            tick: i.tick_size,
-        })
-        .collect();
-    instruments.sort_by(|a, b| a.symbol.cmp(&b.symbol));
-    let mut accounts: Vec<String> = refs.accounts.keys().cloned().collect();
-    accounts.sort();
+    let instruments = feed_instruments(refs);
+    let accounts = feed_accounts(refs);
     let body = Market::new(instruments, "demo-feed".into(), 0.2, accounts, 42).batch(BATCH, false);
     decode_batch(Format::Json, &body, BATCH)
         .expect("feed JSON decodes")

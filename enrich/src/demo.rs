@@ -13,6 +13,8 @@ use std::str::FromStr;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 
+use tickgraph_ingest::feed::FeedInstrument;
+
 use crate::refdata::{Account, AssetClass, Instrument, RefData, Venue};
 
 /// What [`load_demo_data`] wrote.
@@ -176,6 +178,31 @@ fn sorted<'a, T>(items: impl Iterator<Item = &'a T>, key: impl Fn(&T) -> &String
     let mut v: Vec<&T> = items.collect();
     v.sort_by(|a, b| key(a).cmp(key(b)));
     v
+}
+
+/// What the demo feed quotes: every instrument of `refs` at its reference price,
+/// sorted by symbol so that the feed's skewed activity lands on the same names
+/// every run.
+pub fn feed_instruments(refs: &RefData) -> Vec<FeedInstrument> {
+    let mut list: Vec<FeedInstrument> = refs
+        .instruments
+        .values()
+        .map(|i| FeedInstrument {
+            symbol: i.symbol.clone(),
+            venue: i.venue.clone(),
+            price: reference_price(i),
+            tick: i.tick_size,
+        })
+        .collect();
+    list.sort_by(|a, b| a.symbol.cmp(&b.symbol));
+    list
+}
+
+/// The accounts the demo feed's trades name, sorted for repeatable runs.
+pub fn feed_accounts(refs: &RefData) -> Vec<String> {
+    let mut accounts: Vec<String> = refs.accounts.keys().cloned().collect();
+    accounts.sort();
+    accounts
 }
 
 /// A deterministic, plausible price to start a demo feed from: a multiple of the
