@@ -136,6 +136,24 @@ struct IngestArgs {
     /// round trip: fewer, larger stream entries for up to this much latency.
     #[arg(long, env = "TG_INGEST_LINGER_MS", default_value_t = 2)]
     ingest_linger_ms: u64,
+    /// This ingest process's name in the streams' write markers: unique per
+    /// process, stable across its restarts [default: <host>-ingest].
+    #[arg(long, env = "TG_INGEST_ID")]
+    ingest_id: Option<String>,
+    /// Directory of the local spool that holds answered events while Redis
+    /// cannot take them. Put it on a persistent volume; one process per spool.
+    #[arg(long, env = "TG_SPOOL_DIR", default_value = ".tickgraph/spool")]
+    spool_dir: std::path::PathBuf,
+    /// Bytes the spool may hold; past it producers get 503.
+    #[arg(long, env = "TG_SPOOL_MAX_BYTES", default_value_t = 1 << 30)]
+    spool_max_bytes: u64,
+    /// `always`: fdatasync each spooled round before answering (survives a
+    /// machine crash); `never`: leave it to the OS (survives an ingest crash).
+    #[arg(long, env = "TG_SPOOL_FSYNC", default_value = "always")]
+    spool_fsync: tickgraph_ingest::spool::Fsync,
+    /// Milliseconds a Redis round trip may take before its round is spooled.
+    #[arg(long, env = "TG_INGEST_REDIS_TIMEOUT_MS", default_value_t = 2000)]
+    ingest_redis_timeout_ms: u64,
 }
 
 #[derive(Args, Clone)]
@@ -268,8 +286,14 @@ impl IngestArgs {
         let mut c = IngestConfig::new(layout);
         c.max_batch_events = self.max_batch_events;
         c.max_body_bytes = self.max_body_bytes;
-        c.dlq_trim = self.dlq_trim;
-        c.linger = Duration::from_millis(self.ingest_linger_ms);
+        let w = &mut c.writer;
+        w.dlq_trim = self.dlq_trim;
+        w.linger = Duration::from_millis(self.ingest_linger_ms);
+        w.writer_id = consumer_name(&self.ingest_id, "ingest");
+        w.redis_timeout = Duration::from_millis(self.ingest_redis_timeout_ms);
+        w.spool.dir = self.spool_dir.clone();
+        w.spool.max_bytes = self.spool_max_bytes;
+        w.spool.fsync = self.spool_fsync;
         c
     }
 }

@@ -7,6 +7,8 @@
 //! - [`stream`]: Redis Streams key layout, sharding, trimming and entry codecs.
 //! - [`writer`]: the group-commit stream writer: batches from many requests become
 //!   one pipelined round trip to Redis.
+//! - [`spool`]: the local disk spool that holds answered rounds while Redis
+//!   cannot take them.
 //! - [`server`]: the HTTP edge (`POST /v1/events`), built by [`server::router`].
 //! - [`feed`]: the demo feed, a producer that sends realistic quotes and trades
 //!   through the real HTTP path.
@@ -14,7 +16,10 @@
 pub mod event;
 pub mod feed;
 pub mod server;
+pub mod spool;
 pub mod stream;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 pub mod wire;
 pub mod writer;
 

@@ -9,7 +9,6 @@
 //! - `GET /healthz`: the process is up.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -23,7 +22,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::now_nanos;
-use crate::stream::{DeadLetter, RawRecord, StreamLayout, Trim};
+use crate::stream::{DeadLetter, RawRecord, StreamLayout};
 use crate::wire::{decode_batch, BatchError, Format};
 use crate::writer::{RawEntry, StreamWriter, WriteError, WriterConfig};
 
@@ -34,27 +33,25 @@ pub struct IngestConfig {
     pub max_batch_events: usize,
     /// Bytes per request body or WebSocket message; more is refused with 413.
     pub max_body_bytes: usize,
-    pub dlq_trim: Trim,
-    /// See [`WriterConfig::linger`].
-    pub linger: Duration,
+    /// The stream writer: linger, spool, Redis timeout, dead-letter trimming.
+    pub writer: WriterConfig,
 }
 
 impl IngestConfig {
     pub fn new(layout: StreamLayout) -> Self {
         Self {
+            writer: WriterConfig::new(layout.clone()),
             layout,
             max_batch_events: 10_000,
             max_body_bytes: 16 * 1024 * 1024,
-            dlq_trim: Trim::MaxLen(100_000),
-            linger: Duration::ZERO,
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("connecting to Redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    #[error("opening the spool: {0}")]
+    Spool(#[from] crate::spool::SpoolError),
 }
 
 struct Shared {
@@ -76,11 +73,7 @@ impl Ingest {
         client: redis::Client,
         shutdown: CancellationToken,
     ) -> Result<Self, IngestError> {
-        let con = redis::aio::ConnectionManager::new(client).await?;
-        let mut wcfg = WriterConfig::new(cfg.layout.clone());
-        wcfg.dlq_trim = cfg.dlq_trim;
-        wcfg.linger = cfg.linger;
-        let (writer, writer_task) = StreamWriter::spawn(wcfg, con);
+        let (writer, writer_task) = StreamWriter::spawn(cfg.writer.clone(), client)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 cfg,

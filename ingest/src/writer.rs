@@ -4,15 +4,29 @@
 //! `e` field is a MessagePack array of records, in arrival order), and sends them
 //! in one pipeline. Redis then does one command per shard per round trip instead of
 //! one per event, and every consumer downstream pays per entry; a round gathers
-//! for up to [`WriterConfig::linger`] so that entries are fuller. A batch is
-//! answered only after Redis has it.
+//! for up to [`WriterConfig::linger`] so that entries are fuller.
+//!
+//! A batch is answered once its round is in Redis or in the local spool
+//! ([`crate::spool`]). Each round has an id, unique to this writer and increasing,
+//! and is appended to each stream by [`APPEND_LUA`], which does nothing for a round
+//! the stream's marker says it already has. So a round may be sent again whenever
+//! its outcome is unknown (a timeout, a dropped connection, a crash between a
+//! drain and the spool's delete) and is stored once. One round is in flight at a
+//! time, which is what makes "the marker is at or past this id" mean "this round
+//! is in".
+//!
+//! While Redis fails, rounds go to the spool, and keep going there until it has
+//! drained in order, so no round overtakes an older one.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
+use crate::event::now_nanos;
+use crate::spool::{Append, Fields, Round, Spool, SpoolConfig, SpoolError};
 use crate::stream::{encode_batch, DeadLetter, StreamLayout, Trim, RECORD_FIELD};
 
 /// A valid event, encoded, bound for its shard's raw stream.
@@ -24,45 +38,63 @@ pub struct RawEntry {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
-    #[error("the event store is unavailable: {0}")]
-    Redis(String),
+    #[error("the event store is unavailable and the spool cannot take the batch: {0}")]
+    Spool(String),
     #[error("ingest is shutting down")]
     ShuttingDown,
+}
+
+/// Where an answered batch is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    Stream,
+    Spool,
 }
 
 struct Job {
     entries: Vec<RawEntry>,
     dead: Vec<DeadLetter>,
-    done: oneshot::Sender<Result<(), WriteError>>,
+    done: oneshot::Sender<Result<Stored, WriteError>>,
 }
 
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
     pub layout: StreamLayout,
     pub dlq_trim: Trim,
-    /// Events per pipeline before a new one is started.
+    /// Events per round at most.
     pub max_pipeline: usize,
     /// Events per raw stream entry at most.
     pub max_entry_events: usize,
-    /// Pipelines in flight at once on the connection.
-    pub max_in_flight: usize,
     /// How long a round gathers batches after its first before it writes. Each
     /// stream entry costs Redis and every consumer downstream about as much as a
     /// few dozen events in it, and producers' batches are often small: waiting
     /// a little makes entries several times fuller for that much latency. Zero
     /// writes at once.
     pub linger: Duration,
+    /// This writer's name in the streams' markers: unique per ingest process and
+    /// stable across its restarts (its spool is drained under it).
+    pub writer_id: String,
+    /// How long a round trip to Redis may take before the round is spooled.
+    pub redis_timeout: Duration,
+    pub spool: SpoolConfig,
 }
 
 impl WriterConfig {
     pub fn new(layout: StreamLayout) -> Self {
+        let spool = SpoolConfig::new(
+            std::env::temp_dir()
+                .join("tickgraph-spool")
+                .join(layout.prefix()),
+        );
         Self {
             layout,
             dlq_trim: Trim::MaxLen(100_000),
             max_pipeline: 16_384,
             max_entry_events: 256,
-            max_in_flight: 4,
             linger: Duration::ZERO,
+            writer_id: "ingest".into(),
+            redis_timeout: Duration::from_secs(2),
+            spool,
         }
     }
 }
@@ -74,26 +106,36 @@ pub struct StreamWriter {
 }
 
 impl StreamWriter {
-    /// Starts the writer task. It runs until every handle is dropped and every
-    /// queued batch is written; the returned handle finishes then. It does not
-    /// watch a shutdown signal itself: requests still finishing during a graceful
-    /// shutdown must have their batches written, not refused.
-    pub fn spawn(cfg: WriterConfig, con: ConnectionManager) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Opens the spool and starts the writer task, which drains whatever an
+    /// earlier run left spooled. The task runs until every handle is dropped and
+    /// every queued batch is stored; the returned handle finishes then. It does
+    /// not watch a shutdown signal itself: requests still finishing during a
+    /// graceful shutdown must have their batches stored, not refused.
+    pub fn spawn(
+        cfg: WriterConfig,
+        client: redis::Client,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), SpoolError> {
+        let spool = Spool::open(cfg.spool.clone())?;
+        if !spool.is_empty() {
+            tracing::warn!(rounds = spool.rounds(), bytes = spool.bytes(), dir = %spool.dir().display(),
+                "the spool holds rounds from an earlier run; draining them before anything new");
+        }
         // Bounded in batches, not events: handlers wait for their answer anyway.
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(run(cfg, con, rx));
-        (Self { tx }, task)
+        let writer = Writer::new(cfg, client, spool);
+        let task = tokio::spawn(writer.run(rx));
+        Ok((Self { tx }, task))
     }
 
-    /// Appends a batch's valid entries and dead letters; resolves once Redis has
-    /// them all.
+    /// Appends a batch's valid entries and dead letters; resolves once Redis or
+    /// the spool has them all.
     pub async fn write(
         &self,
         entries: Vec<RawEntry>,
         dead: Vec<DeadLetter>,
-    ) -> Result<(), WriteError> {
+    ) -> Result<Stored, WriteError> {
         if entries.is_empty() && dead.is_empty() {
-            return Ok(());
+            return Ok(Stored::Stream);
         }
         let (done, rx) = oneshot::channel();
         self.tx
@@ -108,28 +150,141 @@ impl StreamWriter {
     }
 }
 
-/// The keys a writer appends to, named once at start-up.
-struct Keys {
-    raw: Vec<String>,
-    dlq: String,
+/// Appends one round's entries to one stream, unless the stream already has it.
+///
+/// KEYS[1]: the stream; KEYS[2]: this writer's marker for it (same slot).
+/// ARGV[1]: the round id; ARGV[2]: the marker's lifetime in seconds;
+/// ARGV[3]: how many trim arguments follow; then the trim arguments;
+/// then each entry as its field count followed by field, value pairs.
+/// Returns the entries added: 0 when the round was there already.
+pub const APPEND_LUA: &str = r#"
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+if last >= tonumber(ARGV[1]) then return 0 end
+local ntrim = tonumber(ARGV[3])
+local i = 4 + ntrim
+local added = 0
+while i <= #ARGV do
+  local nf = tonumber(ARGV[i])
+  local cmd = {'XADD', KEYS[1]}
+  for t = 4, 3 + ntrim do cmd[#cmd + 1] = ARGV[t] end
+  cmd[#cmd + 1] = '*'
+  for f = i + 1, i + 2 * nf do cmd[#cmd + 1] = ARGV[f] end
+  redis.call(unpack(cmd))
+  added = added + 1
+  i = i + 1 + 2 * nf
+end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+return added
+"#;
+
+static APPEND: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(APPEND_LUA));
+
+/// How long a marker outlives its last round: a spool older than this that is
+/// drained could store its rounds a second time.
+const MARKER_TTL_SECS: u64 = 7 * 24 * 3600;
+
+/// The key under which `writer` records the last round it appended to `stream`.
+/// It shares the stream's hash tag (or, for a key without one, takes the whole
+/// key as its tag), so the append script never crosses cluster slots.
+pub fn writer_marker(stream: &str, writer: &str) -> String {
+    if stream.contains('{') {
+        format!("{stream}:writer:{writer}")
+    } else {
+        format!("{{{stream}}}:writer:{writer}")
+    }
 }
 
-async fn run(cfg: WriterConfig, con: ConnectionManager, mut rx: mpsc::Receiver<Job>) {
-    let keys = Arc::new(Keys {
-        raw: cfg.layout.shard_ids().map(|s| cfg.layout.raw(s)).collect(),
-        dlq: cfg.layout.ingest_dlq(),
-    });
-    let cfg = Arc::new(cfg);
-    let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
-    while let Some(first) = rx.recv().await {
+/// Rounds drained per round trip.
+const DRAIN_ROUNDS: usize = 16;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+struct Writer {
+    cfg: WriterConfig,
+    client: redis::Client,
+    con: Option<ConnectionManager>,
+    spool: Arc<Mutex<Spool>>,
+    /// Mirrors the spool's round count, so the loop need not lock it to ask.
+    spooled: u64,
+    last_id: u64,
+    /// No round trip to Redis before this, after a failure.
+    retry_at: Instant,
+    backoff: Duration,
+    raw_keys: Vec<String>,
+    dlq_key: String,
+}
+
+impl Writer {
+    fn new(cfg: WriterConfig, client: redis::Client, spool: Spool) -> Self {
+        Self {
+            raw_keys: cfg.layout.shard_ids().map(|s| cfg.layout.raw(s)).collect(),
+            dlq_key: cfg.layout.ingest_dlq(),
+            spooled: spool.rounds(),
+            last_id: spool.last_id(),
+            spool: Arc::new(Mutex::new(spool)),
+            retry_at: Instant::now(),
+            backoff: BACKOFF_MIN,
+            con: None,
+            client,
+            cfg,
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        loop {
+            if self.spooled > 0 && Instant::now() >= self.retry_at {
+                self.drain_some().await;
+            }
+            let first = if self.spooled == 0 {
+                rx.recv().await
+            } else if Instant::now() >= self.retry_at {
+                // Draining: take what is waiting, else go on draining.
+                match rx.try_recv() {
+                    Ok(j) => Some(j),
+                    Err(mpsc::error::TryRecvError::Empty) => continue,
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                }
+            } else {
+                tokio::select! {
+                    j = rx.recv() => j,
+                    _ = tokio::time::sleep_until(self.retry_at) => continue,
+                }
+            };
+            let Some(first) = first else { break };
+            let jobs = self.gather(first, &mut rx).await;
+            let round = self.round(&jobs);
+            let result = self.store(round).await;
+            for j in jobs {
+                // The handler may have gone (client hung up); its events are stored.
+                let _ = j.done.send(result.clone());
+            }
+        }
+        // Shutting down: give a healthy Redis what the spool holds now.
+        while self.spooled > 0 && Instant::now() >= self.retry_at {
+            self.drain_some().await;
+        }
+        if self.spooled > 0 {
+            tracing::warn!(
+                rounds = self.spooled,
+                dir = %self.cfg.spool.dir.display(),
+                "stopping with rounds in the spool; the next start drains them"
+            );
+        }
+    }
+
+    /// The batches of one round: `first`, what arrives within the linger (not
+    /// while spooling: nothing is gained by fuller entries on disk), and what is
+    /// already waiting, up to the round's size.
+    async fn gather(&self, first: Job, rx: &mut mpsc::Receiver<Job>) -> Vec<Job> {
+        let size = |j: &Job| j.entries.len() + j.dead.len();
+        let mut commands = size(&first);
         let mut jobs = vec![first];
-        let mut commands = jobs[0].entries.len() + jobs[0].dead.len();
-        if !cfg.linger.is_zero() {
-            let deadline = tokio::time::Instant::now() + cfg.linger;
-            while commands < cfg.max_pipeline {
+        if !self.cfg.linger.is_zero() && self.spooled == 0 {
+            let deadline = Instant::now() + self.cfg.linger;
+            while commands < self.cfg.max_pipeline {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
                     Ok(Some(j)) => {
-                        commands += j.entries.len() + j.dead.len();
+                        commands += size(&j);
                         jobs.push(j);
                     }
                     // Closed: write what is here; the next recv ends the loop.
@@ -137,70 +292,221 @@ async fn run(cfg: WriterConfig, con: ConnectionManager, mut rx: mpsc::Receiver<J
                 }
             }
         }
-        while commands < cfg.max_pipeline {
+        while commands < self.cfg.max_pipeline {
             match rx.try_recv() {
                 Ok(j) => {
-                    commands += j.entries.len() + j.dead.len();
+                    commands += size(&j);
                     jobs.push(j);
                 }
                 Err(_) => break,
             }
         }
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            break;
-        };
-        let (cfg, keys) = (cfg.clone(), keys.clone());
-        let mut con = con.clone();
-        tokio::spawn(async move {
-            let result = write_jobs(&cfg, &keys, &mut con, &jobs).await;
-            drop(permit);
-            if let Err(e) = &result {
-                tracing::error!(error = %e, batches = jobs.len(), "raw stream write failed");
-            }
-            for j in jobs {
-                // The handler may have gone (client hung up); its events are written.
-                let _ = j.done.send(result.clone());
-            }
-        });
+        jobs
     }
-    // Wait for the pipelines still in flight.
-    let _ = in_flight
-        .acquire_many(cfg.max_in_flight.max(1) as u32)
-        .await;
-}
 
-/// One pipelined round trip for several batches. Not MULTI: the raw streams of
-/// different shards live in different cluster slots.
-async fn write_jobs(
-    cfg: &WriterConfig,
-    keys: &Keys,
-    con: &mut ConnectionManager,
-    jobs: &[Job],
-) -> Result<(), WriteError> {
-    let mut pipe = redis::pipe();
-    let mut per_shard: Vec<Vec<&[u8]>> = vec![Vec::new(); keys.raw.len()];
-    for job in jobs {
-        for e in &job.entries {
-            per_shard[usize::from(e.shard) % keys.raw.len()].push(&e.record);
+    /// The round that stores `jobs`: per shard, batch entries in arrival order;
+    /// then the dead letters.
+    fn round(&mut self, jobs: &[Job]) -> Round {
+        let now_us = u64::try_from(now_nanos() / 1_000).unwrap_or(0);
+        self.last_id = now_us.max(self.last_id + 1);
+        let mut per_shard: Vec<Vec<&[u8]>> = vec![Vec::new(); self.raw_keys.len()];
+        let mut dead: Vec<Fields> = Vec::new();
+        for job in jobs {
+            for e in &job.entries {
+                per_shard[usize::from(e.shard) % self.raw_keys.len()].push(&e.record);
+            }
+            for d in &job.dead {
+                dead.push(
+                    d.fields()
+                        .into_iter()
+                        .map(|(f, v)| (f.to_string(), v))
+                        .collect(),
+                );
+            }
         }
-        for d in &job.dead {
-            pipe.add_command(d.xadd(&keys.dlq, cfg.dlq_trim)).ignore();
-        }
-    }
-    for (key, records) in keys.raw.iter().zip(&per_shard) {
-        for chunk in records.chunks(cfg.max_entry_events.max(1)) {
-            let entry = encode_batch(chunk.iter().copied());
+        let mut appends = Vec::new();
+        for (key, records) in self.raw_keys.iter().zip(&per_shard) {
+            if records.is_empty() {
+                continue;
+            }
+            let entries = records
+                .chunks(self.cfg.max_entry_events.max(1))
+                .map(|chunk| {
+                    vec![(
+                        RECORD_FIELD.to_string(),
+                        encode_batch(chunk.iter().copied()),
+                    )]
+                })
+                .collect();
             // Never trimmed here: the enrich workers trim raw streams behind their
             // consumer group (see tickgraph_enrich::retention).
-            pipe.add_command(Trim::None.xadd(key, &[(RECORD_FIELD, &entry)]))
-                .ignore();
+            appends.push(Append {
+                key: key.clone(),
+                trim: Trim::None.args(),
+                entries,
+            });
+        }
+        if !dead.is_empty() {
+            appends.push(Append {
+                key: self.dlq_key.clone(),
+                trim: self.cfg.dlq_trim.args(),
+                entries: dead,
+            });
+        }
+        Round {
+            id: self.last_id,
+            appends,
         }
     }
-    // Bounded: a hung Redis must not hold producers' answers forever.
-    match tokio::time::timeout(Duration::from_secs(10), pipe.query_async::<()>(con)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(WriteError::Redis(e.to_string())),
-        Err(_) => Err(WriteError::Redis("timed out after 10s".into())),
+
+    /// Stores a round in Redis, or in the spool when Redis fails or older rounds
+    /// are still spooled.
+    async fn store(&mut self, round: Round) -> Result<Stored, WriteError> {
+        if self.spooled == 0 && Instant::now() >= self.retry_at {
+            match self.send(std::slice::from_ref(&round)).await {
+                Ok(()) => return Ok(Stored::Stream),
+                Err(e) => {
+                    tracing::error!(error = %e, round = round.id, "raw stream write failed; spooling until Redis is back");
+                    self.failed();
+                }
+            }
+        }
+        let spool = self.spool.clone();
+        let appended = tokio::task::spawn_blocking(move || {
+            let mut spool = spool.lock().unwrap_or_else(|p| p.into_inner());
+            spool.append(&round)
+        })
+        .await;
+        match appended {
+            Ok(Ok(())) => {
+                self.spooled += 1;
+                Ok(Stored::Spool)
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "SPOOL REFUSED A ROUND: its producers are told it was not stored");
+                Err(WriteError::Spool(e.to_string()))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the spool append task failed");
+                Err(WriteError::Spool(e.to_string()))
+            }
+        }
+    }
+
+    /// One round trip of spooled rounds, oldest first; they leave the spool once
+    /// Redis has them.
+    async fn drain_some(&mut self) {
+        let spool = self.spool.clone();
+        let peeked = tokio::task::spawn_blocking(move || {
+            spool
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .peek(DRAIN_ROUNDS)
+        })
+        .await;
+        let (rounds, cursor) = match peeked {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read the spool");
+                self.failed();
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the spool read task failed");
+                self.failed();
+                return;
+            }
+        };
+        if let Err(e) = self.send(&rounds).await {
+            tracing::warn!(error = %e, spooled = self.spooled, "spool drain failed; retrying");
+            self.failed();
+            return;
+        }
+        let n = rounds.len();
+        let spool = self.spool.clone();
+        let consumed = tokio::task::spawn_blocking(move || {
+            let mut spool = spool.lock().unwrap_or_else(|p| p.into_inner());
+            spool.consume(cursor, n).map(|()| spool.rounds())
+        })
+        .await;
+        match consumed {
+            Ok(Ok(left)) => {
+                self.spooled = left;
+                self.backoff = BACKOFF_MIN;
+                if left == 0 {
+                    tracing::info!("spool drained; writing to Redis directly again");
+                }
+            }
+            // The rounds are in Redis; draining them again is harmless.
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot delete drained spool segments");
+                self.failed();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the spool consume task failed");
+                self.failed();
+            }
+        }
+    }
+
+    fn failed(&mut self) {
+        self.retry_at = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    /// One pipelined round trip appending `rounds`, in order. Not MULTI: the
+    /// streams of different shards live in different cluster slots.
+    async fn send(&mut self, rounds: &[Round]) -> Result<(), String> {
+        let mut pipe = redis::pipe();
+        // Loaded every time: after a Redis restart the script cache is empty.
+        pipe.load_script(&APPEND).ignore();
+        for round in rounds {
+            for a in &round.appends {
+                let mut inv = APPEND.key(&a.key);
+                inv.key(writer_marker(&a.key, &self.cfg.writer_id))
+                    .arg(round.id)
+                    .arg(MARKER_TTL_SECS)
+                    .arg(a.trim.len())
+                    .arg(&a.trim);
+                for e in &a.entries {
+                    inv.arg(e.len());
+                    for (f, v) in e {
+                        inv.arg(f).arg(v);
+                    }
+                }
+                pipe.invoke_script(&inv).ignore();
+            }
+        }
+        let timeout = self.cfg.redis_timeout;
+        let con = self.connection().await?;
+        match tokio::time::timeout(timeout, pipe.query_async::<()>(con)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer from Redis within {timeout:?}")),
+        }
+    }
+
+    /// The connection, made on first use: ingest starts, and answers from the
+    /// spool, while Redis is down. Once made it reconnects by itself.
+    async fn connection(&mut self) -> Result<&mut ConnectionManager, String> {
+        if self.con.is_none() {
+            let t = self.cfg.redis_timeout;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(t))
+                .set_response_timeout(Some(t))
+                .set_number_of_retries(1);
+            let made = tokio::time::timeout(
+                t,
+                ConnectionManager::new_with_config(self.client.clone(), config),
+            )
+            .await;
+            self.con = Some(match made {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err(format!("cannot connect to Redis within {t:?}")),
+            });
+        }
+        self.con.as_mut().ok_or_else(|| "no connection".to_string())
     }
 }
 
@@ -251,7 +557,7 @@ mod tests {
     #[tokio::test]
     async fn batches_within_the_linger_share_one_entry() {
         let client = redis::Client::open(redis_url()).expect("redis url");
-        let mut con = ConnectionManager::new(client).await.expect("redis");
+        let mut con = ConnectionManager::new(client.clone()).await.expect("redis");
         for (linger, expected) in [
             (Duration::from_millis(300), vec![3]),
             (Duration::ZERO, vec![1, 1, 1]),
@@ -268,7 +574,7 @@ mod tests {
                 .expect("DEL");
             let mut cfg = WriterConfig::new(layout);
             cfg.linger = linger;
-            let (writer, task) = StreamWriter::spawn(cfg, con.clone());
+            let (writer, task) = StreamWriter::spawn(cfg, client.clone()).expect("spool");
             if linger.is_zero() {
                 for seq in 0..3 {
                     writer
@@ -294,5 +600,209 @@ mod tests {
                 .await
                 .expect("DEL");
         }
+    }
+
+    fn spooling_config(prefix: &str, spool: &std::path::Path) -> WriterConfig {
+        let mut cfg = WriterConfig::new(StreamLayout::new(prefix, 1));
+        cfg.spool = SpoolConfig::new(spool);
+        cfg.redis_timeout = Duration::from_millis(500);
+        cfg
+    }
+
+    /// Records of the shard-0 raw stream, in stream order.
+    async fn records(client: &redis::Client, key: &str) -> Vec<String> {
+        let mut con = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(key)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut con)
+            .await
+            .expect("XRANGE");
+        let mut out = Vec::new();
+        for id in reply.ids {
+            let Some(redis::Value::BulkString(b)) = id.map.get(RECORD_FIELD) else {
+                panic!("entry without a record");
+            };
+            let mut rd = b.as_slice();
+            let n = rmp::decode::read_array_len(&mut rd).expect("batch entry");
+            // Test records are `r<seq>`, raw bytes one after another.
+            let text = String::from_utf8(rd.to_vec()).expect("utf-8");
+            let parts: Vec<String> = text.split('r').skip(1).map(|s| format!("r{s}")).collect();
+            assert_eq!(parts.len(), n as usize, "{text}");
+            out.extend(parts);
+        }
+        out
+    }
+
+    async fn eventually_drained(client: &redis::Client, key: &str, want: &[String]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = records(client, key).await;
+            if got == want || Instant::now() > deadline {
+                assert_eq!(got, want);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn expected(seqs: std::ops::Range<u64>) -> Vec<String> {
+        seqs.map(|s| format!("r{s}")).collect()
+    }
+
+    /// A round whose outcome was unknown and is sent again (a timeout, a drain
+    /// repeated after a crash) is stored once; a later round still goes in.
+    #[tokio::test]
+    async fn a_round_sent_again_is_stored_once() {
+        let client = redis::Client::open(redis_url()).expect("redis url");
+        let spool = tempfile::tempdir().expect("tempdir");
+        let prefix = format!("writer-again-{}", std::process::id());
+        let cfg = spooling_config(&prefix, spool.path());
+        let key = cfg.layout.raw(0);
+        let mut w = Writer::new(
+            cfg,
+            client.clone(),
+            Spool::open(SpoolConfig::new(spool.path())).expect("spool"),
+        );
+        let job = |seq| Job {
+            entries: vec![entry(seq)],
+            dead: vec![DeadLetter::new("ingest", "bad".into(), b"x".to_vec())],
+            done: oneshot::channel().0,
+        };
+        let first = w.round(&[job(0)]);
+        let second = w.round(&[job(1)]);
+        w.send(std::slice::from_ref(&first)).await.expect("send");
+        w.send(&[first.clone(), second]).await.expect("send again");
+        w.send(&[first]).await.expect("and again");
+        assert_eq!(records(&client, &key).await, expected(0..2));
+        let mut con = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let dead: usize = redis::cmd("XLEN")
+            .arg(w.dlq_key.clone())
+            .query_async(&mut con)
+            .await
+            .expect("XLEN");
+        assert_eq!(dead, 2, "dead letters are stored once too");
+        let _: () = redis::cmd("DEL")
+            .arg(&key)
+            .arg(&w.dlq_key)
+            .arg(writer_marker(&key, "ingest"))
+            .arg(writer_marker(&w.dlq_key, "ingest"))
+            .query_async(&mut con)
+            .await
+            .expect("DEL");
+    }
+
+    /// Redis dies between batches: the next batches are answered from the
+    /// spool, and once Redis is back they follow the earlier ones, in order, once.
+    #[tokio::test]
+    async fn batches_answered_while_redis_is_down_arrive_in_order_once_it_is_back() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let spool = tempfile::tempdir().expect("tempdir");
+        let mut redis =
+            crate::test_support::LocalRedis::start(data.path(), Some("always")).expect("redis");
+        let client = redis::Client::open(redis.url()).expect("redis url");
+        let cfg = spooling_config("down", spool.path());
+        let key = cfg.layout.raw(0);
+        let (writer, task) = StreamWriter::spawn(cfg, client.clone()).expect("spool");
+        for seq in 0..3 {
+            let stored = writer
+                .write(vec![entry(seq)], Vec::new())
+                .await
+                .expect("write");
+            assert_eq!(stored, Stored::Stream);
+        }
+        redis.kill();
+        for seq in 3..6 {
+            let stored = writer
+                .write(vec![entry(seq)], Vec::new())
+                .await
+                .expect("write");
+            assert_eq!(stored, Stored::Spool, "batch {seq}");
+        }
+        redis.restart().expect("restart redis");
+        // Spooled rounds drain before any new batch overtakes them.
+        for seq in 6..8 {
+            writer
+                .write(vec![entry(seq)], Vec::new())
+                .await
+                .expect("write");
+        }
+        eventually_drained(&client, &key, &expected(0..8)).await;
+        drop(writer);
+        task.await.expect("writer task");
+        let left = Spool::open(SpoolConfig::new(spool.path())).expect("spool");
+        assert!(left.is_empty(), "a drained spool is empty on disk");
+    }
+
+    /// A writer stopped with rounds in its spool (Redis down the whole time)
+    /// leaves them there; the next writer on that spool drains them first.
+    #[tokio::test]
+    async fn a_restarted_writer_drains_what_the_last_one_spooled() {
+        let spool = tempfile::tempdir().expect("tempdir");
+        let nobody = format!(
+            "redis://127.0.0.1:{}",
+            crate::test_support::free_port().expect("port")
+        );
+        let cfg = spooling_config("restart", spool.path());
+        let key = cfg.layout.raw(0);
+        {
+            let down = redis::Client::open(nobody).expect("url");
+            let (writer, task) = StreamWriter::spawn(cfg.clone(), down).expect("spool");
+            for seq in 0..4 {
+                let stored = writer
+                    .write(vec![entry(seq)], Vec::new())
+                    .await
+                    .expect("write");
+                assert_eq!(stored, Stored::Spool);
+            }
+            drop(writer);
+            task.await.expect("writer task");
+        }
+        let data = tempfile::tempdir().expect("tempdir");
+        let redis = crate::test_support::LocalRedis::start(data.path(), None).expect("redis");
+        let client = redis::Client::open(redis.url()).expect("redis url");
+        let (writer, task) = StreamWriter::spawn(cfg, client.clone()).expect("spool");
+        writer
+            .write(vec![entry(4)], Vec::new())
+            .await
+            .expect("write");
+        eventually_drained(&client, &key, &expected(0..5)).await;
+        drop(writer);
+        task.await.expect("writer task");
+    }
+
+    /// No Redis and a full spool: the producer is told, and nothing it was told
+    /// was stored is lost.
+    #[tokio::test]
+    async fn a_full_spool_is_an_error_to_the_producer() {
+        let spool = tempfile::tempdir().expect("tempdir");
+        let nobody = format!(
+            "redis://127.0.0.1:{}",
+            crate::test_support::free_port().expect("port")
+        );
+        let mut cfg = spooling_config("full", spool.path());
+        cfg.spool.max_bytes = 200;
+        let (writer, task) =
+            StreamWriter::spawn(cfg, redis::Client::open(nobody).expect("url")).expect("spool");
+        let mut stored = 0;
+        let err = loop {
+            match writer.write(vec![entry(stored)], Vec::new()).await {
+                Ok(_) => stored += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(stored > 0);
+        assert!(err.to_string().contains("the spool is full"), "{err}");
+        drop(writer);
+        task.await.expect("writer task");
+        let left = Spool::open(SpoolConfig::new(spool.path())).expect("spool");
+        assert_eq!(left.rounds(), stored);
     }
 }

@@ -198,7 +198,11 @@ pub fn trade(
             header: header("it", seq, instrument, venue),
             price: dec(price),
             qty: dec(qty),
-            side: if seq % 2 == 0 { Side::Buy } else { Side::Sell },
+            side: if seq.is_multiple_of(2) {
+                Side::Buy
+            } else {
+                Side::Sell
+            },
             trade_id: None,
             account: account.map(|a| AccountId::parse(a).expect("account")),
         }),
