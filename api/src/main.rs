@@ -181,6 +181,12 @@ struct EnrichArgs {
         default_value = "maxlen:100000"
     )]
     enrich_dlq_trim: Trim,
+    /// Seconds an event's source + seq is remembered so that a producer's
+    /// re-send is dropped before the enriched stream; 0 turns it off (the
+    /// history still stores each event once). Costs about one bit of Redis
+    /// memory per event in the window, when seq is a per-source counter.
+    #[arg(long, env = "TG_DEDUPE_WINDOW_SECS", default_value_t = 600)]
+    dedupe_window_secs: u64,
 }
 
 #[derive(Args, Clone)]
@@ -305,6 +311,7 @@ impl EnrichArgs {
         c.claim_idle = Duration::from_secs(self.enrich_claim_idle_secs);
         c.raw_retention = self.raw_trim;
         c.dlq_trim = self.enrich_dlq_trim;
+        c.dedupe_window = Duration::from_secs(self.dedupe_window_secs);
         c
     }
 }

@@ -32,6 +32,10 @@ pub struct EnrichConfig {
     /// Retention of the raw streams, applied behind the group (see [`crate::retention`]).
     pub raw_retention: Trim,
     pub dlq_trim: Trim,
+    /// How long an event's `source` + `seq` is remembered, so that a producer's
+    /// re-send within it is dropped before the enriched stream. Zero turns this
+    /// off (the history still stores each event once).
+    pub dedupe_window: Duration,
 }
 
 impl EnrichConfig {
@@ -47,6 +51,7 @@ impl EnrichConfig {
             claim_idle: Duration::from_secs(30),
             raw_retention: Trim::MaxLen(10_000),
             dlq_trim: Trim::MaxLen(100_000),
+            dedupe_window: Duration::from_secs(600),
         }
     }
 }
@@ -106,10 +111,18 @@ impl Enricher {
 }
 
 /// KEYS: raw, enriched, dead-letter stream. ARGV: group, the enriched trim (count
-/// then arguments), the dead-letter trim (likewise), then per raw entry: its id,
-/// the number of outcomes, and per outcome `e` (enriched entry) or `d` (dead
-/// letter), the number of field/value arguments, and those. Returns how many raw
-/// entries this call acknowledged (and so wrote the outcomes of).
+/// then arguments), the dead-letter trim (likewise), the lifetime in seconds of
+/// the dedupe bitmaps, then per raw entry: its id, the number of outcomes, and
+/// per outcome one of
+/// - `e`, the number of field/value arguments, and those: an enriched entry;
+/// - `d`, likewise: a dead letter;
+/// - `E`, the number of events, then per event its dedupe bitmap key, its bit in
+///   it and its encoded record: an enriched entry of the events whose bit was
+///   not yet set (a producer's re-send of `source` + `seq` is dropped here).
+///
+/// The bitmaps share the shard's hash tag. Returns how many raw entries this call
+/// acknowledged (and so wrote the outcomes of), and how many events it dropped
+/// as re-sent.
 const COMMIT_LUA: &str = r#"
 local group = ARGV[1]
 local i = 2
@@ -122,7 +135,23 @@ local function trim()
 end
 local etrim = trim()
 local dtrim = trim()
-local acked = 0
+local seen_ttl = ARGV[i]
+i = i + 1
+local function array_header(n)
+  if n < 16 then return string.char(0x90 + n) end
+  if n < 65536 then return string.char(0xdc, math.floor(n / 256), n % 256) end
+  return string.char(0xdd, math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
+    math.floor(n / 256) % 256, n % 256)
+end
+local function xadd(key, t, fields)
+  local args = { key }
+  for _, a in ipairs(t) do args[#args + 1] = a end
+  args[#args + 1] = '*'
+  for _, f in ipairs(fields) do args[#args + 1] = f end
+  redis.call('XADD', unpack(args))
+end
+local acked, resent = 0, 0
+local touched = {}
 while i <= #ARGV do
   local id, outcomes = ARGV[i], tonumber(ARGV[i + 1])
   i = i + 2
@@ -131,20 +160,61 @@ while i <= #ARGV do
   for _ = 1, outcomes do
     local kind, n = ARGV[i], tonumber(ARGV[i + 1])
     i = i + 2
-    if mine then
-      local args = { KEYS[3] }
-      local t = dtrim
-      if kind == 'e' then args[1] = KEYS[2]; t = etrim end
-      for _, a in ipairs(t) do args[#args + 1] = a end
-      args[#args + 1] = '*'
-      for j = 0, n - 1 do args[#args + 1] = ARGV[i + j] end
-      redis.call('XADD', unpack(args))
+    if kind == 'E' then
+      if mine then
+        local parts = {}
+        for j = i, i + 3 * (n - 1), 3 do
+          local key = ARGV[j]
+          if redis.call('SETBIT', key, ARGV[j + 1], 1) == 0 then
+            parts[#parts + 1] = ARGV[j + 2]
+          else
+            resent = resent + 1
+          end
+          if not touched[key] then
+            touched[key] = true
+            redis.call('EXPIRE', key, seen_ttl)
+          end
+        end
+        if #parts > 0 then
+          -- 'e' is RECORD_FIELD.
+          xadd(KEYS[2], etrim, { 'e', array_header(#parts) .. table.concat(parts) })
+        end
+      end
+      i = i + 3 * n
+    else
+      if mine then
+        local fields = {}
+        for j = 0, n - 1 do fields[#fields + 1] = ARGV[i + j] end
+        if kind == 'e' then xadd(KEYS[2], etrim, fields) else xadd(KEYS[3], dtrim, fields) end
+      end
+      i = i + n
     end
-    i = i + n
   end
 end
-return acked
+return { acked, resent }
 "#;
+
+/// An entry's enriched outcome, as the commit script takes it.
+enum Outcome {
+    /// The whole entry, events not checked for re-sends.
+    Entry(Vec<u8>),
+    /// Each event with its dedupe bit and its encoded record.
+    Deduped(Vec<((String, u64), Vec<u8>)>),
+}
+
+/// Events per dedupe bitmap: 1 KiB of Redis memory holds 8,192 consecutive seqs
+/// of one source on one shard.
+const SEEN_BLOCK_BITS: u64 = 8192;
+
+/// The bitmap and bit that remember `record`'s `source` + `seq`. A re-sent
+/// event has the same instrument, so the same shard, so the same bitmap.
+fn seen_bit(layout: &StreamLayout, shard: u16, record: &EnrichedRecord) -> (String, u64) {
+    let h = record.event.header();
+    (
+        layout.seen(shard, h.source.as_str(), h.seq / SEEN_BLOCK_BITS),
+        h.seq % SEEN_BLOCK_BITS,
+    )
+}
 
 static COMMIT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(COMMIT_LUA));
 
@@ -169,6 +239,8 @@ impl BatchHandler for Enricher {
                 commit.arg(a);
             }
         }
+        let dedupe = !self.cfg.dedupe_window.is_zero();
+        commit.arg(self.cfg.dedupe_window.as_secs().max(1));
         let mut enriched = 0usize;
         let mut rejected = 0usize;
         let mut first_reason = None;
@@ -203,18 +275,28 @@ impl BatchHandler for Enricher {
                         }
                     }
                 }
-                let batch = if records.is_empty() {
-                    None
+                let outcome = if records.is_empty() {
+                    Ok(None)
+                } else if dedupe {
+                    records
+                        .iter()
+                        .map(|r| {
+                            r.encode()
+                                .map(|bytes| (seen_bit(&self.cfg.layout, shard, r), bytes))
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                        .map(|events| Some(Outcome::Deduped(events)))
                 } else {
-                    match EnrichedRecord::encode_batch(&records) {
-                        Ok(bytes) => Some(bytes),
-                        Err(e) => {
-                            // Cannot happen for records enrich built; kept loud, not lost.
-                            let reason = format!("unencodable enriched batch: {e}");
-                            letters.push(DeadLetter::new("enrich", reason, entry.record.clone()));
-                            records.clear();
-                            None
-                        }
+                    EnrichedRecord::encode_batch(&records).map(|b| Some(Outcome::Entry(b)))
+                };
+                let outcome = match outcome {
+                    Ok(o) => o,
+                    Err(e) => {
+                        // Cannot happen for records enrich built; kept loud, not lost.
+                        let reason = format!("unencodable enriched batch: {e}");
+                        letters.push(DeadLetter::new("enrich", reason, entry.record.clone()));
+                        records.clear();
+                        None
                     }
                 };
                 enriched += records.len();
@@ -224,9 +306,18 @@ impl BatchHandler for Enricher {
                 }
                 commit
                     .arg(&entry.id)
-                    .arg(usize::from(batch.is_some()) + letters.len());
-                if let Some(bytes) = batch {
-                    commit.arg("e").arg(2).arg(RECORD_FIELD).arg(bytes);
+                    .arg(usize::from(outcome.is_some()) + letters.len());
+                match outcome {
+                    Some(Outcome::Entry(bytes)) => {
+                        commit.arg("e").arg(2).arg(RECORD_FIELD).arg(bytes);
+                    }
+                    Some(Outcome::Deduped(events)) => {
+                        commit.arg("E").arg(events.len());
+                        for ((key, bit), bytes) in events {
+                            commit.arg(key).arg(bit).arg(bytes);
+                        }
+                    }
+                    None => {}
                 }
                 for letter in letters {
                     let fields = letter.fields();
@@ -238,7 +329,13 @@ impl BatchHandler for Enricher {
             }
         }
         let mut con = self.con.clone();
-        let acked: usize = commit.invoke_async(&mut con).await?;
+        let (acked, resent): (usize, usize) = commit.invoke_async(&mut con).await?;
+        if resent > 0 {
+            tracing::info!(
+                resent,
+                "events re-sent by their producers were dropped (same source and seq)"
+            );
+        }
         if acked < entries.len() {
             tracing::warn!(
                 skipped = entries.len() - acked,

@@ -77,6 +77,12 @@ impl StreamLayout {
         format!("{}:dlq:{{{shard}}}", self.prefix)
     }
 
+    /// Enrich's bitmap of the `seq`s of `source` it has seen in one block of
+    /// seqs on `shard`: how a producer's re-send is recognised.
+    pub fn seen(&self, shard: u16, source: &str, block: u64) -> String {
+        format!("{}:seen:{{{shard}}}:{source}:{block}", self.prefix)
+    }
+
     pub fn ingest_dlq(&self) -> String {
         format!("{}:dlq:ingest", self.prefix)
     }

@@ -49,6 +49,8 @@ struct Rig {
     ingest_port: u16,
     procs: HashMap<String, Child>,
     ingest_args: Vec<String>,
+    /// The producer sends every batch twice, as a producer retrying would.
+    resend: bool,
 }
 
 impl Rig {
@@ -64,6 +66,7 @@ impl Rig {
             ingest_port: free_port().expect("port"),
             procs: HashMap::new(),
             ingest_args: Vec::new(),
+            resend: false,
             dir,
         }
     }
@@ -194,8 +197,14 @@ struct Sent {
     first_refusal: Option<String>,
 }
 
-/// Sends batches of 20 events every 10 ms (2,000 events/s) until `stop`.
-fn produce(url: String, source: String, stop: CancellationToken) -> tokio::task::JoinHandle<Sent> {
+/// Sends batches of 20 events every 10 ms (2,000 events/s) until `stop`; with
+/// `resend`, each batch goes twice.
+fn produce(
+    url: String,
+    source: String,
+    resend: bool,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Sent> {
     tokio::spawn(async move {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
@@ -232,6 +241,14 @@ fn produce(url: String, source: String, stop: CancellationToken) -> tokio::task:
                 Ok(r) if r.status().is_success() => {
                     let answer: Value = r.json().await.unwrap_or_default();
                     assert_eq!(answer["accepted"], json!(20), "{answer}");
+                    if resend {
+                        let again = http.post(&url).json(&batch).send().await;
+                        let answer: Value = match again {
+                            Ok(r) => r.json().await.unwrap_or_default(),
+                            Err(e) => json!(e.to_string()),
+                        };
+                        assert_eq!(answer["accepted"], json!(20), "re-send: {answer}");
+                    }
                     sent.acked.extend(seqs);
                 }
                 Ok(r) => {
@@ -417,7 +434,7 @@ async fn scenario<F, Fut>(
         .collect();
     let source = format!("fault-{slug}");
     let stop = CancellationToken::new();
-    let producer = produce(rig.ingest_url(), source.clone(), stop.clone());
+    let producer = produce(rig.ingest_url(), source.clone(), rig.resend, stop.clone());
     tokio::time::sleep(phase()).await;
     let rig = fault(rig).await;
     tokio::time::sleep(phase()).await;
@@ -566,6 +583,19 @@ async fn workers_stopped_with_sigterm_finish_and_ack(pool: PgPool) {
             rig.start_load("load-1");
             rig
         },
+    )
+    .await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_producer_resending_every_batch_has_each_event_stored_once(pool: PgPool) {
+    seed_refdata(&pool).await;
+    scenario(
+        "producer re-sends every batch",
+        url_of(&pool),
+        true,
+        |rig| rig.resend = true,
+        |rig| async move { rig },
     )
     .await;
 }

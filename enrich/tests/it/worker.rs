@@ -384,3 +384,64 @@ async fn a_batch_done_twice_is_written_once(pool: PgPool) {
     assert_each_once(&enriched(&mut r).await, &events);
     assert_eq!(raw_pending(&mut r).await, 0);
 }
+
+/// A producer's re-send (same source and seq) is enriched once, whether it comes
+/// in the same raw entry or a later one; turning the window off lets it through
+/// (the history would still store it once). A long batch checks that the entry
+/// the commit script assembles is one array of every new event, in order.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_resent_event_is_enriched_once(pool: PgPool) {
+    seed_refdata(&pool).await;
+    let refs = RefCache::load(&pool).await.expect("refdata");
+    let long = many(40);
+    for (window, expected) in [
+        (Duration::from_secs(600), vec![1, 2, 3]),
+        (Duration::ZERO, vec![1, 1, 2, 2, 3]),
+    ] {
+        // One shard: a raw batch entry holds the events of one shard.
+        let mut r = TestRedis::new(1).await;
+        let first = quote(1, "AAPL", "XNAS", "187.25", "187.26");
+        let second = trade(2, "VOD.L", "XLON", "72.34", "1000", None);
+        r.add_raw_batch(&[first.clone(), second.clone(), first.clone()])
+            .await;
+        r.add_raw_batch(&[second, quote(3, "MSFT", "XNAS", "415.00", "415.02")])
+            .await;
+        r.add_raw_batch(&long).await;
+        r.add_raw_batch(&long).await;
+        let mut cfg = config(&r, "w1");
+        cfg.dedupe_window = window;
+        run_until_drained(&mut r, cfg, refs.clone()).await;
+        let out = enriched(&mut r).await;
+        let mut seqs: Vec<u64> = out
+            .iter()
+            .map(|(_, e)| e.event.header().seq)
+            .filter(|&s| s < 100)
+            .collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, expected, "window {window:?}");
+        let long_seen = out.iter().filter(|(_, e)| e.event.header().seq >= 100);
+        let per_shard: Vec<Vec<u64>> = r
+            .layout
+            .shard_ids()
+            .map(|s| {
+                long_seen
+                    .clone()
+                    .filter(|(shard, _)| *shard == s)
+                    .map(|(_, e)| e.event.header().seq)
+                    .collect()
+            })
+            .collect();
+        let copies = if window.is_zero() { 2 } else { 1 };
+        assert_eq!(
+            per_shard.iter().map(Vec::len).sum::<usize>(),
+            40 * copies,
+            "window {window:?}"
+        );
+        if !window.is_zero() {
+            for seqs in per_shard {
+                assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+            }
+        }
+        assert_eq!(raw_pending(&mut r).await, 0);
+    }
+}
