@@ -183,7 +183,9 @@ fn decode_msgpack_array(body: &[u8], limit: usize) -> Result<Vec<Item<'_>>, Batc
     if len > limit {
         return Err(BatchError::TooManyEvents { limit });
     }
-    let mut out = Vec::with_capacity(len);
+    // Every element takes at least one byte: a length prefix that promises more
+    // than the body holds must not size the allocation.
+    let mut out = Vec::with_capacity(len.min(body.len()));
     for i in 0..len {
         let end = msgpack_skip(body, pos, 0).map_err(|e| malformed(format!("element {i}: {e}")))?;
         let raw = &body[pos..end];
