@@ -7,6 +7,7 @@
 //!   JSON array or NDJSON batch, each binary message a MessagePack array; each gets
 //!   one answer message, in order, carrying the batch's number on the connection.
 //! - `GET /healthz`: the process is up.
+//! - `GET /metrics`: the spool and the writer's failures, Prometheus text format.
 
 use std::sync::Arc;
 
@@ -89,6 +90,7 @@ impl Ingest {
             .route("/v1/events", post(post_events))
             .route("/v1/stream", get(stream_events))
             .route("/healthz", get(|| async { "ok" }))
+            .route("/metrics", get(metrics))
             // The batch limit is enforced while reading, with our own error body.
             .layer(DefaultBodyLimit::disable())
             .with_state(self.shared.clone())
@@ -100,6 +102,13 @@ impl Ingest {
         drop(self.shared);
         let _ = self.writer_task.await;
     }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        shared.writer.stats().render(),
+    )
 }
 
 /// The answer to one batch.

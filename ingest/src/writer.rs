@@ -18,6 +18,7 @@
 //! While Redis fails, rounds go to the spool, and keep going there until it has
 //! drained in order, so no round overtakes an older one.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -99,10 +100,71 @@ impl WriterConfig {
     }
 }
 
+/// What the writer has done, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Rounds in the spool now.
+    pub spool_rounds: AtomicU64,
+    /// Bytes the spool holds on disk now.
+    pub spool_bytes: AtomicU64,
+    /// Events answered from the spool (Redis could not take them then).
+    pub spooled_events: AtomicU64,
+    /// Events refused because neither Redis nor the spool could take them.
+    pub refused_events: AtomicU64,
+    /// Round trips to Redis that failed or timed out.
+    pub redis_failures: AtomicU64,
+}
+
+impl WriterStats {
+    /// The Prometheus text exposition of these figures.
+    pub fn render(&self) -> String {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::new();
+        for (name, kind, help, value) in [
+            (
+                "tickgraph_ingest_spool_rounds",
+                "gauge",
+                "Writer rounds held in the local spool.",
+                get(&self.spool_rounds),
+            ),
+            (
+                "tickgraph_ingest_spool_bytes",
+                "gauge",
+                "Bytes the local spool holds on disk.",
+                get(&self.spool_bytes),
+            ),
+            (
+                "tickgraph_ingest_spooled_events_total",
+                "counter",
+                "Events answered from the spool while Redis could not take them.",
+                get(&self.spooled_events),
+            ),
+            (
+                "tickgraph_ingest_refused_events_total",
+                "counter",
+                "Events refused with 503: neither Redis nor the spool could take them.",
+                get(&self.refused_events),
+            ),
+            (
+                "tickgraph_ingest_redis_failures_total",
+                "counter",
+                "Round trips to Redis that failed or timed out.",
+                get(&self.redis_failures),
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        }
+        out
+    }
+}
+
 /// Handle to the writer task; cheap to clone.
 #[derive(Clone)]
 pub struct StreamWriter {
     tx: mpsc::Sender<Job>,
+    stats: Arc<WriterStats>,
 }
 
 impl StreamWriter {
@@ -123,8 +185,13 @@ impl StreamWriter {
         // Bounded in batches, not events: handlers wait for their answer anyway.
         let (tx, rx) = mpsc::channel(1024);
         let writer = Writer::new(cfg, client, spool);
+        let stats = writer.stats.clone();
         let task = tokio::spawn(writer.run(rx));
-        Ok((Self { tx }, task))
+        Ok((Self { tx, stats }, task))
+    }
+
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
     }
 
     /// Appends a batch's valid entries and dead letters; resolves once Redis or
@@ -212,11 +279,16 @@ struct Writer {
     backoff: Duration,
     raw_keys: Vec<String>,
     dlq_key: String,
+    stats: Arc<WriterStats>,
 }
 
 impl Writer {
     fn new(cfg: WriterConfig, client: redis::Client, spool: Spool) -> Self {
+        let stats = WriterStats::default();
+        stats.spool_rounds.store(spool.rounds(), Ordering::Relaxed);
+        stats.spool_bytes.store(spool.bytes(), Ordering::Relaxed);
         Self {
+            stats: Arc::new(stats),
             raw_keys: cfg.layout.shard_ids().map(|s| cfg.layout.raw(s)).collect(),
             dlq_key: cfg.layout.ingest_dlq(),
             spooled: spool.rounds(),
@@ -254,6 +326,15 @@ impl Writer {
             let jobs = self.gather(first, &mut rx).await;
             let round = self.round(&jobs);
             let result = self.store(round).await;
+            let events: usize = jobs.iter().map(|j| j.entries.len()).sum();
+            let counter = match result {
+                Ok(Stored::Stream) => None,
+                Ok(Stored::Spool) => Some(&self.stats.spooled_events),
+                Err(_) => Some(&self.stats.refused_events),
+            };
+            if let Some(c) = counter {
+                c.fetch_add(events as u64, Ordering::Relaxed);
+            }
             for j in jobs {
                 // The handler may have gone (client hung up); its events are stored.
                 let _ = j.done.send(result.clone());
@@ -374,12 +455,16 @@ impl Writer {
         let spool = self.spool.clone();
         let appended = tokio::task::spawn_blocking(move || {
             let mut spool = spool.lock().unwrap_or_else(|p| p.into_inner());
-            spool.append(&round)
+            spool.append(&round).map(|()| spool.bytes())
         })
         .await;
         match appended {
-            Ok(Ok(())) => {
+            Ok(Ok(bytes)) => {
                 self.spooled += 1;
+                self.stats
+                    .spool_rounds
+                    .store(self.spooled, Ordering::Relaxed);
+                self.stats.spool_bytes.store(bytes, Ordering::Relaxed);
                 Ok(Stored::Spool)
             }
             Ok(Err(e)) => {
@@ -426,12 +511,16 @@ impl Writer {
         let spool = self.spool.clone();
         let consumed = tokio::task::spawn_blocking(move || {
             let mut spool = spool.lock().unwrap_or_else(|p| p.into_inner());
-            spool.consume(cursor, n).map(|()| spool.rounds())
+            spool
+                .consume(cursor, n)
+                .map(|()| (spool.rounds(), spool.bytes()))
         })
         .await;
         match consumed {
-            Ok(Ok(left)) => {
+            Ok(Ok((left, bytes))) => {
                 self.spooled = left;
+                self.stats.spool_rounds.store(left, Ordering::Relaxed);
+                self.stats.spool_bytes.store(bytes, Ordering::Relaxed);
                 self.backoff = BACKOFF_MIN;
                 if left == 0 {
                     tracing::info!("spool drained; writing to Redis directly again");
@@ -450,6 +539,7 @@ impl Writer {
     }
 
     fn failed(&mut self) {
+        self.stats.redis_failures.fetch_add(1, Ordering::Relaxed);
         self.retry_at = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }

@@ -540,6 +540,17 @@ async fn ingest_spool_full_refuses_clearly_and_loses_nothing_it_took(pool: PgPoo
                 "the spool never filled:\n{}",
                 tail(&rig.log("ingest"))
             );
+            let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", rig.ingest_port))
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("metrics body");
+            let refused = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("tickgraph_ingest_refused_events_total "))
+                .and_then(|v| v.parse::<u64>().ok());
+            assert!(refused.is_some_and(|n| n > 0), "{metrics}");
             rig.redis.restart().expect("restart redis");
             rig
         },
