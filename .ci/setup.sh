@@ -30,11 +30,10 @@ command -v cargo >/dev/null 2>&1 || { log "cargo not found: install Rust (rustup
 # Redis. redis-cli exits 0 on error replies too, so look for PONG itself.
 redis_up() { [ "$(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null)" = PONG ]; }
 if ! redis_up; then
-    log "starting redis-server on 127.0.0.1:6379 (append-only file, fsync every second)"
+    log "starting redis-server on 127.0.0.1:6379 (.ci/redis.conf: append-only file, fsync always)"
     as_root mkdir -p /var/lib/redis /var/log/redis
-    as_root redis-server --daemonize yes --bind 127.0.0.1 --port 6379 \
-        --dir /var/lib/redis --logfile /var/log/redis/tickgraph.log \
-        --save "" --appendonly yes --appendfsync everysec
+    as_root redis-server "$(pwd)/.ci/redis.conf" --daemonize yes --bind 127.0.0.1 --port 6379 \
+        --dir /var/lib/redis --logfile /var/log/redis/tickgraph.log --save ""
     for _ in $(seq 50); do redis_up && break; sleep 0.1; done
 fi
 redis_up || { log "redis is not answering PONG on 127.0.0.1:6379"; exit 1; }

@@ -129,6 +129,7 @@ pub struct Spool {
     tail: Option<File>,
     rounds: u64,
     last_id: u64,
+    id_floor: u64,
     /// Held for the spool's life: one process per spool.
     _lock: File,
 }
@@ -160,6 +161,7 @@ impl Spool {
             tail: None,
             rounds: 0,
             last_id: 0,
+            id_floor: read_id_floor(&cfg.dir).map_err(io)?,
             _lock: lock,
             cfg,
         };
@@ -221,6 +223,27 @@ impl Spool {
     /// The highest round id ever written here: new ids must be above it.
     pub fn last_id(&self) -> u64 {
         self.last_id
+    }
+
+    /// Every round id a writer on this spool used is below this.
+    pub fn id_floor(&self) -> u64 {
+        self.id_floor
+    }
+
+    /// Records that ids below `floor` may have been used, durably.
+    pub fn raise_id_floor(&mut self, floor: u64) -> Result<(), SpoolError> {
+        let io = io_err(&self.cfg.dir);
+        let tmp = self.cfg.dir.join("id-floor.tmp");
+        let mut f = File::create(&tmp).map_err(io)?;
+        f.write_all(floor.to_string().as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(io)?;
+        fs::rename(&tmp, self.cfg.dir.join(ID_FLOOR)).map_err(io)?;
+        File::open(&self.cfg.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        self.id_floor = floor;
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -340,6 +363,18 @@ impl Spool {
             self.head = 0;
         }
         Ok(())
+    }
+}
+
+const ID_FLOOR: &str = "id-floor";
+
+fn read_id_floor(dir: &Path) -> io::Result<u64> {
+    match fs::read_to_string(dir.join(ID_FLOOR)) {
+        // A torn or garbled file cannot be trusted to be above anything: the
+        // round ids fall back to the clock and the markers' own check.
+        Ok(s) => Ok(s.trim().parse().unwrap_or(0)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
     }
 }
 

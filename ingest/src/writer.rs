@@ -37,7 +37,7 @@ pub struct RawEntry {
     pub record: Vec<u8>,
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WriteError {
     #[error("the event store is unavailable and the spool cannot take the batch: {0}")]
     Spool(String),
@@ -221,19 +221,27 @@ impl StreamWriter {
 ///
 /// KEYS[1]: the stream; KEYS[2]: this writer's marker for it (same slot).
 /// ARGV[1]: the round id; ARGV[2]: the marker's lifetime in seconds;
-/// ARGV[3]: how many trim arguments follow; then the trim arguments;
+/// ARGV[3]: `1` for a round never sent before, else `0`;
+/// ARGV[4]: how many trim arguments follow; then the trim arguments;
 /// then each entry as its field count followed by field, value pairs.
-/// Returns the entries added: 0 when the round was there already.
+/// Returns the entries added; 0 when the round was there already; and, for a
+/// round never sent before whose id the marker is already at or past (another
+/// process with the same writer id, or the clock gone back across a restart),
+/// minus the marker, having added nothing: the writer then sends it again under
+/// an id above the marker, where skipping it would have lost it.
 pub const APPEND_LUA: &str = r#"
 local last = tonumber(redis.call('GET', KEYS[2]) or '0')
-if last >= tonumber(ARGV[1]) then return 0 end
-local ntrim = tonumber(ARGV[3])
-local i = 4 + ntrim
+if last >= tonumber(ARGV[1]) then
+  if ARGV[3] == '1' then return -last end
+  return 0
+end
+local ntrim = tonumber(ARGV[4])
+local i = 5 + ntrim
 local added = 0
 while i <= #ARGV do
   local nf = tonumber(ARGV[i])
   local cmd = {'XADD', KEYS[1]}
-  for t = 4, 3 + ntrim do cmd[#cmd + 1] = ARGV[t] end
+  for t = 5, 4 + ntrim do cmd[#cmd + 1] = ARGV[t] end
   cmd[#cmd + 1] = '*'
   for f = i + 1, i + 2 * nf do cmd[#cmd + 1] = ARGV[f] end
   redis.call(unpack(cmd))
@@ -261,6 +269,9 @@ pub fn writer_marker(stream: &str, writer: &str) -> String {
     }
 }
 
+/// Round ids reserved on disk at a time: an hour of microseconds.
+const ID_LEASE_US: u64 = 3_600_000_000;
+
 /// Rounds drained per round trip.
 const DRAIN_ROUNDS: usize = 16;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -274,6 +285,8 @@ struct Writer {
     /// Mirrors the spool's round count, so the loop need not lock it to ask.
     spooled: u64,
     last_id: u64,
+    /// Ids below this are reserved on disk (see [`Writer::next_id`]).
+    id_floor: u64,
     /// No round trip to Redis before this, after a failure.
     retry_at: Instant,
     backoff: Duration,
@@ -292,7 +305,8 @@ impl Writer {
             raw_keys: cfg.layout.shard_ids().map(|s| cfg.layout.raw(s)).collect(),
             dlq_key: cfg.layout.ingest_dlq(),
             spooled: spool.rounds(),
-            last_id: spool.last_id(),
+            last_id: spool.last_id().max(spool.id_floor()),
+            id_floor: spool.id_floor(),
             spool: Arc::new(Mutex::new(spool)),
             retry_at: Instant::now(),
             backoff: BACKOFF_MIN,
@@ -388,8 +402,7 @@ impl Writer {
     /// The round that stores `jobs`: per shard, batch entries in arrival order;
     /// then the dead letters.
     fn round(&mut self, jobs: &[Job]) -> Round {
-        let now_us = u64::try_from(now_nanos() / 1_000).unwrap_or(0);
-        self.last_id = now_us.max(self.last_id + 1);
+        let id = self.next_id();
         let mut per_shard: Vec<Vec<&[u8]>> = vec![Vec::new(); self.raw_keys.len()];
         let mut dead: Vec<Fields> = Vec::new();
         for job in jobs {
@@ -434,21 +447,37 @@ impl Writer {
                 entries: dead,
             });
         }
-        Round {
-            id: self.last_id,
-            appends,
+        Round { id, appends }
+    }
+
+    /// A round id: microseconds since the epoch, above every id this writer
+    /// used, in this run or (through the spool's id floor) an earlier one.
+    fn next_id(&mut self) -> u64 {
+        let now_us = u64::try_from(now_nanos() / 1_000).unwrap_or(0);
+        self.last_id = now_us.max(self.last_id + 1);
+        if self.last_id >= self.id_floor {
+            // Reserve the next hour of ids on disk, so that a restart under a
+            // clock that went back still starts above them. Once an hour.
+            let floor = self.last_id + ID_LEASE_US;
+            let mut spool = self.spool.lock().unwrap_or_else(|p| p.into_inner());
+            match spool.raise_id_floor(floor) {
+                Ok(()) => self.id_floor = floor,
+                Err(e) => tracing::error!(error = %e, "cannot record the round id floor"),
+            }
         }
+        self.last_id
     }
 
     /// Stores a round in Redis, or in the spool when Redis fails or older rounds
     /// are still spooled.
-    async fn store(&mut self, round: Round) -> Result<Stored, WriteError> {
+    async fn store(&mut self, mut round: Round) -> Result<Stored, WriteError> {
         if self.spooled == 0 && Instant::now() >= self.retry_at {
-            match self.send(std::slice::from_ref(&round)).await {
+            match self.send_fresh(round).await {
                 Ok(()) => return Ok(Stored::Stream),
-                Err(e) => {
-                    tracing::error!(error = %e, round = round.id, "raw stream write failed; spooling until Redis is back");
+                Err((unsent, e)) => {
+                    tracing::error!(error = %e, round = unsent.id, "raw stream write failed; spooling until Redis is back");
                     self.failed();
+                    round = unsent;
                 }
             }
         }
@@ -502,7 +531,7 @@ impl Writer {
                 return;
             }
         };
-        if let Err(e) = self.send(&rounds).await {
+        if let Err(e) = self.send(&rounds, false).await {
             tracing::warn!(error = %e, spooled = self.spooled, "spool drain failed; retrying");
             self.failed();
             return;
@@ -544,9 +573,10 @@ impl Writer {
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 
-    /// One pipelined round trip appending `rounds`, in order. Not MULTI: the
-    /// streams of different shards live in different cluster slots.
-    async fn send(&mut self, rounds: &[Round]) -> Result<(), String> {
+    /// One pipelined round trip appending `rounds`, in order; `fresh` when they
+    /// were never sent before. Returns the script's answer per append, in order.
+    /// Not MULTI: the streams of different shards live in different cluster slots.
+    async fn send(&mut self, rounds: &[Round], fresh: bool) -> Result<Vec<i64>, String> {
         let mut pipe = redis::pipe();
         // Loaded every time: after a Redis restart the script cache is empty.
         pipe.load_script(&APPEND).ignore();
@@ -556,6 +586,7 @@ impl Writer {
                 inv.key(writer_marker(&a.key, &self.cfg.writer_id))
                     .arg(round.id)
                     .arg(MARKER_TTL_SECS)
+                    .arg(u8::from(fresh))
                     .arg(a.trim.len())
                     .arg(&a.trim);
                 for e in &a.entries {
@@ -564,16 +595,54 @@ impl Writer {
                         inv.arg(f).arg(v);
                     }
                 }
-                pipe.invoke_script(&inv).ignore();
+                pipe.invoke_script(&inv);
             }
         }
         let timeout = self.cfg.redis_timeout;
         let con = self.connection().await?;
-        match tokio::time::timeout(timeout, pipe.query_async::<()>(con)).await {
-            Ok(Ok(())) => Ok(()),
+        match tokio::time::timeout(timeout, pipe.query_async::<Vec<i64>>(con)).await {
+            Ok(Ok(answers)) => Ok(answers),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer from Redis within {timeout:?}")),
         }
+    }
+
+    /// Sends a round never sent before. Appends refused because a marker is
+    /// already past the round's id go again under a new id above it.
+    async fn send_fresh(&mut self, mut round: Round) -> Result<(), (Round, String)> {
+        for _ in 0..3 {
+            let answers = match self.send(std::slice::from_ref(&round), true).await {
+                Ok(a) => a,
+                Err(e) => return Err((round, e)),
+            };
+            let ahead = answers
+                .iter()
+                .filter(|&&a| a < 0)
+                .map(|a| a.unsigned_abs())
+                .max();
+            let Some(marker) = ahead else { return Ok(()) };
+            tracing::error!(
+                writer = %self.cfg.writer_id, round = round.id, marker,
+                "a stream's marker for this writer id is ahead of this round: another ingest \
+                 process uses the same --ingest-id, or the clock went back; re-sending under a higher id"
+            );
+            let refused: Vec<Append> = round
+                .appends
+                .into_iter()
+                .zip(&answers)
+                .filter(|(_, &a)| a < 0)
+                .map(|(append, _)| append)
+                .collect();
+            self.last_id = self.last_id.max(marker);
+            round = Round {
+                id: self.next_id(),
+                appends: refused,
+            };
+        }
+        Err((
+            round,
+            "stream markers keep moving past this writer's ids".into(),
+        ))
     }
 
     /// The connection, made on first use: ingest starts, and answers from the
@@ -765,9 +834,17 @@ mod tests {
         };
         let first = w.round(&[job(0)]);
         let second = w.round(&[job(1)]);
-        w.send(std::slice::from_ref(&first)).await.expect("send");
-        w.send(&[first.clone(), second]).await.expect("send again");
-        w.send(&[first]).await.expect("and again");
+        let added = w
+            .send(std::slice::from_ref(&first), true)
+            .await
+            .expect("send");
+        assert_eq!(added, vec![1, 1], "one raw entry, one dead letter");
+        let again = w
+            .send(&[first.clone(), second], false)
+            .await
+            .expect("send again");
+        assert_eq!(again, vec![0, 0, 1, 1]);
+        w.send(&[first], false).await.expect("and again");
         assert_eq!(records(&client, &key).await, expected(0..2));
         let mut con = client
             .get_multiplexed_async_connection()
@@ -894,5 +971,73 @@ mod tests {
         task.await.expect("writer task");
         let left = Spool::open(SpoolConfig::new(spool.path())).expect("spool");
         assert_eq!(left.rounds(), stored);
+    }
+
+    /// Two processes under one writer id (or a clock gone back): a new round
+    /// whose id is below the stream's marker is not skipped as already there,
+    /// but stored under a new id above it.
+    #[tokio::test]
+    async fn a_new_round_behind_the_marker_is_stored_under_a_higher_id() {
+        let client = redis::Client::open(redis_url()).expect("redis url");
+        let prefix = format!("writer-behind-{}", std::process::id());
+        let (dir_a, dir_b) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let mut a = Writer::new(
+            spooling_config(&prefix, dir_a.path()),
+            client.clone(),
+            Spool::open(SpoolConfig::new(dir_a.path())).expect("spool"),
+        );
+        let mut b = Writer::new(
+            spooling_config(&prefix, dir_b.path()),
+            client.clone(),
+            Spool::open(SpoolConfig::new(dir_b.path())).expect("spool"),
+        );
+        let job = |seq| Job {
+            entries: vec![entry(seq)],
+            dead: Vec::new(),
+            done: oneshot::channel().0,
+        };
+        // A's clock runs an hour ahead of B's.
+        a.last_id = u64::try_from(now_nanos() / 1_000).expect("now") + ID_LEASE_US;
+        let ahead = a.round(&[job(0)]);
+        assert_eq!(a.store(ahead).await, Ok(Stored::Stream));
+        let behind = b.round(&[job(1)]);
+        let behind_id = behind.id;
+        assert_eq!(b.store(behind).await, Ok(Stored::Stream));
+        assert!(b.last_id > a.last_id && behind_id < a.last_id);
+        let key = a.raw_keys[0].clone();
+        assert_eq!(records(&client, &key).await, expected(0..2));
+        let mut con = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let _: () = redis::cmd("DEL")
+            .arg(&key)
+            .arg(writer_marker(&key, "ingest"))
+            .query_async(&mut con)
+            .await
+            .expect("DEL");
+    }
+
+    /// The id floor on disk keeps a restarted writer's ids above the last
+    /// run's, whatever the clock says.
+    #[test]
+    fn round_ids_stay_above_the_floor_the_last_run_reserved() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let client = redis::Client::open("redis://127.0.0.1:1").expect("url");
+        let cfg = spooling_config("floor", dir.path());
+        let first = {
+            let mut w = Writer::new(
+                cfg.clone(),
+                client.clone(),
+                Spool::open(cfg.spool.clone()).expect("spool"),
+            );
+            w.next_id()
+        };
+        let mut w = Writer::new(cfg.clone(), client, Spool::open(cfg.spool).expect("spool"));
+        let again = w.next_id();
+        assert!(again >= first + ID_LEASE_US, "{again} after {first}");
     }
 }
