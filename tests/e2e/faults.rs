@@ -338,7 +338,7 @@ async fn settle_and_check(rig: &Rig, source: &str, sent: Sent) {
     }
     let total = sent.acked.len() + sent.refused.len() + sent.unsent.len() + sent.unknown.len();
     println!(
-        "fault row: {:<38} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}",
+        "fault row: {:<42} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}",
         rig.name,
         total,
         sent.acked.len(),
@@ -396,8 +396,10 @@ fn tail(s: &str) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-/// The database URL of a `#[sqlx::test]` pool, for the child processes.
-fn url_of(pool: &PgPool) -> String {
+/// Seeds the reference data into a `#[sqlx::test]` database and returns its URL
+/// for the child processes.
+async fn shared_db(pool: &PgPool) -> String {
+    seed_refdata(pool).await;
     let base = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/postgres".into());
     let db = pool
@@ -454,10 +456,9 @@ async fn scenario<F, Fut>(
 
 #[sqlx::test(migrations = "../migrations")]
 async fn enrich_killed_mid_batch_its_pending_claimed_by_another(pool: PgPool) {
-    seed_refdata(&pool).await;
     scenario(
         "kill -9 enrich, another claims",
-        url_of(&pool),
+        shared_db(&pool).await,
         true,
         |_| {},
         |mut rig| async move {
@@ -471,10 +472,9 @@ async fn enrich_killed_mid_batch_its_pending_claimed_by_another(pool: PgPool) {
 
 #[sqlx::test(migrations = "../migrations")]
 async fn enrich_killed_and_restarted_finishes_its_own_pending(pool: PgPool) {
-    seed_refdata(&pool).await;
     scenario(
         "kill -9 enrich, restart",
-        url_of(&pool),
+        shared_db(&pool).await,
         true,
         |_| {},
         |mut rig| async move {
@@ -489,10 +489,9 @@ async fn enrich_killed_and_restarted_finishes_its_own_pending(pool: PgPool) {
 
 #[sqlx::test(migrations = "../migrations")]
 async fn loader_killed_mid_batch_and_restarted(pool: PgPool) {
-    seed_refdata(&pool).await;
     scenario(
         "kill -9 load, restart",
-        url_of(&pool),
+        shared_db(&pool).await,
         true,
         |_| {},
         |mut rig| async move {
@@ -507,10 +506,9 @@ async fn loader_killed_mid_batch_and_restarted(pool: PgPool) {
 
 #[sqlx::test(migrations = "../migrations")]
 async fn redis_killed_and_restarted_from_its_append_only_file(pool: PgPool) {
-    seed_refdata(&pool).await;
     scenario(
         "kill -9 redis (AOF always), restart",
-        url_of(&pool),
+        shared_db(&pool).await,
         true,
         |_| {},
         |mut rig| async move {
@@ -526,10 +524,9 @@ async fn redis_killed_and_restarted_from_its_append_only_file(pool: PgPool) {
 
 #[sqlx::test(migrations = "../migrations")]
 async fn ingest_spool_full_refuses_clearly_and_loses_nothing_it_took(pool: PgPool) {
-    seed_refdata(&pool).await;
     scenario(
         "redis down, spool full",
-        url_of(&pool),
+        shared_db(&pool).await,
         false,
         |rig| rig.ingest_args = ["--spool-max-bytes", "100000"].map(String::from).to_vec(),
         |mut rig| async move {
@@ -560,10 +557,9 @@ async fn ingest_spool_full_refuses_clearly_and_loses_nothing_it_took(pool: PgPoo
 
 #[sqlx::test(migrations = "../migrations")]
 async fn ingest_stopped_with_sigterm_finishes_what_it_took(pool: PgPool) {
-    seed_refdata(&pool).await;
     scenario(
         "SIGTERM ingest, restart",
-        url_of(&pool),
+        shared_db(&pool).await,
         false,
         |_| {},
         |mut rig| async move {
@@ -578,11 +574,31 @@ async fn ingest_stopped_with_sigterm_finishes_what_it_took(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn ingest_killed_with_a_full_spool_drains_it_after_restart(pool: PgPool) {
+    scenario(
+        "redis down, kill -9 ingest, restart both",
+        shared_db(&pool).await,
+        false,
+        |_| {},
+        |mut rig| async move {
+            rig.redis.kill();
+            // Answered from the spool, then gone without a chance to drain it.
+            tokio::time::sleep(phase()).await;
+            rig.kill9("ingest");
+            rig.redis.restart().expect("restart redis");
+            rig.start_ingest();
+            rig.wait_ingest().await;
+            rig
+        },
+    )
+    .await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn workers_stopped_with_sigterm_finish_and_ack(pool: PgPool) {
-    seed_refdata(&pool).await;
     scenario(
         "SIGTERM enrich and load, restart",
-        url_of(&pool),
+        shared_db(&pool).await,
         true,
         |_| {},
         |mut rig| async move {
@@ -600,10 +616,9 @@ async fn workers_stopped_with_sigterm_finish_and_ack(pool: PgPool) {
 
 #[sqlx::test(migrations = "../migrations")]
 async fn a_producer_resending_every_batch_has_each_event_stored_once(pool: PgPool) {
-    seed_refdata(&pool).await;
     scenario(
         "producer re-sends every batch",
-        url_of(&pool),
+        shared_db(&pool).await,
         true,
         |rig| rig.resend = true,
         |rig| async move { rig },
