@@ -140,14 +140,24 @@ impl Spool {
         let io = io_err(&cfg.dir);
         fs::create_dir_all(&cfg.dir).map_err(io)?;
         let lock = File::create(cfg.dir.join("lock")).map_err(io)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(SpoolError::Locked {
-                    dir: cfg.dir.display().to_string(),
-                })
+        // A lock can outlive its holder briefly: a process forked between open
+        // and exec holds a copy, as does an ingest still exiting. Wait a second
+        // before calling it taken.
+        let mut tries = 0;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(fs::TryLockError::WouldBlock) if tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(SpoolError::Locked {
+                        dir: cfg.dir.display().to_string(),
+                    })
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(io(e)),
             }
-            Err(fs::TryLockError::Error(e)) => return Err(io(e)),
         }
         let mut names: Vec<PathBuf> = fs::read_dir(&cfg.dir)
             .map_err(io)?
@@ -223,6 +233,14 @@ impl Spool {
     /// The highest round id ever written here: new ids must be above it.
     pub fn last_id(&self) -> u64 {
         self.last_id
+    }
+
+    /// Flushes what was appended to disk (a no-op under [`Fsync::Always`]).
+    pub fn sync(&mut self) -> Result<(), SpoolError> {
+        match &self.tail {
+            Some(f) => f.sync_data().map_err(io_err(&self.cfg.dir)),
+            None => Ok(()),
+        }
     }
 
     /// Every round id a writer on this spool used is below this.

@@ -359,6 +359,16 @@ impl Writer {
             self.drain_some().await;
         }
         if self.spooled > 0 {
+            // Under `--spool-fsync never` the last appends may be in the OS cache
+            // only; a clean stop leaves them on disk.
+            let spool = self.spool.clone();
+            let synced = tokio::task::spawn_blocking(move || {
+                spool.lock().unwrap_or_else(|p| p.into_inner()).sync()
+            })
+            .await;
+            if !matches!(synced, Ok(Ok(()))) {
+                tracing::error!(?synced, "cannot flush the spool to disk");
+            }
             tracing::warn!(
                 rounds = self.spooled,
                 dir = %self.cfg.spool.dir.display(),
