@@ -541,12 +541,22 @@ impl Writer {
                 return;
             }
         };
+        // A count with nothing behind it would spin this loop: what the spool
+        // cannot hand out is not in it.
+        let n = if rounds.is_empty() {
+            tracing::error!(
+                counted = self.spooled,
+                "the spool counts rounds it cannot hand out; treating it as drained"
+            );
+            usize::try_from(self.spooled).unwrap_or(usize::MAX)
+        } else {
+            rounds.len()
+        };
         if let Err(e) = self.send(&rounds, false).await {
             tracing::warn!(error = %e, spooled = self.spooled, "spool drain failed; retrying");
             self.failed();
             return;
         }
-        let n = rounds.len();
         let spool = self.spool.clone();
         let consumed = tokio::task::spawn_blocking(move || {
             let mut spool = spool.lock().unwrap_or_else(|p| p.into_inner());
