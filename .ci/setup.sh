@@ -14,6 +14,9 @@ need_pkgs=()
 command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
 command -v pg_ctlcluster >/dev/null 2>&1 || need_pkgs+=(postgresql)
 command -v psql >/dev/null 2>&1 || need_pkgs+=(postgresql-client)
+# The fault suite signals processes with kill(1) and runs Postgres as `postgres`.
+[ -x /bin/kill ] || [ -x /usr/bin/kill ] || need_pkgs+=(procps)
+command -v runuser >/dev/null 2>&1 || need_pkgs+=(util-linux)
 # Some crates build C (rustup does not bring a C toolchain).
 command -v cc >/dev/null 2>&1 || need_pkgs+=(gcc libc6-dev)
 if [ ${#need_pkgs[@]} -gt 0 ]; then

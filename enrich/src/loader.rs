@@ -380,6 +380,21 @@ fn add_row<'a>(
     Ok(())
 }
 
+/// One `COPY ... FROM STDIN` of rows already in text format; none, no COPY.
+async fn copy_rows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    sql: &str,
+    rows: &[u8],
+) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut copy = tx.copy_in_raw(sql).await?;
+    copy.send(rows).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(UNIQUE_VIOLATION))
 }
@@ -410,21 +425,13 @@ impl Loader {
         trades: &TradeRows<'_>,
         quotes: &QuoteRows<'_>,
     ) -> Result<(), sqlx::Error> {
-        let mut buf = Vec::with_capacity(256 * (trades.common.len() + quotes.common.len()));
         let mut tx = self.pool.begin().await?;
-        if !trades.common.is_empty() {
-            trades.copy_text(&mut buf);
-            let mut copy = tx.copy_in_raw(TRADES_COPY).await?;
-            copy.send(buf.as_slice()).await?;
-            copy.finish().await?;
-        }
-        if !quotes.common.is_empty() {
-            buf.clear();
-            quotes.copy_text(&mut buf);
-            let mut copy = tx.copy_in_raw(QUOTES_COPY).await?;
-            copy.send(buf.as_slice()).await?;
-            copy.finish().await?;
-        }
+        let mut buf = Vec::with_capacity(256 * trades.common.len().max(quotes.common.len()));
+        trades.copy_text(&mut buf);
+        copy_rows(&mut tx, TRADES_COPY, &buf).await?;
+        buf.clear();
+        quotes.copy_text(&mut buf);
+        copy_rows(&mut tx, QUOTES_COPY, &buf).await?;
         tx.commit().await
     }
 

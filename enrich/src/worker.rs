@@ -116,9 +116,12 @@ impl Enricher {
 /// per outcome one of
 /// - `e`, the number of field/value arguments, and those: an enriched entry;
 /// - `d`, likewise: a dead letter;
-/// - `E`, the number of events, then per event its dedupe bitmap key, its bit in
-///   it and its encoded record: an enriched entry of the events whose bit was
-///   not yet set (a producer's re-send of `source` + `seq` is dropped here).
+/// - `E`, the number of events, the number of dedupe bitmap keys, those keys,
+///   the enriched entry (one MessagePack array), the length of its array
+///   header, then per event its key's index (from 1), its bit in that bitmap
+///   and the offset in the entry where its record ends: the entry, minus the
+///   events whose bit was already set (a producer's re-send of `source` + `seq`
+///   is dropped here). An entry with no re-send is written as it came.
 ///
 /// The bitmaps share the shard's hash tag. Returns how many raw entries this call
 /// acknowledged (and so wrote the outcomes of), and how many events it dropped
@@ -151,7 +154,6 @@ local function xadd(key, t, fields)
   redis.call('XADD', unpack(args))
 end
 local acked, resent = 0, 0
-local touched = {}
 while i <= #ARGV do
   local id, outcomes = ARGV[i], tonumber(ARGV[i + 1])
   i = i + 2
@@ -161,23 +163,30 @@ while i <= #ARGV do
     local kind, n = ARGV[i], tonumber(ARGV[i + 1])
     i = i + 2
     if kind == 'E' then
+      local nkeys = tonumber(ARGV[i])
+      local keys = {}
+      for k = 1, nkeys do keys[k] = ARGV[i + k] end
+      i = i + nkeys + 1
+      local entry, start = ARGV[i], tonumber(ARGV[i + 1]) + 1
+      i = i + 2
       if mine then
-        local parts = {}
+        local kept, whole = {}, true
         for j = i, i + 3 * (n - 1), 3 do
-          local key = ARGV[j]
-          if redis.call('SETBIT', key, ARGV[j + 1], 1) == 0 then
-            parts[#parts + 1] = ARGV[j + 2]
+          local stop = tonumber(ARGV[j + 2])
+          if redis.call('SETBIT', keys[tonumber(ARGV[j])], ARGV[j + 1], 1) == 0 then
+            kept[#kept + 1] = string.sub(entry, start, stop)
           else
+            whole = false
             resent = resent + 1
           end
-          if not touched[key] then
-            touched[key] = true
-            redis.call('EXPIRE', key, seen_ttl)
-          end
+          start = stop + 1
         end
-        if #parts > 0 then
-          -- 'e' is RECORD_FIELD.
-          xadd(KEYS[2], etrim, { 'e', array_header(#parts) .. table.concat(parts) })
+        for _, key in ipairs(keys) do redis.call('EXPIRE', key, seen_ttl) end
+        -- 'e' is RECORD_FIELD.
+        if whole then
+          xadd(KEYS[2], etrim, { 'e', entry })
+        elseif #kept > 0 then
+          xadd(KEYS[2], etrim, { 'e', array_header(#kept) .. table.concat(kept) })
         end
       end
       i = i + 3 * n
@@ -198,22 +207,66 @@ return { acked, resent }
 enum Outcome {
     /// The whole entry, events not checked for re-sends.
     Entry(Vec<u8>),
-    /// Each event with its dedupe bit and its encoded record.
-    Deduped(Vec<((String, u64), Vec<u8>)>),
+    /// The entry with what the script needs to drop re-sent events from it.
+    Deduped(Deduped),
 }
 
 /// Events per dedupe bitmap: 1 KiB of Redis memory holds 8,192 consecutive seqs
 /// of one source on one shard.
 const SEEN_BLOCK_BITS: u64 = 8192;
 
-/// The bitmap and bit that remember `record`'s `source` + `seq`. A re-sent
-/// event has the same instrument, so the same shard, so the same bitmap.
-fn seen_bit(layout: &StreamLayout, shard: u16, record: &EnrichedRecord) -> (String, u64) {
-    let h = record.event.header();
-    (
-        layout.seen(shard, h.source.as_str(), h.seq / SEEN_BLOCK_BITS),
-        h.seq % SEEN_BLOCK_BITS,
-    )
+/// An enriched entry encoded once, with each event's dedupe bit and where its
+/// record ends; the bitmap keys, one per source and block of seqs, named once
+/// per entry.
+struct Deduped {
+    entry: Vec<u8>,
+    header_len: usize,
+    keys: Vec<String>,
+    /// Per event: index into `keys`, bit, end offset of its record in `entry`.
+    events: Vec<(usize, u64, usize)>,
+}
+
+impl Deduped {
+    /// A re-sent event has the same instrument, so the same shard, so the same
+    /// bitmap as the first.
+    fn encode(
+        layout: &StreamLayout,
+        shard: u16,
+        records: &[EnrichedRecord],
+    ) -> Result<Self, rmp_serde::encode::Error> {
+        let mut entry = Vec::with_capacity(16 + records.len() * 256);
+        // Writing to a Vec cannot fail; entries hold at most a few hundred events.
+        let _ = rmp::encode::write_array_len(
+            &mut entry,
+            u32::try_from(records.len()).unwrap_or(u32::MAX),
+        );
+        let header_len = entry.len();
+        let mut blocks: Vec<(&str, u64)> = Vec::new();
+        let mut events = Vec::with_capacity(records.len());
+        for r in records {
+            let h = r.event.header();
+            let block = (h.source.as_str(), h.seq / SEEN_BLOCK_BITS);
+            let key = match blocks.iter().position(|b| *b == block) {
+                Some(k) => k,
+                None => {
+                    blocks.push(block);
+                    blocks.len() - 1
+                }
+            };
+            rmp_serde::encode::write_named(&mut entry, r)?;
+            events.push((key, h.seq % SEEN_BLOCK_BITS, entry.len()));
+        }
+        let keys = blocks
+            .iter()
+            .map(|(source, block)| layout.seen(shard, source, *block))
+            .collect();
+        Ok(Self {
+            entry,
+            header_len,
+            keys,
+            events,
+        })
+    }
 }
 
 static COMMIT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(COMMIT_LUA));
@@ -278,16 +331,13 @@ impl BatchHandler for Enricher {
                 let outcome = if records.is_empty() {
                     Ok(None)
                 } else if dedupe {
-                    records
-                        .iter()
-                        .map(|r| {
-                            r.encode()
-                                .map(|bytes| (seen_bit(&self.cfg.layout, shard, r), bytes))
-                        })
-                        .collect::<Result<Vec<_>, _>>()
-                        .map(|events| Some(Outcome::Deduped(events)))
+                    Deduped::encode(&self.cfg.layout, shard, &records)
+                        .map(|d| Some(Outcome::Deduped(d)))
+                        .map_err(|e| e.to_string())
                 } else {
-                    EnrichedRecord::encode_batch(&records).map(|b| Some(Outcome::Entry(b)))
+                    EnrichedRecord::encode_batch(&records)
+                        .map(|b| Some(Outcome::Entry(b)))
+                        .map_err(|e| e.to_string())
                 };
                 let outcome = match outcome {
                     Ok(o) => o,
@@ -311,10 +361,14 @@ impl BatchHandler for Enricher {
                     Some(Outcome::Entry(bytes)) => {
                         commit.arg("e").arg(2).arg(RECORD_FIELD).arg(bytes);
                     }
-                    Some(Outcome::Deduped(events)) => {
-                        commit.arg("E").arg(events.len());
-                        for ((key, bit), bytes) in events {
-                            commit.arg(key).arg(bit).arg(bytes);
+                    Some(Outcome::Deduped(d)) => {
+                        commit.arg("E").arg(d.events.len()).arg(d.keys.len());
+                        for key in &d.keys {
+                            commit.arg(key);
+                        }
+                        commit.arg(d.entry).arg(d.header_len);
+                        for (key, bit, end) in d.events {
+                            commit.arg(key + 1).arg(bit).arg(end);
                         }
                     }
                     None => {}

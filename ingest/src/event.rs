@@ -227,6 +227,13 @@ pub struct Header {
     pub ts: Timestamp,
 }
 
+impl Header {
+    /// `source:seq`, the event's stable identity.
+    pub fn id(&self) -> String {
+        format!("{}:{}", self.source, self.seq)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Trade {
     pub header: Header,
@@ -273,8 +280,7 @@ impl Event {
 
     /// The stable identity `source:seq`.
     pub fn id(&self) -> String {
-        let h = self.header();
-        format!("{}:{}", h.source, h.seq)
+        self.header().id()
     }
 }
 

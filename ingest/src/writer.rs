@@ -707,29 +707,6 @@ mod tests {
         }
     }
 
-    /// Entries of the shard-0 raw stream, each as the records it holds.
-    async fn entries(con: &mut ConnectionManager, key: &str) -> Vec<usize> {
-        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(key)
-            .arg("-")
-            .arg("+")
-            .query_async(con)
-            .await
-            .expect("XRANGE");
-        reply
-            .ids
-            .iter()
-            .map(|id| match id.map.get(RECORD_FIELD) {
-                Some(redis::Value::BulkString(b)) => {
-                    // Records here are not RawRecords; count the array's items.
-                    let mut rd = b.as_slice();
-                    rmp::decode::read_array_len(&mut rd).expect("batch entry") as usize
-                }
-                other => panic!("entry without a record: {other:?}"),
-            })
-            .collect()
-    }
-
     /// Batches that arrive within the linger share a round trip, so each shard
     /// gets one entry holding all their events; without a linger, batches that
     /// arrive one after another each make their own entry.
@@ -772,7 +749,8 @@ mod tests {
             }
             drop(writer);
             task.await.expect("writer task");
-            assert_eq!(entries(&mut con, &key).await, expected, "linger {linger:?}");
+            let sizes: Vec<usize> = entries(&client, &key).await.iter().map(Vec::len).collect();
+            assert_eq!(sizes, expected, "linger {linger:?}");
             let _: () = redis::cmd("DEL")
                 .arg(&key)
                 .query_async(&mut con)
@@ -788,8 +766,9 @@ mod tests {
         cfg
     }
 
-    /// Records of the shard-0 raw stream, in stream order.
-    async fn records(client: &redis::Client, key: &str) -> Vec<String> {
+    /// The stream's entries in order, each as the test records (`r<seq>`) it
+    /// holds.
+    async fn entries(client: &redis::Client, key: &str) -> Vec<Vec<String>> {
         let mut con = client
             .get_multiplexed_async_connection()
             .await
@@ -812,9 +791,14 @@ mod tests {
             let text = String::from_utf8(rd.to_vec()).expect("utf-8");
             let parts: Vec<String> = text.split('r').skip(1).map(|s| format!("r{s}")).collect();
             assert_eq!(parts.len(), n as usize, "{text}");
-            out.extend(parts);
+            out.push(parts);
         }
         out
+    }
+
+    /// Records of the stream, in stream order.
+    async fn records(client: &redis::Client, key: &str) -> Vec<String> {
+        entries(client, key).await.concat()
     }
 
     async fn eventually_drained(client: &redis::Client, key: &str, want: &[String]) {

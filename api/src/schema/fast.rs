@@ -46,7 +46,7 @@ fn nanos(ns: i64) -> Value {
 /// Fields every live event has, from its header and enrichment.
 fn common(h: &Header, name: &str) -> Option<Value> {
     Some(match name {
-        "id" => Value::String(format!("{}:{}", h.source, h.seq)),
+        "id" => Value::String(h.id()),
         "source" => string(h.source.as_str()),
         "seq" => Value::String(h.seq.to_string()),
         "instrument" => string(h.instrument.as_str()),

@@ -91,8 +91,7 @@ pub struct TradeNode(pub Arc<TradeTick>);
 impl TradeNode {
     /// `source:seq`, the event's stable identity.
     async fn id(&self) -> ID {
-        let h = &self.0.trade.header;
-        ID(format!("{}:{}", h.source, h.seq))
+        ID(self.0.trade.header.id())
     }
 
     /// The producer that sent the event.
@@ -190,8 +189,7 @@ pub struct QuoteNode(pub Arc<QuoteTick>);
 impl QuoteNode {
     /// `source:seq`, the event's stable identity.
     async fn id(&self) -> ID {
-        let h = &self.0.quote.header;
-        ID(format!("{}:{}", h.source, h.seq))
+        ID(self.0.quote.header.id())
     }
 
     /// The producer that sent the event.
