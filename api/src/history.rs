@@ -1,9 +1,11 @@
 //! The SQL behind history, snapshot and latest-value fallback queries: one
 //! statement per page or per kind, each walking the `(instrument, ts_ns)` index.
 //!
-//! Pages use keyset pagination on `(ts_ns, source, seq)`: `(source, seq)` is the
-//! primary key, so the triple orders every row totally and a page boundary can
-//! neither repeat nor skip a row, even among trades sharing a timestamp.
+//! Pages use keyset pagination on `(ts_ns, source, seq)`: `(source, seq)`
+//! identifies an event (enrich drops re-sends within its dedupe window, and the
+//! loader stores each entry once), so the triple orders the rows totally and a
+//! page boundary can neither repeat nor skip a row, even among trades sharing a
+//! timestamp.
 
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;

@@ -182,9 +182,9 @@ struct EnrichArgs {
     )]
     enrich_dlq_trim: Trim,
     /// Seconds an event's source + seq is remembered so that a producer's
-    /// re-send is dropped before the enriched stream; 0 turns it off (the
-    /// history still stores each event once). Costs about one bit of Redis
-    /// memory per event in the window, when seq is a per-source counter.
+    /// re-send is dropped before the enriched stream; 0 turns it off (a re-send
+    /// then reaches the enriched stream and history again). Costs about one bit
+    /// of Redis memory per event in the window, when seq is a per-source counter.
     #[arg(long, env = "TG_DEDUPE_WINDOW_SECS", default_value_t = 600)]
     dedupe_window_secs: u64,
 }

@@ -3,24 +3,34 @@
 //! `XACK`; nothing is acked before the commit.
 //!
 //! A batch is written with `COPY ... FROM STDIN`: Postgres's cheapest way in,
-//! with no plan, no speculative insertion and no per-row executor work. COPY
-//! has no `ON CONFLICT`, so a batch holding an event that is already stored (a
-//! redelivery after a crash between commit and ack, or a producer's resend)
-//! fails with a unique violation; that batch is rolled back and written again
-//! with `INSERT ... SELECT FROM UNNEST ... ON CONFLICT (source, seq) DO
-//! NOTHING`, which skips what is there. Either way at-least-once delivery gives
-//! exactly-once rows.
+//! with no plan, no speculative insertion and no per-row executor work. Rows go
+//! in sorted by (instrument, ts), so consecutive inserts into the
+//! `(instrument, ts_ns)` index land on the same leaf pages.
+//!
+//! Exactly-once rows come from the entry, the unit the group redelivers: the
+//! same transaction records every entry id of the batch in `history_entries`
+//! (primary key `(stream, ms, seq)`). A redelivered batch (a crash between commit
+//! and ack, or a claim from a stalled loader) fails that COPY with a unique
+//! violation; it is rolled back and written again without the entries already
+//! recorded. A producer's resend of an event arrives in a new entry and is
+//! dropped earlier, by enrich's `(source, seq)` window. Rows of
+//! `history_entries` are pruned once the group can no longer redeliver them.
 
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 use rust_decimal::Decimal;
-use tickgraph_ingest::stream::{decode_entry, event_position, is_batch, DeadLetter, LOAD_GROUP};
+use tickgraph_ingest::stream::{
+    decode_entry, is_batch, CodecError, DeadLetter, EntryId, LOAD_GROUP,
+};
 use tickgraph_ingest::{Event, StreamLayout, Trim};
 use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{self, BatchHandler, ConsumerConfig, ConsumerError, Entry};
 use crate::record::{Derived, EnrichedRecord};
+use crate::retention;
 
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
@@ -37,11 +47,15 @@ pub struct LoadConfig {
     /// waits for a WAL flush, so a few large transactions cost Postgres far less
     /// than one per arrival. History lags the live streams by about this much.
     pub linger: Duration,
+    /// How often each stream's `history_entries` rows that can no longer be
+    /// redelivered are deleted.
+    pub prune_every: Duration,
 }
 
 impl LoadConfig {
     /// Batches of 100 entries (each up to 256 events), 1 s block, claim after 30 s
-    /// idle, 100 ms linger, enriched streams of about 20,000 entries per shard.
+    /// idle, 100 ms linger, enriched streams of about 20,000 entries per shard,
+    /// loaded entry ids pruned every 30 s.
     pub fn new(layout: StreamLayout, consumer: impl Into<String>) -> Self {
         Self {
             layout,
@@ -51,6 +65,7 @@ impl LoadConfig {
             claim_idle: Duration::from_secs(30),
             enriched_retention: Trim::MaxLen(20_000),
             linger: Duration::from_millis(100),
+            prune_every: Duration::from_secs(30),
         }
     }
 }
@@ -94,6 +109,8 @@ pub async fn run(
         layout: cfg.layout,
         con,
         pool,
+        prune_every: cfg.prune_every,
+        pruned: Mutex::new(HashMap::new()),
     };
     let result = consumer::run(client, consumer_cfg, streams, handler, shutdown).await;
     result?;
@@ -109,28 +126,18 @@ enum BatchError {
     Db(#[from] sqlx::Error),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("entry id: {0}")]
+    EntryId(String),
 }
 
 struct Loader {
     layout: StreamLayout,
     con: ConnectionManager,
     pool: sqlx::PgPool,
+    prune_every: Duration,
+    /// When each stream's `history_entries` rows were last pruned.
+    pruned: Mutex<HashMap<String, Instant>>,
 }
-
-const TRADES_SQL: &str = "INSERT INTO trades (source, seq, instrument, venue, ts_ns, price, qty, \
-     side, trade_id, account, asset_class, currency, notional, notional_usd, ingest_ns, \
-     enriched_ns, stream_id) \
-     SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::int8[], \
-     $6::numeric[], $7::numeric[], $8::text[], $9::text[], $10::text[], $11::text[], \
-     $12::text[], $13::numeric[], $14::numeric[], $15::int8[], $16::int8[], $17::text[]) \
-     ON CONFLICT (source, seq) DO NOTHING";
-
-const QUOTES_SQL: &str = "INSERT INTO quotes (source, seq, instrument, venue, ts_ns, bid, ask, \
-     bid_size, ask_size, asset_class, currency, mid, spread, ingest_ns, enriched_ns, stream_id) \
-     SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::int8[], \
-     $6::numeric[], $7::numeric[], $8::numeric[], $9::numeric[], $10::text[], $11::text[], \
-     $12::numeric[], $13::numeric[], $14::int8[], $15::int8[], $16::text[]) \
-     ON CONFLICT (source, seq) DO NOTHING";
 
 const TRADES_COPY: &str = "COPY trades (source, seq, instrument, venue, ts_ns, price, qty, \
      side, trade_id, account, asset_class, currency, notional, notional_usd, ingest_ns, \
@@ -139,6 +146,16 @@ const TRADES_COPY: &str = "COPY trades (source, seq, instrument, venue, ts_ns, p
 const QUOTES_COPY: &str = "COPY quotes (source, seq, instrument, venue, ts_ns, bid, ask, \
      bid_size, ask_size, asset_class, currency, mid, spread, ingest_ns, enriched_ns, stream_id) \
      FROM STDIN";
+
+const ENTRIES_COPY: &str = "COPY history_entries (stream, ms, seq) FROM STDIN";
+
+/// Which of a batch's entries are already in history.
+const LOADED_SQL: &str = "SELECT e.ms, e.seq FROM history_entries e \
+     JOIN UNNEST($2::int8[], $3::int8[]) AS b (ms, seq) ON e.ms = b.ms AND e.seq = b.seq \
+     WHERE e.stream = $1";
+
+/// Forgets the entries of `stream` that the group can no longer redeliver.
+const PRUNE_SQL: &str = "DELETE FROM history_entries WHERE stream = $1 AND (ms, seq) < ($2, $3)";
 
 /// SQLSTATE of a unique violation.
 const UNIQUE_VIOLATION: &str = "23505";
@@ -211,6 +228,18 @@ impl<'b> CopyRow<'b> {
         self
     }
 
+    /// An event's place in its stream: the entry id, and `.<index>` in a batch
+    /// entry.
+    fn position(&mut self, entry_id: &str, index: Option<u32>) -> &mut Self {
+        use std::io::Write;
+        self.text(entry_id);
+        if let Some(i) = index {
+            // Writing to a Vec cannot fail.
+            let _ = write!(self.buf, ".{i}");
+        }
+        self
+    }
+
     fn end(&mut self) {
         self.buf.push(b'\n');
     }
@@ -228,11 +257,12 @@ struct Common<'a> {
     currency: Vec<&'a str>,
     ingest_ns: Vec<i64>,
     enriched_ns: Vec<i64>,
-    stream_id: Vec<&'a str>,
+    entry_id: Vec<&'a str>,
+    index: Vec<Option<u32>>,
 }
 
 impl<'a> Common<'a> {
-    fn push(&mut self, rec: &'a EnrichedRecord, seq: i64, stream_id: &'a str) {
+    fn push(&mut self, rec: &'a EnrichedRecord, seq: i64, position: Position<'a>) {
         let h = rec.event.header();
         self.source.push(h.source.as_str());
         self.seq.push(seq);
@@ -243,15 +273,23 @@ impl<'a> Common<'a> {
         self.currency.push(&rec.currency);
         self.ingest_ns.push(rec.ingest_ns);
         self.enriched_ns.push(rec.enriched_ns);
-        self.stream_id.push(stream_id);
+        self.entry_id.push(position.0);
+        self.index.push(position.1);
     }
 
     fn len(&self) -> usize {
         self.seq.len()
     }
 
-    fn is_empty(&self) -> bool {
-        self.seq.is_empty()
+    /// Row indexes in (instrument, ts) order: the order COPY sends them in.
+    fn order(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        order.sort_unstable_by(|&a, &b| {
+            self.instrument[a]
+                .cmp(self.instrument[b])
+                .then(self.ts_ns[a].cmp(&self.ts_ns[b]))
+        });
+        order
     }
 
     /// The first columns of both tables: source, seq, instrument, venue, ts_ns.
@@ -268,7 +306,7 @@ impl<'a> Common<'a> {
     fn copy_tail(&self, row: &mut CopyRow<'_>, i: usize) {
         row.int(self.ingest_ns[i])
             .int(self.enriched_ns[i])
-            .text(self.stream_id[i])
+            .position(self.entry_id[i], self.index[i])
             .end();
     }
 }
@@ -289,7 +327,7 @@ impl TradeRows<'_> {
     /// The rows in COPY text format, columns as in [`TRADES_COPY`].
     fn copy_text(&self, buf: &mut Vec<u8>) {
         let c = &self.common;
-        for i in 0..c.len() {
+        for i in c.order() {
             let mut row = CopyRow::new(buf);
             c.copy_head(&mut row, i);
             row.decimal(&self.price[i])
@@ -321,7 +359,7 @@ impl QuoteRows<'_> {
     /// The rows in COPY text format, columns as in [`QUOTES_COPY`].
     fn copy_text(&self, buf: &mut Vec<u8>) {
         let c = &self.common;
-        for i in 0..c.len() {
+        for i in c.order() {
             let mut row = CopyRow::new(buf);
             c.copy_head(&mut row, i);
             row.decimal(&self.bid[i])
@@ -337,17 +375,24 @@ impl QuoteRows<'_> {
     }
 }
 
-/// Splits decoded records into column vectors; a record that cannot become a row
-/// comes back as its reason.
+/// Where an event sits in its stream: entry id, and index when the entry is a
+/// batch.
+type Position<'a> = (&'a str, Option<u32>);
+
+/// Splits a decoded record into column vectors (only checks it when `load` is
+/// false); a record that cannot become a row comes back as its reason.
 fn add_row<'a>(
-    trades: &mut TradeRows<'a>,
-    quotes: &mut QuoteRows<'a>,
+    rows: &mut Rows<'a>,
     rec: &'a EnrichedRecord,
-    stream_id: &'a str,
+    position: Position<'a>,
+    load: bool,
 ) -> Result<(), String> {
     let seq = i64::try_from(rec.event.header().seq)
         .map_err(|_| format!("`seq` {} does not fit a bigint", rec.event.header().seq))?;
+    let (trades, quotes) = (&mut rows.trades, &mut rows.quotes);
     match (&rec.event, &rec.derived) {
+        (Event::Trade(_), Derived::Trade { .. }) | (Event::Quote(_), Derived::Quote { .. })
+            if !load => {}
         (
             Event::Trade(t),
             Derived::Trade {
@@ -355,7 +400,7 @@ fn add_row<'a>(
                 notional_usd,
             },
         ) => {
-            trades.common.push(rec, seq, stream_id);
+            trades.common.push(rec, seq, position);
             trades.price.push(t.price);
             trades.qty.push(t.qty);
             trades.side.push(t.side.as_str());
@@ -367,7 +412,7 @@ fn add_row<'a>(
             trades.notional_usd.push(*notional_usd);
         }
         (Event::Quote(q), Derived::Quote { mid, spread }) => {
-            quotes.common.push(rec, seq, stream_id);
+            quotes.common.push(rec, seq, position);
             quotes.bid.push(q.bid);
             quotes.ask.push(q.ask);
             quotes.bid_size.push(q.bid_size);
@@ -399,94 +444,174 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(UNIQUE_VIOLATION))
 }
 
-impl Loader {
-    /// Writes the batch in one transaction: by COPY, or, when some of it is
-    /// already stored, by INSERT that skips those rows.
-    async fn store(
-        &self,
-        trades: &TradeRows<'_>,
-        quotes: &QuoteRows<'_>,
-    ) -> Result<(), sqlx::Error> {
-        match self.copy(trades, quotes).await {
-            Err(e) if is_unique_violation(&e) => {
-                tracing::info!(
-                    error = %e,
-                    "batch holds events already in history (a redelivery or a resend); \
-                     storing the rest"
-                );
-                self.insert(trades, quotes).await
+/// Entry ids are `<ms>-<seq>` of u64s; Postgres keeps them as bigints.
+fn id_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A batch's decoded entries.
+struct Decoded<'a> {
+    entry: &'a Entry,
+    id: EntryId,
+    batch: bool,
+    records: Result<Vec<EnrichedRecord>, CodecError>,
+}
+
+/// What one transaction writes: the rows, and the entries they came from.
+#[derive(Default)]
+struct Rows<'a> {
+    trades: TradeRows<'a>,
+    quotes: QuoteRows<'a>,
+    entries: Vec<EntryId>,
+}
+
+/// The rows of every entry not in `skip`, and a dead letter for each entry or
+/// event that cannot become a row (of every entry: a skipped entry's letters
+/// were not written, since they go out with the ack).
+fn collect<'a>(decoded: &'a [Decoded<'a>], skip: &HashSet<EntryId>) -> (Rows<'a>, Vec<DeadLetter>) {
+    let mut rows = Rows::default();
+    let mut bad = Vec::new();
+    for d in decoded {
+        let load = !skip.contains(&d.id);
+        if load {
+            rows.entries.push(d.id);
+        }
+        let recs = match &d.records {
+            Ok(recs) => recs,
+            Err(e) => {
+                bad.push(DeadLetter::new(
+                    "load",
+                    format!("unloadable enriched entry {}: {e}", d.entry.id),
+                    d.entry.record.clone(),
+                ));
+                continue;
             }
-            other => other,
+        };
+        for (i, rec) in recs.iter().enumerate() {
+            let index = d.batch.then(|| u32::try_from(i).unwrap_or(u32::MAX));
+            // A skipped entry's records are only checked, for their letters.
+            if let Err(reason) = add_row(&mut rows, rec, (&d.entry.id, index), load) {
+                // Enrich wrote it, so this is a bug or a version skew: keep the
+                // event for a replay rather than stall the shard on it forever.
+                let position = match index {
+                    Some(i) => format!("{}.{i}", d.entry.id),
+                    None => d.entry.id.clone(),
+                };
+                let payload = serde_json::to_vec(rec).unwrap_or_default();
+                let mut letter = DeadLetter::new(
+                    "load",
+                    format!("unloadable enriched event {position}: {reason}"),
+                    payload,
+                );
+                letter.event_id = Some(rec.event.id());
+                bad.push(letter);
+            }
+        }
+    }
+    (rows, bad)
+}
+
+impl Loader {
+    /// Writes the batch in one transaction; when some of its entries are already
+    /// stored (a redelivery), writes the others.
+    async fn store<'a>(
+        &self,
+        stream: &str,
+        decoded: &'a [Decoded<'a>],
+        rows: &Rows<'a>,
+    ) -> Result<(), BatchError> {
+        match self.copy(stream, rows).await {
+            Err(e) if is_unique_violation(&e) => {
+                let skip = self.loaded(stream, &rows.entries).await?;
+                tracing::info!(
+                    stream,
+                    entries = rows.entries.len(),
+                    already_loaded = skip.len(),
+                    "batch redelivered after its commit; storing the entries not yet loaded"
+                );
+                let (rest, _) = collect(decoded, &skip);
+                Ok(self.copy(stream, &rest).await?)
+            }
+            other => Ok(other?),
         }
     }
 
-    async fn copy(
-        &self,
-        trades: &TradeRows<'_>,
-        quotes: &QuoteRows<'_>,
-    ) -> Result<(), sqlx::Error> {
+    async fn copy(&self, stream: &str, rows: &Rows<'_>) -> Result<(), sqlx::Error> {
+        if rows.entries.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
-        let mut buf = Vec::with_capacity(256 * trades.common.len().max(quotes.common.len()));
-        trades.copy_text(&mut buf);
+        let mut buf =
+            Vec::with_capacity(256 * rows.trades.common.len().max(rows.quotes.common.len()));
+        for id in &rows.entries {
+            CopyRow::new(&mut buf)
+                .text(stream)
+                .int(id_i64(id.ms))
+                .int(id_i64(id.seq))
+                .end();
+        }
+        copy_rows(&mut tx, ENTRIES_COPY, &buf).await?;
+        buf.clear();
+        rows.trades.copy_text(&mut buf);
         copy_rows(&mut tx, TRADES_COPY, &buf).await?;
         buf.clear();
-        quotes.copy_text(&mut buf);
+        rows.quotes.copy_text(&mut buf);
         copy_rows(&mut tx, QUOTES_COPY, &buf).await?;
         tx.commit().await
     }
 
-    async fn insert(
+    /// Which of `entries` of `stream` are already in history.
+    async fn loaded(
         &self,
-        trades: &TradeRows<'_>,
-        quotes: &QuoteRows<'_>,
-    ) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        if !trades.common.is_empty() {
-            let c = &trades.common;
-            sqlx::query(TRADES_SQL)
-                .bind(&c.source)
-                .bind(&c.seq)
-                .bind(&c.instrument)
-                .bind(&c.venue)
-                .bind(&c.ts_ns)
-                .bind(&trades.price)
-                .bind(&trades.qty)
-                .bind(&trades.side)
-                .bind(&trades.trade_id)
-                .bind(&trades.account)
-                .bind(&c.asset_class)
-                .bind(&c.currency)
-                .bind(&trades.notional)
-                .bind(&trades.notional_usd)
-                .bind(&c.ingest_ns)
-                .bind(&c.enriched_ns)
-                .bind(&c.stream_id)
-                .execute(&mut *tx)
-                .await?;
+        stream: &str,
+        entries: &[EntryId],
+    ) -> Result<HashSet<EntryId>, sqlx::Error> {
+        let ms: Vec<i64> = entries.iter().map(|e| id_i64(e.ms)).collect();
+        let seq: Vec<i64> = entries.iter().map(|e| id_i64(e.seq)).collect();
+        let found: Vec<(i64, i64)> = sqlx::query_as(LOADED_SQL)
+            .bind(stream)
+            .bind(&ms)
+            .bind(&seq)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(found
+            .into_iter()
+            .map(|(ms, seq)| EntryId {
+                ms: u64::try_from(ms).unwrap_or_default(),
+                seq: u64::try_from(seq).unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    /// Every `prune_every` per stream, deletes the `history_entries` rows below
+    /// the oldest entry the group may still deliver (its oldest pending entry, or
+    /// the one after its last delivered): those were acked and never come again.
+    async fn prune(&self, stream: &str) -> Result<(), BatchError> {
+        {
+            let mut pruned = self.pruned.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            let last = pruned.entry(stream.to_owned()).or_insert(now);
+            if now.duration_since(*last) < self.prune_every {
+                return Ok(());
+            }
+            *last = now;
         }
-        if !quotes.common.is_empty() {
-            let c = &quotes.common;
-            sqlx::query(QUOTES_SQL)
-                .bind(&c.source)
-                .bind(&c.seq)
-                .bind(&c.instrument)
-                .bind(&c.venue)
-                .bind(&c.ts_ns)
-                .bind(&quotes.bid)
-                .bind(&quotes.ask)
-                .bind(&quotes.bid_size)
-                .bind(&quotes.ask_size)
-                .bind(&c.asset_class)
-                .bind(&c.currency)
-                .bind(&quotes.mid)
-                .bind(&quotes.spread)
-                .bind(&c.ingest_ns)
-                .bind(&c.enriched_ns)
-                .bind(&c.stream_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await
+        let mut con = self.con.clone();
+        let Some(needed) = retention::needed_from(&mut con, stream).await? else {
+            return Ok(());
+        };
+        let done = sqlx::query(PRUNE_SQL)
+            .bind(stream)
+            .bind(id_i64(needed.ms))
+            .bind(id_i64(needed.seq))
+            .execute(&self.pool)
+            .await?;
+        tracing::debug!(
+            stream,
+            pruned = done.rows_affected(),
+            "history_entries pruned"
+        );
+        Ok(())
     }
 }
 
@@ -499,50 +624,19 @@ impl BatchHandler for Loader {
         stream: &str,
         entries: Vec<Entry>,
     ) -> Result<(), Self::Error> {
-        // Each event's place in the stream: the entry id, and its index in a batch entry.
-        let decoded: Vec<_> = entries
+        let decoded = entries
             .iter()
             .map(|e| {
-                let batch = is_batch(&e.record);
-                decode_entry::<EnrichedRecord>(&e.record).map(|recs| {
-                    recs.into_iter()
-                        .enumerate()
-                        .map(|(i, r)| (event_position(&e.id, i, batch), r))
-                        .collect::<Vec<_>>()
+                Ok(Decoded {
+                    entry: e,
+                    id: e.id.parse().map_err(BatchError::EntryId)?,
+                    batch: is_batch(&e.record),
+                    records: decode_entry::<EnrichedRecord>(&e.record),
                 })
             })
-            .collect();
-        let mut trades = TradeRows::default();
-        let mut quotes = QuoteRows::default();
-        let mut bad = Vec::new();
-        for (entry, recs) in entries.iter().zip(&decoded) {
-            let recs = match recs {
-                Ok(recs) => recs,
-                Err(e) => {
-                    bad.push(DeadLetter::new(
-                        "load",
-                        format!("unloadable enriched entry {}: {e}", entry.id),
-                        entry.record.clone(),
-                    ));
-                    continue;
-                }
-            };
-            for (position, rec) in recs {
-                if let Err(reason) = add_row(&mut trades, &mut quotes, rec, position) {
-                    // Enrich wrote it, so this is a bug or a version skew: keep the
-                    // event for a replay rather than stall the shard on it forever.
-                    let payload = serde_json::to_vec(rec).unwrap_or_default();
-                    let mut letter = DeadLetter::new(
-                        "load",
-                        format!("unloadable enriched event {position}: {reason}"),
-                        payload,
-                    );
-                    letter.event_id = Some(rec.event.id());
-                    bad.push(letter);
-                }
-            }
-        }
-        self.store(&trades, &quotes).await?;
+            .collect::<Result<Vec<_>, BatchError>>()?;
+        let (rows, bad) = collect(&decoded, &HashSet::new());
+        self.store(stream, &decoded, &rows).await?;
         let dlq = self.layout.dlq(shard);
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -557,20 +651,21 @@ impl BatchHandler for Loader {
         pipe.add_command(ack).ignore();
         let mut con = self.con.clone();
         pipe.query_async::<()>(&mut con).await?;
+        let (trades, quotes) = (rows.trades.common.len(), rows.quotes.common.len());
         if bad.is_empty() {
-            tracing::debug!(
-                trades = trades.common.len(),
-                quotes = quotes.common.len(),
-                "batch loaded"
-            );
+            tracing::debug!(trades, quotes, "batch loaded");
         } else {
             tracing::error!(
-                trades = trades.common.len(),
-                quotes = quotes.common.len(),
+                trades,
+                quotes,
                 dead_lettered = bad.len(),
                 first_reason = %bad[0].reason,
                 "batch loaded; entries dead-lettered"
             );
+        }
+        if let Err(e) = self.prune(stream).await {
+            // Only bookkeeping: the next prune covers it.
+            tracing::warn!(error = %e, stream, "pruning history_entries failed; will retry");
         }
         Ok(())
     }

@@ -34,7 +34,7 @@ pub struct EnrichConfig {
     pub dlq_trim: Trim,
     /// How long an event's `source` + `seq` is remembered, so that a producer's
     /// re-send within it is dropped before the enriched stream. Zero turns this
-    /// off (the history still stores each event once).
+    /// off: a re-send then reaches the enriched stream and history again.
     pub dedupe_window: Duration,
 }
 
