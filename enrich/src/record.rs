@@ -29,14 +29,18 @@ pub struct EnrichedRecord {
 pub enum Derived {
     Trade {
         /// price x qty, in the instrument's currency.
+        #[serde(with = "tickgraph_ingest::decimal")]
         notional: Decimal,
         /// notional x the currency's USD rate.
+        #[serde(with = "tickgraph_ingest::decimal")]
         notional_usd: Decimal,
     },
     Quote {
         /// (bid + ask) / 2.
+        #[serde(with = "tickgraph_ingest::decimal")]
         mid: Decimal,
         /// ask - bid.
+        #[serde(with = "tickgraph_ingest::decimal")]
         spread: Decimal,
     },
 }

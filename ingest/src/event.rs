@@ -237,7 +237,9 @@ impl Header {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Trade {
     pub header: Header,
+    #[serde(with = "crate::decimal")]
     pub price: Decimal,
+    #[serde(with = "crate::decimal")]
     pub qty: Decimal,
     pub side: Side,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -249,9 +251,13 @@ pub struct Trade {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quote {
     pub header: Header,
+    #[serde(with = "crate::decimal")]
     pub bid: Decimal,
+    #[serde(with = "crate::decimal")]
     pub ask: Decimal,
+    #[serde(with = "crate::decimal")]
     pub bid_size: Decimal,
+    #[serde(with = "crate::decimal")]
     pub ask_size: Decimal,
 }
 

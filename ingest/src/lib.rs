@@ -1,6 +1,7 @@
 //! tickgraph-ingest: the collector, and the contracts every other part shares.
 //!
 //! # Layout
+//! - [`decimal`]: how decimals are written in stream entries (mantissa and scale).
 //! - [`event`]: the event contract (`Event`, `Trade`, `Quote`), valid by type, and
 //!   the per-event rules that turn a decoded [`event::WireEvent`] into one.
 //! - [`wire`]: batch decoders for JSON arrays, NDJSON and MessagePack, item by item.
@@ -13,6 +14,7 @@
 //! - [`feed`]: the demo feed, a producer that sends realistic quotes and trades
 //!   through the real HTTP path.
 
+pub mod decimal;
 pub mod event;
 pub mod feed;
 pub mod server;
