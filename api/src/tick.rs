@@ -5,6 +5,7 @@
 //! query answer with the same GraphQL `Trade` and `Quote`. Ticks are shared behind
 //! an `Arc`: one decoded event is handed to every matching subscriber.
 
+use compact_str::CompactString;
 use rust_decimal::Decimal;
 use tickgraph_enrich::record::{Derived, EnrichedRecord};
 use tickgraph_enrich::refdata::AssetClass;
@@ -20,7 +21,7 @@ pub struct TradeTick {
     pub notional: Decimal,
     pub notional_usd: Decimal,
     pub asset_class: AssetClass,
-    pub currency: String,
+    pub currency: CompactString,
     pub ingest_ns: i64,
     pub enriched_ns: i64,
 }
@@ -34,7 +35,7 @@ pub struct QuoteTick {
     pub mid: Decimal,
     pub spread: Decimal,
     pub asset_class: AssetClass,
-    pub currency: String,
+    pub currency: CompactString,
     pub ingest_ns: i64,
     pub enriched_ns: i64,
 }
@@ -268,7 +269,7 @@ impl TradeRow {
             notional: self.notional,
             notional_usd: self.notional_usd,
             asset_class,
-            currency: self.currency,
+            currency: self.currency.into(),
             ingest_ns: self.ingest_ns,
             enriched_ns: self.enriched_ns,
         })
@@ -300,7 +301,7 @@ impl QuoteRow {
             mid: self.mid,
             spread: self.spread,
             asset_class,
-            currency: self.currency,
+            currency: self.currency.into(),
             ingest_ns: self.ingest_ns,
             enriched_ns: self.enriched_ns,
         })

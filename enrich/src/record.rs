@@ -2,6 +2,7 @@
 //! read. Encoded as named MessagePack; an entry's `e` field holds an array of them,
 //! one per event of the raw entry it came from (see `tickgraph_ingest::stream`).
 
+use compact_str::CompactString;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use tickgraph_ingest::stream::CodecError;
@@ -19,7 +20,7 @@ pub struct EnrichedRecord {
     pub enriched_ns: i64,
     pub asset_class: AssetClass,
     /// ISO 4217 currency of the instrument's prices.
-    pub currency: String,
+    pub currency: CompactString,
     pub derived: Derived,
 }
 

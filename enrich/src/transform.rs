@@ -2,6 +2,7 @@
 //! reference data in, one [`EnrichedRecord`] or the exact reason it cannot be
 //! enriched out. No I/O, so every rule is unit-tested without Redis or Postgres.
 
+use compact_str::CompactString;
 use rust_decimal::Decimal;
 use tickgraph_ingest::stream::RawRecord;
 use tickgraph_ingest::{Event, Quote, Trade};
@@ -53,7 +54,7 @@ pub fn enrich(
         ingest_ns: rec.ingest_ns,
         enriched_ns,
         asset_class: instrument.asset_class,
-        currency: instrument.currency.clone(),
+        currency: CompactString::new(&instrument.currency),
         derived,
     })
 }

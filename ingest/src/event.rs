@@ -5,6 +5,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
+use compact_str::CompactString;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
@@ -42,7 +43,7 @@ macro_rules! ident_newtype {
         $(#[$m])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(transparent)]
-        pub struct $name(String);
+        pub struct $name(CompactString);
 
         impl $name {
             pub fn parse(s: &str) -> Result<Self, Rejection> {
@@ -62,7 +63,7 @@ macro_rules! ident_newtype {
                         char::from(b)
                     )));
                 }
-                Ok(Self(s.to_owned()))
+                Ok(Self(CompactString::new(s)))
             }
 
             pub fn as_str(&self) -> &str {
@@ -102,7 +103,7 @@ ident_newtype!(
 /// ISO 10383 market identifier code: four upper-case letters or digits.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct Mic(String);
+pub struct Mic(CompactString);
 
 impl Mic {
     pub fn parse(s: &str) -> Result<Self, Rejection> {
@@ -110,7 +111,7 @@ impl Mic {
             && s.bytes()
                 .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
         {
-            Ok(Self(s.to_owned()))
+            Ok(Self(CompactString::new(s)))
         } else {
             Err(Rejection(format!(
                 "`venue` must be a 4-character upper-case MIC, got {}",
