@@ -17,13 +17,16 @@
 //! The hub also keeps the latest trade and quote of every instrument it has seen
 //! since start, for the `latest*` queries.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use async_graphql::indexmap::IndexMap;
+use futures_util::task::AtomicWaker;
 use futures_util::Stream;
 use redis::aio::MultiplexedConnection;
 use tickgraph_enrich::record::EnrichedRecord;
@@ -52,7 +55,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum HubError {
     #[error("subscriber too slow: queue of {queue} events full")]
     TooSlow { queue: usize },
@@ -60,6 +63,10 @@ pub enum HubError {
     ShuttingDown,
     #[error("`{arg}` is an empty list, which selects nothing: omit it to receive every value")]
     EmptyList { arg: &'static str },
+    #[error(
+        "`maxRate` must be above 0 and at most 1000 updates per second per instrument, got {rate}"
+    )]
+    BadMaxRate { rate: f64 },
 }
 
 /// What a subscription asks for. `None` means "any"; every given list must match.
@@ -70,6 +77,35 @@ pub struct Filter {
     pub asset_classes: Option<Vec<AssetClass>>,
     /// Ignored for quotes.
     pub sides: Option<Vec<Side>>,
+    /// Conflation: at most this many updates per second per instrument, each the
+    /// latest; `None` delivers every event.
+    pub max_rate: Option<MaxRate>,
+}
+
+/// Updates per second per instrument a conflated subscription receives at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxRate {
+    period: Duration,
+}
+
+impl MaxRate {
+    /// The most a subscription may ask for; above it conflation saves little.
+    pub const MAX_PER_SECOND: f64 = 1000.0;
+
+    pub fn per_second(rate: f64) -> Result<Self, HubError> {
+        if rate.is_finite() && rate > 0.0 && rate <= Self::MAX_PER_SECOND {
+            Ok(Self {
+                period: Duration::from_secs_f64(1.0 / rate),
+            })
+        } else {
+            Err(HubError::BadMaxRate { rate })
+        }
+    }
+
+    /// The least time between two deliveries.
+    pub fn period(&self) -> Duration {
+        self.period
+    }
 }
 
 /// The per-subscriber part of a [`Filter`], in the shape dispatch checks fastest.
@@ -149,8 +185,62 @@ struct Subscriber<T> {
     id: u64,
     instruments: Option<Vec<String>>,
     check: Check,
-    tx: mpsc::Sender<Arc<T>>,
+    sink: Sink<T>,
     state: Arc<SubState>,
+}
+
+/// Where the hub puts a subscriber's ticks.
+enum Sink<T> {
+    /// Every tick, through a bounded queue.
+    Queue(mpsc::Sender<Arc<T>>),
+    /// Only the latest tick per instrument, which the feed takes at most once per
+    /// period: memory bounded by the instruments selected, whatever the rate.
+    Conflate(ConflateTx<T>),
+}
+
+/// The ticks a conflated feed has not taken yet, newest per instrument, in the
+/// order their instruments first updated since the last take.
+struct Conflation<T> {
+    pending: Mutex<Pending<T>>,
+    waker: AtomicWaker,
+}
+
+struct Pending<T> {
+    latest: IndexMap<String, Arc<T>>,
+    /// The hub side is gone: once `latest` is taken, the feed ends.
+    closed: bool,
+}
+
+impl<T> Conflation<T> {
+    fn pending(&self) -> MutexGuard<'_, Pending<T>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The hub's end of a [`Conflation`]; dropping it ends the feed, as dropping an
+/// mpsc sender does.
+struct ConflateTx<T>(Arc<Conflation<T>>);
+
+impl<T: TickMeta> ConflateTx<T> {
+    fn put(&self, t: &Arc<T>) {
+        {
+            let mut p = self.0.pending();
+            match p.latest.get_mut(t.instrument()) {
+                Some(slot) => *slot = Arc::clone(t),
+                None => {
+                    p.latest.insert(t.instrument().to_owned(), Arc::clone(t));
+                }
+            }
+        }
+        self.0.waker.wake();
+    }
+}
+
+impl<T> Drop for ConflateTx<T> {
+    fn drop(&mut self) {
+        self.0.pending().closed = true;
+        self.0.waker.wake();
+    }
 }
 
 /// Per-batch dispatch counts, logged once per batch.
@@ -169,7 +259,15 @@ where
         if !self.check.matches(t.as_ref()) || self.state.overflowed.load(Ordering::Relaxed) {
             return true;
         }
-        match self.tx.try_send(Arc::clone(t)) {
+        let tx = match &self.sink {
+            Sink::Queue(tx) => tx,
+            Sink::Conflate(c) => {
+                c.put(t);
+                stats.delivered += 1;
+                return true;
+            }
+        };
+        match tx.try_send(Arc::clone(t)) {
             Ok(()) => {
                 stats.delivered += 1;
                 true
@@ -379,7 +477,7 @@ impl Inner {
 /// [`HubError::TooSlow`] and ends when its queue overflowed. Dropping it
 /// unregisters the subscription.
 pub struct Feed<T> {
-    rx: mpsc::Receiver<Arc<T>>,
+    rx: Source<T>,
     state: Arc<SubState>,
     hub: Arc<Inner>,
     unregister: fn(&Inner, u64),
@@ -388,11 +486,61 @@ pub struct Feed<T> {
     finished: bool,
 }
 
+/// A feed's end of its [`Sink`].
+enum Source<T> {
+    Queue(mpsc::Receiver<Arc<T>>),
+    Conflate {
+        from: Arc<Conflation<T>>,
+        period: Duration,
+        /// Taken at the last period, not yet yielded.
+        ready: VecDeque<Arc<T>>,
+        /// No take before this fires.
+        not_before: Option<Pin<Box<tokio::time::Sleep>>>,
+    },
+}
+
 impl<T> Feed<T> {
     fn too_slow(&mut self) -> Poll<Option<Result<Arc<T>, HubError>>> {
         self.finished = true;
         Poll::Ready(Some(Err(HubError::TooSlow { queue: self.queue })))
     }
+}
+
+/// Next tick of a conflated feed: what the last take left, else, once the
+/// period since that take is over, a new take; `None` when the hub side is gone
+/// and nothing is left.
+fn poll_conflated<T>(
+    from: &Conflation<T>,
+    period: Duration,
+    ready: &mut VecDeque<Arc<T>>,
+    not_before: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Arc<T>>> {
+    if let Some(t) = ready.pop_front() {
+        return Poll::Ready(Some(t));
+    }
+    if let Some(sleep) = not_before.as_mut() {
+        if sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        *not_before = None;
+    }
+    // Registered before the take, so a put after it wakes this task.
+    from.waker.register(cx.waker());
+    let (taken, closed) = {
+        let mut p = from.pending();
+        (std::mem::take(&mut p.latest), p.closed)
+    };
+    if taken.is_empty() {
+        return if closed {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        };
+    }
+    ready.extend(taken.into_values());
+    *not_before = Some(Box::pin(tokio::time::sleep(period)));
+    Poll::Ready(ready.pop_front())
 }
 
 impl<T> Stream for Feed<T> {
@@ -407,7 +555,17 @@ impl<T> Stream for Feed<T> {
         if self.state.overflowed.load(Ordering::Acquire) {
             return self.too_slow();
         }
-        match self.rx.poll_recv(cx) {
+        let this = &mut *self;
+        let polled = match &mut this.rx {
+            Source::Queue(rx) => rx.poll_recv(cx),
+            Source::Conflate {
+                from,
+                period,
+                ready,
+                not_before,
+            } => poll_conflated(from, *period, ready, not_before, cx),
+        };
+        match polled {
             Poll::Ready(Some(t)) => Poll::Ready(Some(Ok(t))),
             Poll::Ready(None) if self.state.overflowed.load(Ordering::Acquire) => self.too_slow(),
             Poll::Ready(None) => {
@@ -510,8 +668,30 @@ impl Hub {
     }
 
     fn subscribe<T: Indexed>(&self, filter: Filter) -> Result<Feed<T>, HubError> {
+        let max_rate = filter.max_rate;
         let (instruments, check) = filter.compile()?;
-        let (tx, rx) = mpsc::channel(self.inner.queue);
+        let (sink, rx) = match max_rate {
+            None => {
+                let (tx, rx) = mpsc::channel(self.inner.queue);
+                (Sink::Queue(tx), Source::Queue(rx))
+            }
+            Some(rate) => {
+                let c = Arc::new(Conflation {
+                    pending: Mutex::new(Pending {
+                        latest: IndexMap::new(),
+                        closed: false,
+                    }),
+                    waker: AtomicWaker::new(),
+                });
+                let source = Source::Conflate {
+                    from: Arc::clone(&c),
+                    period: rate.period(),
+                    ready: VecDeque::new(),
+                    not_before: None,
+                };
+                (Sink::Conflate(ConflateTx(c)), source)
+            }
+        };
         let state = Arc::new(SubState::default());
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         {
@@ -523,7 +703,7 @@ impl Hub {
                 id,
                 instruments,
                 check,
-                tx,
+                sink,
                 state: Arc::clone(&state),
             }));
         }
@@ -847,6 +1027,77 @@ mod tests {
 
     fn strings(v: &[&str]) -> Option<Vec<String>> {
         Some(v.iter().map(|s| (*s).to_owned()).collect())
+    }
+
+    fn conflated(per_second: f64) -> Filter {
+        Filter {
+            max_rate: Some(MaxRate::per_second(per_second).expect("rate")),
+            ..Filter::default()
+        }
+    }
+
+    /// `(instrument, seq)` of a feed's next tick, waiting (in paused time) for it.
+    async fn next_quote(feed: &mut Feed<QuoteTick>) -> (String, u64) {
+        let t = feed.next().await.expect("feed open").expect("not too slow");
+        (t.instrument().to_owned(), t.header().seq)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_conflated_feed_gets_the_latest_per_instrument_at_most_once_per_period() {
+        let hub = Hub::new(4);
+        let mut feed = hub.subscribe_quotes(conflated(2.0)).expect("subscribe");
+        let mut every = hub
+            .subscribe_quotes(Filter {
+                instruments: strings(&["B"]),
+                ..Filter::default()
+            })
+            .expect("subscribe");
+        // Far more than the queue of 4 holds, without the feed reading.
+        for seq in 1..=100 {
+            hub.publish(&[quote("A", seq, seq as i64)]);
+            if seq % 10 == 0 {
+                hub.publish(&[quote("B", 1000 + seq, seq as i64)]);
+            }
+        }
+        let start = tokio::time::Instant::now();
+        assert_eq!(next_quote(&mut feed).await, ("A".into(), 100));
+        assert_eq!(next_quote(&mut feed).await, ("B".into(), 1100));
+        assert_eq!(start.elapsed(), Duration::ZERO, "the first take is at once");
+        // The unconflated feed of the same queue size fell behind.
+        assert!(matches!(
+            every.next().await,
+            Some(Err(HubError::TooSlow { queue: 4 }))
+        ));
+
+        // Updates within the period: only the newest goes out, at its end.
+        hub.publish(&[quote("B", 2000, 200)]);
+        hub.publish(&[quote("B", 2001, 201)]);
+        assert_eq!(next_quote(&mut feed).await, ("B".into(), 2001));
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
+
+        // Quiet for longer than a period: the next update goes out at once.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let quiet = tokio::time::Instant::now();
+        hub.publish(&[quote("A", 300, 300)]);
+        assert_eq!(next_quote(&mut feed).await, ("A".into(), 300));
+        assert_eq!(quiet.elapsed(), Duration::ZERO);
+
+        // Shutdown: what is pending still goes out, then the feed ends.
+        hub.publish(&[quote("A", 301, 301)]);
+        hub.inner.close();
+        assert_eq!(next_quote(&mut feed).await, ("A".into(), 301));
+        assert!(feed.next().await.is_none());
+    }
+
+    #[test]
+    fn max_rate_outside_its_range_is_refused() {
+        for bad in [0.0, -1.0, 1000.5, f64::NAN, f64::INFINITY] {
+            assert!(MaxRate::per_second(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            MaxRate::per_second(4.0).expect("rate").period(),
+            Duration::from_millis(250)
+        );
     }
 
     #[test]

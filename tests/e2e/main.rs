@@ -4,6 +4,7 @@
 //! (`#[sqlx::test]`) and its own stream prefix, so tests run in parallel.
 
 mod bad_input;
+mod conflation;
 mod faults;
 mod flow;
 mod helpers;

@@ -8,7 +8,7 @@ use futures_util::{Stream, StreamExt};
 use super::fast::{LiveQuote, LiveTrade};
 use super::types::{AssetClassKind, SideKind};
 use super::{Services, MAX_FILTER_VALUES};
-use crate::hub::Filter;
+use crate::hub::{Filter, MaxRate};
 
 /// Refuses a filter list longer than [`MAX_FILTER_VALUES`]: every event is
 /// matched against it.
@@ -28,6 +28,7 @@ fn filter(
     venues: Option<Vec<String>>,
     asset_classes: Option<Vec<AssetClassKind>>,
     sides: Option<Vec<SideKind>>,
+    max_rate: Option<f64>,
 ) -> Result<Filter> {
     check_len("instruments", &instruments)?;
     check_len("venues", &venues)?;
@@ -38,6 +39,7 @@ fn filter(
         venues,
         asset_classes: asset_classes.map(|v| v.into_iter().map(Into::into).collect()),
         sides: sides.map(|v| v.into_iter().map(Into::into).collect()),
+        max_rate: max_rate.map(MaxRate::per_second).transpose()?,
     })
 }
 
@@ -51,6 +53,11 @@ impl TradeSubscription {
     /// more than 1000 values). Per instrument, trades arrive in stream order. A
     /// subscriber that falls `subscriber_queue` events behind gets the error
     /// "subscriber too slow: ..." and is closed; resubscribe to continue.
+    ///
+    /// `maxRate` conflates: at most that many trades per second per instrument
+    /// (above 0, at most 1000), each the latest of its instrument when sent; the
+    /// ones in between are skipped, never queued, so such a subscriber is never
+    /// too slow. Omitted, every trade is sent.
     async fn trades(
         &self,
         ctx: &Context<'_>,
@@ -58,9 +65,11 @@ impl TradeSubscription {
         venues: Option<Vec<String>>,
         asset_classes: Option<Vec<AssetClassKind>>,
         sides: Option<Vec<SideKind>>,
+        max_rate: Option<f64>,
     ) -> Result<impl Stream<Item = Result<LiveTrade>>> {
         let hub = &ctx.data::<Services>()?.hub;
-        let feed = hub.subscribe_trades(filter(instruments, venues, asset_classes, sides)?)?;
+        let feed =
+            hub.subscribe_trades(filter(instruments, venues, asset_classes, sides, max_rate)?)?;
         Ok(feed.map(|r| r.map(LiveTrade).map_err(Into::into)))
     }
 }
@@ -75,15 +84,22 @@ impl QuoteSubscription {
     /// more than 1000 values). Per instrument, quotes arrive in stream order. A
     /// subscriber that falls `subscriber_queue` events behind gets the error
     /// "subscriber too slow: ..." and is closed; resubscribe to continue.
+    ///
+    /// `maxRate` conflates: at most that many quotes per second per instrument
+    /// (above 0, at most 1000), each the latest of its instrument when sent; the
+    /// ones in between are skipped, never queued, so such a subscriber is never
+    /// too slow. Omitted, every quote is sent.
     async fn quotes(
         &self,
         ctx: &Context<'_>,
         instruments: Option<Vec<String>>,
         venues: Option<Vec<String>>,
         asset_classes: Option<Vec<AssetClassKind>>,
+        max_rate: Option<f64>,
     ) -> Result<impl Stream<Item = Result<LiveQuote>>> {
         let hub = &ctx.data::<Services>()?.hub;
-        let feed = hub.subscribe_quotes(filter(instruments, venues, asset_classes, None)?)?;
+        let feed =
+            hub.subscribe_quotes(filter(instruments, venues, asset_classes, None, max_rate)?)?;
         Ok(feed.map(|r| r.map(LiveQuote).map_err(Into::into)))
     }
 }
