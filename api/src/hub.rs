@@ -80,6 +80,9 @@ pub struct Filter {
     /// Conflation: at most this many updates per second per instrument, each the
     /// latest; `None` delivers every event.
     pub max_rate: Option<MaxRate>,
+    /// Start with the latest tick the hub holds of every selected instrument that
+    /// matches, then live ticks: none missed and none repeated between the two.
+    pub snapshot: bool,
 }
 
 /// Updates per second per instrument a conflated subscription receives at most.
@@ -361,17 +364,26 @@ struct Registry {
 /// A tick kind the hub indexes subscriptions for.
 trait Indexed: TickMeta + Sized {
     fn index_mut(r: &mut Registry) -> &mut Index<Self>;
+    fn latest_of(l: &Latest) -> Option<&Arc<Self>>;
 }
 
 impl Indexed for TradeTick {
     fn index_mut(r: &mut Registry) -> &mut Index<Self> {
         &mut r.trades
     }
+
+    fn latest_of(l: &Latest) -> Option<&Arc<Self>> {
+        l.trade.as_ref()
+    }
 }
 
 impl Indexed for QuoteTick {
     fn index_mut(r: &mut Registry) -> &mut Index<Self> {
         &mut r.quotes
+    }
+
+    fn latest_of(l: &Latest) -> Option<&Arc<Self>> {
+        l.quote.as_ref()
     }
 }
 
@@ -426,6 +438,10 @@ impl Inner {
                     Tick::Quote(q) => reg.quotes.deliver(q, &mut stats, &mut dead_quotes),
                 }
             }
+            // Under the registry lock, so that a subscription taking a snapshot
+            // (under the write lock) sees each batch either in the latest map and
+            // not live, or live and not in the map.
+            self.remember_latest(ticks);
         }
         if !dead_trades.is_empty() || !dead_quotes.is_empty() {
             let mut reg = self.registry_mut();
@@ -436,7 +452,6 @@ impl Inner {
                 reg.quotes.remove(id);
             }
         }
-        self.remember_latest(ticks);
         stats
     }
 
@@ -459,6 +474,29 @@ impl Inner {
         }
     }
 
+    /// The latest tick of each of `instruments` (every instrument when `None`,
+    /// in symbol order) that passes `check`.
+    fn snapshot<T: Indexed>(
+        &self,
+        instruments: Option<&[String]>,
+        check: &Check,
+    ) -> VecDeque<Arc<T>> {
+        let latest = self.latest();
+        let mut picked: Vec<&Arc<T>> = match instruments {
+            Some(symbols) => symbols
+                .iter()
+                .filter_map(|s| latest.get(s).and_then(T::latest_of))
+                .collect(),
+            None => {
+                let mut all: Vec<&Arc<T>> = latest.values().filter_map(T::latest_of).collect();
+                all.sort_unstable_by(|a, b| a.instrument().cmp(b.instrument()));
+                all
+            }
+        };
+        picked.retain(|t| check.matches(t.as_ref()));
+        picked.into_iter().cloned().collect()
+    }
+
     fn latest(&self) -> RwLockReadGuard<'_, HashMap<String, Latest>> {
         self.latest.read().unwrap_or_else(PoisonError::into_inner)
     }
@@ -477,6 +515,8 @@ impl Inner {
 /// [`HubError::TooSlow`] and ends when its queue overflowed. Dropping it
 /// unregisters the subscription.
 pub struct Feed<T> {
+    /// The snapshot, yielded before anything live.
+    initial: VecDeque<Arc<T>>,
     rx: Source<T>,
     state: Arc<SubState>,
     hub: Arc<Inner>,
@@ -549,6 +589,9 @@ impl<T> Stream for Feed<T> {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.finished {
             return Poll::Ready(None);
+        }
+        if let Some(t) = self.initial.pop_front() {
+            return Poll::Ready(Some(Ok(t)));
         }
         // Checked before the queue: a subscriber that fell behind learns it now,
         // not after reading the stale events still queued.
@@ -668,7 +711,7 @@ impl Hub {
     }
 
     fn subscribe<T: Indexed>(&self, filter: Filter) -> Result<Feed<T>, HubError> {
-        let max_rate = filter.max_rate;
+        let (max_rate, snapshot) = (filter.max_rate, filter.snapshot);
         let (instruments, check) = filter.compile()?;
         let (sink, rx) = match max_rate {
             None => {
@@ -694,11 +737,18 @@ impl Hub {
         };
         let state = Arc::new(SubState::default());
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let initial;
         {
             let mut reg = self.inner.registry_mut();
             if reg.closed {
                 return Err(HubError::ShuttingDown);
             }
+            // Taken with dispatch locked out, and registered before it resumes.
+            initial = if snapshot {
+                self.inner.snapshot::<T>(instruments.as_deref(), &check)
+            } else {
+                VecDeque::new()
+            };
             T::index_mut(&mut reg).insert(Arc::new(Subscriber {
                 id,
                 instruments,
@@ -708,6 +758,7 @@ impl Hub {
             }));
         }
         Ok(Feed {
+            initial,
             rx,
             state,
             hub: Arc::clone(&self.inner),
@@ -1087,6 +1138,71 @@ mod tests {
         hub.inner.close();
         assert_eq!(next_quote(&mut feed).await, ("A".into(), 301));
         assert!(feed.next().await.is_none());
+    }
+
+    #[test]
+    fn a_snapshot_holds_the_latest_of_each_selected_instrument_that_matches() {
+        let hub = Hub::new(100);
+        hub.publish(&[
+            trade("A", "XNAS", 1, Side::Buy, AssetClass::Equity),
+            trade("A", "XNAS", 2, Side::Sell, AssetClass::Equity),
+            trade("B", "XLON", 3, Side::Buy, AssetClass::Equity),
+            trade("C", "XNAS", 4, Side::Buy, AssetClass::Etf),
+        ]);
+        let mut chosen = hub
+            .subscribe_trades(Filter {
+                instruments: strings(&["A", "B", "Z"]),
+                snapshot: true,
+                ..Filter::default()
+            })
+            .expect("subscribe");
+        let mut nasdaq = hub
+            .subscribe_trades(Filter {
+                venues: strings(&["XNAS"]),
+                snapshot: true,
+                ..Filter::default()
+            })
+            .expect("subscribe");
+        let mut live_only = hub.subscribe_trades(Filter::default()).expect("subscribe");
+        hub.publish(&[trade("A", "XNAS", 5, Side::Buy, AssetClass::Equity)]);
+        assert_eq!(drain(&mut chosen), vec![2, 3, 5]);
+        assert_eq!(drain(&mut nasdaq), vec![2, 4, 5], "symbol order, then live");
+        assert_eq!(drain(&mut live_only), vec![5]);
+    }
+
+    /// Subscribing again and again while a publisher runs: each feed gets its
+    /// snapshot's seq, then every later one, with no gap and no repeat.
+    #[test]
+    fn a_snapshot_then_live_has_no_gap_and_no_repeat() {
+        const N: u64 = 20_000;
+        let hub = Hub::new(N as usize);
+        let publisher = {
+            let hub = hub.clone();
+            std::thread::spawn(move || {
+                for seq in 1..=N {
+                    hub.publish(&[quote("A", seq, seq as i64)]);
+                }
+            })
+        };
+        let mut feeds = Vec::new();
+        while !publisher.is_finished() && feeds.len() < 200 {
+            feeds.push(
+                hub.subscribe_quotes(Filter {
+                    snapshot: true,
+                    ..Filter::default()
+                })
+                .expect("subscribe"),
+            );
+        }
+        publisher.join().expect("publisher");
+        assert!(feeds.len() > 1, "subscribed during the run");
+        for mut feed in feeds {
+            let seqs = drain(&mut feed);
+            let Some(&first) = seqs.first() else {
+                continue; // subscribed before the first quote, and N is in the queue
+            };
+            assert_eq!(seqs, (first..=N).collect::<Vec<_>>(), "from {first}");
+        }
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! (`#[sqlx::test]`) and its own stream prefix, so tests run in parallel.
 
 mod bad_input;
-mod conflation;
 mod faults;
 mod flow;
 mod helpers;
 mod history;
+mod screens;

@@ -29,6 +29,7 @@ fn filter(
     asset_classes: Option<Vec<AssetClassKind>>,
     sides: Option<Vec<SideKind>>,
     max_rate: Option<f64>,
+    snapshot: bool,
 ) -> Result<Filter> {
     check_len("instruments", &instruments)?;
     check_len("venues", &venues)?;
@@ -40,6 +41,7 @@ fn filter(
         asset_classes: asset_classes.map(|v| v.into_iter().map(Into::into).collect()),
         sides: sides.map(|v| v.into_iter().map(Into::into).collect()),
         max_rate: max_rate.map(MaxRate::per_second).transpose()?,
+        snapshot,
     })
 }
 
@@ -58,6 +60,12 @@ impl TradeSubscription {
     /// (above 0, at most 1000), each the latest of its instrument when sent; the
     /// ones in between are skipped, never queued, so such a subscriber is never
     /// too slow. Omitted, every trade is sent.
+    ///
+    /// `snapshot: true` first sends the latest trade of every selected instrument
+    /// that this server has seen since it started (and that passes the filters),
+    /// then live trades, with none missed and none repeated between the two.
+    // Each argument is a GraphQL argument of the field.
+    #[allow(clippy::too_many_arguments)]
     async fn trades(
         &self,
         ctx: &Context<'_>,
@@ -66,10 +74,17 @@ impl TradeSubscription {
         asset_classes: Option<Vec<AssetClassKind>>,
         sides: Option<Vec<SideKind>>,
         max_rate: Option<f64>,
+        #[graphql(default)] snapshot: bool,
     ) -> Result<impl Stream<Item = Result<LiveTrade>>> {
         let hub = &ctx.data::<Services>()?.hub;
-        let feed =
-            hub.subscribe_trades(filter(instruments, venues, asset_classes, sides, max_rate)?)?;
+        let feed = hub.subscribe_trades(filter(
+            instruments,
+            venues,
+            asset_classes,
+            sides,
+            max_rate,
+            snapshot,
+        )?)?;
         Ok(feed.map(|r| r.map(LiveTrade).map_err(Into::into)))
     }
 }
@@ -89,6 +104,10 @@ impl QuoteSubscription {
     /// (above 0, at most 1000), each the latest of its instrument when sent; the
     /// ones in between are skipped, never queued, so such a subscriber is never
     /// too slow. Omitted, every quote is sent.
+    ///
+    /// `snapshot: true` first sends the latest quote of every selected instrument
+    /// that this server has seen since it started (and that passes the filters),
+    /// then live quotes, with none missed and none repeated between the two.
     async fn quotes(
         &self,
         ctx: &Context<'_>,
@@ -96,10 +115,17 @@ impl QuoteSubscription {
         venues: Option<Vec<String>>,
         asset_classes: Option<Vec<AssetClassKind>>,
         max_rate: Option<f64>,
+        #[graphql(default)] snapshot: bool,
     ) -> Result<impl Stream<Item = Result<LiveQuote>>> {
         let hub = &ctx.data::<Services>()?.hub;
-        let feed =
-            hub.subscribe_quotes(filter(instruments, venues, asset_classes, None, max_rate)?)?;
+        let feed = hub.subscribe_quotes(filter(
+            instruments,
+            venues,
+            asset_classes,
+            None,
+            max_rate,
+            snapshot,
+        )?)?;
         Ok(feed.map(|r| r.map(LiveQuote).map_err(Into::into)))
     }
 }

@@ -1,6 +1,7 @@
-//! `maxRate` over a real WebSocket: a conflated subscription receives at most
-//! the rate per instrument, in order, and always ends on the latest value, while
-//! an unconflated one on the same instrument receives every event.
+//! Subscriptions for screens, over a real WebSocket: `maxRate` (a conflated
+//! subscription receives at most the rate per instrument, in order, and always
+//! ends on the latest value, while an unconflated one receives every event), and
+//! `snapshot` (the latest value first, then live updates).
 
 use std::time::{Duration, Instant};
 
@@ -96,6 +97,63 @@ async fn a_conflated_subscription_gets_at_most_its_rate_and_always_the_latest(po
         seqs.len() <= most,
         "{} updates in {elapsed:.2} s is over 2 a second: {seqs:?}",
         seqs.len()
+    );
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_snapshot_subscription_starts_with_the_latest_values_then_goes_live(pool: PgPool) {
+    let app = spawn_app(pool, 2).await;
+    // A plain subscriber shows when the api's hub has dispatched the quotes.
+    let mut watcher = Subscription::start(
+        &app.ws,
+        false,
+        "subscription { quotes(instruments: [\"AAPL\", \"MSFT\"]) { source seq } }",
+    )
+    .await;
+    until_live(&app, &mut watcher).await;
+    let answer = app
+        .post_json(&json!([
+            quote("mm", 1, "AAPL", "XNAS", "189.1", "189.2"),
+            quote("mm", 2, "AAPL", "XNAS", "189.3", "189.4"),
+            quote("mm", 3, "MSFT", "XNAS", "410.1", "410.2"),
+            quote("mm", 4, "VOD.L", "XLON", "72.1", "72.2"),
+        ]))
+        .await;
+    assert_eq!(answer["accepted"], 4, "{answer}");
+    let mut seen = Vec::new();
+    while !(seen.contains(&"2".to_owned()) && seen.contains(&"3".to_owned())) {
+        let q = watcher.next().await["quotes"].clone();
+        if q["source"] == "mm" {
+            seen.push(q["seq"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+
+    let mut sub = Subscription::start(
+        &app.ws,
+        false,
+        "subscription { quotes(instruments: [\"MSFT\", \"AAPL\", \"IBM\"], snapshot: true) { instrument seq bid } }",
+    )
+    .await;
+    let first = sub.next().await["quotes"].clone();
+    let second = sub.next().await["quotes"].clone();
+    assert_eq!(
+        (first, second),
+        (
+            json!({"instrument": "AAPL", "seq": "2", "bid": "189.3"}),
+            json!({"instrument": "MSFT", "seq": "3", "bid": "410.1"})
+        ),
+        "the latest of each selected instrument the server has seen, in symbol order"
+    );
+    app.post_json(&json!([
+        quote("mm", 5, "VOD.L", "XLON", "72.3", "72.4"),
+        quote("mm", 6, "AAPL", "XNAS", "189.5", "189.6"),
+    ]))
+    .await;
+    assert_eq!(
+        sub.next().await["quotes"],
+        json!({"instrument": "AAPL", "seq": "6", "bid": "189.5"}),
+        "then live, nothing repeated"
     );
     app.stop().await;
 }
