@@ -22,7 +22,7 @@ use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
 use tickgraph_api::hub::Feed;
 use tickgraph_api::schema::{self, Limits, Services};
-use tickgraph_api::tick::{cursor, QuoteTick, Tick, TradeTick};
+use tickgraph_api::tick::{cursor, QuoteTick, Tick, TickMeta, TradeTick};
 use tickgraph_api::{ApiConfig, Filter, Hub};
 use tickgraph_enrich::demo::{demo_refdata, feed_accounts, feed_instruments};
 use tickgraph_enrich::refdata::{AssetClass, RefCache, RefData};
@@ -146,7 +146,7 @@ fn realistic_subscriptions(
     (trades, quotes)
 }
 
-fn drain<T>(feeds: &mut [Feed<T>]) -> usize {
+fn drain<T: TickMeta>(feeds: &mut [Feed<T>]) -> usize {
     let mut n = 0;
     for f in feeds {
         while let Some(Some(_)) = f.next().now_or_never() {

@@ -187,7 +187,7 @@ struct SubState {
 struct Subscriber<T> {
     id: u64,
     instruments: Option<Vec<String>>,
-    check: Check,
+    check: Arc<Check>,
     sink: Sink<T>,
     state: Arc<SubState>,
 }
@@ -476,16 +476,24 @@ impl Inner {
 
     /// The latest tick of each of `instruments` (every instrument when `None`,
     /// in symbol order) that passes `check`.
+    /// Also returns the listed instruments it has no tick of.
     fn snapshot<T: Indexed>(
         &self,
         instruments: Option<&[String]>,
         check: &Check,
-    ) -> VecDeque<Arc<T>> {
+    ) -> (VecDeque<Arc<T>>, Vec<String>) {
         let latest = self.latest();
+        let mut missing = Vec::new();
         let mut picked: Vec<&Arc<T>> = match instruments {
             Some(symbols) => symbols
                 .iter()
-                .filter_map(|s| latest.get(s).and_then(T::latest_of))
+                .filter_map(|s| {
+                    let t = latest.get(s).and_then(T::latest_of);
+                    if t.is_none() {
+                        missing.push(s.clone());
+                    }
+                    t
+                })
                 .collect(),
             None => {
                 let mut all: Vec<&Arc<T>> = latest.values().filter_map(T::latest_of).collect();
@@ -494,7 +502,7 @@ impl Inner {
             }
         };
         picked.retain(|t| check.matches(t.as_ref()));
-        picked.into_iter().cloned().collect()
+        (picked.into_iter().cloned().collect(), missing)
     }
 
     fn latest(&self) -> RwLockReadGuard<'_, HashMap<String, Latest>> {
@@ -517,6 +525,12 @@ impl Inner {
 pub struct Feed<T> {
     /// The snapshot, yielded before anything live.
     initial: VecDeque<Arc<T>>,
+    /// Selected instruments the hub had no latest tick of at subscription.
+    not_in_snapshot: Vec<String>,
+    /// Per instrument, the stream position of a snapshot tick added by
+    /// [`Feed::backfill`]: live ticks at or before it are not sent again.
+    floors: HashMap<String, Position>,
+    check: Arc<Check>,
     rx: Source<T>,
     state: Arc<SubState>,
     hub: Arc<Inner>,
@@ -537,6 +551,50 @@ enum Source<T> {
         /// No take before this fires.
         not_before: Option<Pin<Box<tokio::time::Sleep>>>,
     },
+}
+
+/// Where a tick sits in its shard's stream, from its cursor
+/// `<shard>:<ms>-<seq>[.<index>]`; ticks of one instrument share a shard.
+type Position = (u64, u64, u64);
+
+fn position(cursor: &str) -> Option<Position> {
+    let (_, at) = cursor.split_once(':')?;
+    let (id, index) = at.split_once('.').unwrap_or((at, "0"));
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?, index.parse().ok()?))
+}
+
+impl<T: TickMeta> Feed<T> {
+    /// Selected instruments that the snapshot lacks: the hub has not seen them
+    /// since it started (only set for `snapshot` subscriptions).
+    pub fn not_in_snapshot(&self) -> &[String] {
+        &self.not_in_snapshot
+    }
+
+    /// Adds ticks from elsewhere (history) to the snapshot, each the latest of
+    /// an instrument in [`Feed::not_in_snapshot`]; ticks the filters reject are
+    /// dropped. A live tick of the same instrument at or before it in the stream
+    /// (the loader may store an event before the hub dispatches it) is then not
+    /// sent.
+    pub fn backfill(&mut self, ticks: impl IntoIterator<Item = Arc<T>>) {
+        for t in ticks {
+            if !self.check.matches(t.as_ref()) {
+                continue;
+            }
+            if let Some(p) = position(t.cursor()) {
+                self.floors.insert(t.instrument().to_owned(), p);
+            }
+            self.initial.push_back(t);
+        }
+    }
+
+    /// False for a live tick that a backfilled one already covers.
+    fn is_new(&self, t: &T) -> bool {
+        match (self.floors.get(t.instrument()), position(t.cursor())) {
+            (Some(floor), Some(p)) => p > *floor,
+            _ => true,
+        }
+    }
 }
 
 impl<T> Feed<T> {
@@ -583,15 +641,29 @@ fn poll_conflated<T>(
     Poll::Ready(ready.pop_front())
 }
 
-impl<T> Stream for Feed<T> {
+impl<T: TickMeta> Stream for Feed<T> {
     type Item = Result<Arc<T>, HubError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.finished {
-            return Poll::Ready(None);
-        }
         if let Some(t) = self.initial.pop_front() {
             return Poll::Ready(Some(Ok(t)));
+        }
+        loop {
+            match self.as_mut().poll_feed(cx) {
+                Poll::Ready(Some(Ok(t))) if !self.floors.is_empty() && !self.is_new(&t) => {}
+                other => return other,
+            }
+        }
+    }
+}
+
+impl<T> Feed<T> {
+    fn poll_feed(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Arc<T>, HubError>>> {
+        if self.finished {
+            return Poll::Ready(None);
         }
         // Checked before the queue: a subscriber that fell behind learns it now,
         // not after reading the stale events still queued.
@@ -737,28 +809,32 @@ impl Hub {
         };
         let state = Arc::new(SubState::default());
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let initial;
+        let check = Arc::new(check);
+        let (initial, not_in_snapshot);
         {
             let mut reg = self.inner.registry_mut();
             if reg.closed {
                 return Err(HubError::ShuttingDown);
             }
             // Taken with dispatch locked out, and registered before it resumes.
-            initial = if snapshot {
+            (initial, not_in_snapshot) = if snapshot {
                 self.inner.snapshot::<T>(instruments.as_deref(), &check)
             } else {
-                VecDeque::new()
+                (VecDeque::new(), Vec::new())
             };
             T::index_mut(&mut reg).insert(Arc::new(Subscriber {
                 id,
                 instruments,
-                check,
+                check: Arc::clone(&check),
                 sink,
                 state: Arc::clone(&state),
             }));
         }
         Ok(Feed {
             initial,
+            not_in_snapshot,
+            floors: HashMap::new(),
+            check,
             rx,
             state,
             hub: Arc::clone(&self.inner),
@@ -1168,6 +1244,26 @@ mod tests {
         assert_eq!(drain(&mut chosen), vec![2, 3, 5]);
         assert_eq!(drain(&mut nasdaq), vec![2, 4, 5], "symbol order, then live");
         assert_eq!(drain(&mut live_only), vec![5]);
+    }
+
+    #[test]
+    fn a_backfilled_snapshot_tick_is_not_sent_again_live() {
+        let hub = Hub::new(100);
+        let mut feed = hub
+            .subscribe_quotes(Filter {
+                instruments: strings(&["A"]),
+                snapshot: true,
+                ..Filter::default()
+            })
+            .expect("subscribe");
+        assert_eq!(feed.not_in_snapshot(), ["A".to_owned()]);
+        // From history: stored by the loader before the hub dispatched it.
+        let Tick::Quote(stored) = quote("A", 5, 5) else {
+            unreachable!()
+        };
+        feed.backfill([stored]);
+        hub.publish(&[quote("A", 4, 4), quote("A", 5, 5), quote("A", 6, 6)]);
+        assert_eq!(drain(&mut feed), vec![5, 6]);
     }
 
     /// Subscribing again and again while a publisher runs: each feed gets its

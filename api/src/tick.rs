@@ -107,6 +107,8 @@ pub trait TickMeta {
     fn asset_class(&self) -> AssetClass;
     /// `None` for quotes, which have no side.
     fn side(&self) -> Option<Side>;
+    /// `<shard>:<entry id>[.<index>]`, its place in the enriched streams.
+    fn cursor(&self) -> &str;
 
     fn instrument(&self) -> &str {
         self.header().instrument.as_str()
@@ -133,6 +135,10 @@ impl TickMeta for TradeTick {
     fn side(&self) -> Option<Side> {
         Some(self.trade.side)
     }
+
+    fn cursor(&self) -> &str {
+        &self.cursor
+    }
 }
 
 impl TickMeta for QuoteTick {
@@ -146,6 +152,10 @@ impl TickMeta for QuoteTick {
 
     fn side(&self) -> Option<Side> {
         None
+    }
+
+    fn cursor(&self) -> &str {
+        &self.cursor
     }
 }
 

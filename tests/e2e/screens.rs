@@ -157,3 +157,35 @@ async fn a_snapshot_subscription_starts_with_the_latest_values_then_goes_live(po
     );
     app.stop().await;
 }
+
+/// An instrument the api has not seen since it started comes from history.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_snapshot_takes_what_the_server_has_not_seen_from_history(pool: PgPool) {
+    sqlx::query(
+        "INSERT INTO quotes (source, seq, instrument, venue, ts_ns, bid, ask, bid_size, \
+         ask_size, asset_class, currency, mid, spread, ingest_ns, enriched_ns, stream_id) \
+         VALUES ('old', 7, 'AAPL', 'XNAS', 1, 180.5, 180.6, 1, 1, 'equity', 'USD', 180.55, \
+         0.1, 1, 1, '1-0')",
+    )
+    .execute(&pool)
+    .await
+    .expect("history row");
+    let app = spawn_app(pool, 2).await;
+    let mut sub = Subscription::start(
+        &app.ws,
+        false,
+        "subscription { quotes(instruments: [\"AAPL\"], snapshot: true) { source seq bid } }",
+    )
+    .await;
+    assert_eq!(
+        sub.next().await["quotes"],
+        json!({"source": "old", "seq": "7", "bid": "180.5"})
+    );
+    app.post_json(&json!([quote("mm", 1, "AAPL", "XNAS", "181", "181.1")]))
+        .await;
+    assert_eq!(
+        sub.next().await["quotes"],
+        json!({"source": "mm", "seq": "1", "bid": "181"})
+    );
+    app.stop().await;
+}

@@ -2,13 +2,18 @@
 //! an optional filter; a subscription receives only the events all its given
 //! filters select, each with its stream `cursor`.
 
+use std::future::Future;
+use std::sync::Arc;
+
 use async_graphql::{Context, Result, Subscription};
 use futures_util::{Stream, StreamExt};
 
 use super::fast::{LiveQuote, LiveTrade};
 use super::types::{AssetClassKind, SideKind};
-use super::{Services, MAX_FILTER_VALUES};
-use crate::hub::{Filter, MaxRate};
+use super::{internal, Services, MAX_FILTER_VALUES};
+use crate::history;
+use crate::hub::{Feed, Filter, MaxRate};
+use crate::tick::{QuoteRow, TickError, TickMeta, TradeRow};
 
 /// Refuses a filter list longer than [`MAX_FILTER_VALUES`]: every event is
 /// matched against it.
@@ -45,6 +50,34 @@ fn filter(
     })
 }
 
+/// Completes a snapshot from history: the newest row of each listed instrument
+/// the hub has not seen since it started.
+async fn backfill<T, R, F, Fut>(
+    feed: &mut Feed<T>,
+    fetch: F,
+    into_tick: fn(R, u16) -> Result<T, TickError>,
+    shards: u16,
+) -> Result<()>
+where
+    T: TickMeta,
+    F: FnOnce(Vec<String>) -> Fut,
+    Fut: Future<Output = Result<Vec<R>, sqlx::Error>>,
+{
+    if feed.not_in_snapshot().is_empty() {
+        return Ok(());
+    }
+    let rows = fetch(feed.not_in_snapshot().to_vec())
+        .await
+        .map_err(|e| internal("history", e))?;
+    let ticks = rows
+        .into_iter()
+        .map(|r| into_tick(r, shards).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| internal("history", e))?;
+    feed.backfill(ticks);
+    Ok(())
+}
+
 #[derive(Default)]
 pub struct TradeSubscription;
 
@@ -62,8 +95,10 @@ impl TradeSubscription {
     /// too slow. Omitted, every trade is sent.
     ///
     /// `snapshot: true` first sends the latest trade of every selected instrument
-    /// that this server has seen since it started (and that passes the filters),
-    /// then live trades, with none missed and none repeated between the two.
+    /// that passes the filters (from this server's memory, or from history for
+    /// listed instruments it has not seen since it started; without an
+    /// `instruments` list, only the ones it has seen), then live trades, with
+    /// none missed and none repeated between the two.
     // Each argument is a GraphQL argument of the field.
     #[allow(clippy::too_many_arguments)]
     async fn trades(
@@ -76,8 +111,8 @@ impl TradeSubscription {
         max_rate: Option<f64>,
         #[graphql(default)] snapshot: bool,
     ) -> Result<impl Stream<Item = Result<LiveTrade>>> {
-        let hub = &ctx.data::<Services>()?.hub;
-        let feed = hub.subscribe_trades(filter(
+        let services = ctx.data::<Services>()?;
+        let mut feed = services.hub.subscribe_trades(filter(
             instruments,
             venues,
             asset_classes,
@@ -85,6 +120,14 @@ impl TradeSubscription {
             max_rate,
             snapshot,
         )?)?;
+        let pool = services.pool.clone();
+        backfill(
+            &mut feed,
+            |missing| async move { history::trades_as_of(&pool, &missing, i64::MAX).await },
+            TradeRow::into_tick,
+            services.shards,
+        )
+        .await?;
         Ok(feed.map(|r| r.map(LiveTrade).map_err(Into::into)))
     }
 }
@@ -106,8 +149,10 @@ impl QuoteSubscription {
     /// too slow. Omitted, every quote is sent.
     ///
     /// `snapshot: true` first sends the latest quote of every selected instrument
-    /// that this server has seen since it started (and that passes the filters),
-    /// then live quotes, with none missed and none repeated between the two.
+    /// that passes the filters (from this server's memory, or from history for
+    /// listed instruments it has not seen since it started; without an
+    /// `instruments` list, only the ones it has seen), then live quotes, with
+    /// none missed and none repeated between the two.
     async fn quotes(
         &self,
         ctx: &Context<'_>,
@@ -117,8 +162,8 @@ impl QuoteSubscription {
         max_rate: Option<f64>,
         #[graphql(default)] snapshot: bool,
     ) -> Result<impl Stream<Item = Result<LiveQuote>>> {
-        let hub = &ctx.data::<Services>()?.hub;
-        let feed = hub.subscribe_quotes(filter(
+        let services = ctx.data::<Services>()?;
+        let mut feed = services.hub.subscribe_quotes(filter(
             instruments,
             venues,
             asset_classes,
@@ -126,6 +171,14 @@ impl QuoteSubscription {
             max_rate,
             snapshot,
         )?)?;
+        let pool = services.pool.clone();
+        backfill(
+            &mut feed,
+            |missing| async move { history::quotes_as_of(&pool, &missing, i64::MAX).await },
+            QuoteRow::into_tick,
+            services.shards,
+        )
+        .await?;
         Ok(feed.map(|r| r.map(LiveQuote).map_err(Into::into)))
     }
 }
