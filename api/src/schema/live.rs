@@ -7,13 +7,15 @@ use std::sync::Arc;
 
 use async_graphql::{Context, Result, Subscription};
 use futures_util::{Stream, StreamExt};
+use sqlx::PgPool;
 
 use super::fast::{LiveQuote, LiveTrade};
 use super::types::{AssetClassKind, SideKind};
 use super::{internal, Services, MAX_FILTER_VALUES};
 use crate::history;
-use crate::hub::{Feed, Filter, MaxRate};
-use crate::tick::{QuoteRow, TickError, TickMeta, TradeRow};
+use crate::hub::{Feed, Filter, HubError, MaxRate};
+use crate::tick::{QuoteRow, QuoteTick, TickError, TickMeta, TradeRow, TradeTick};
+use crate::Hub;
 
 /// Refuses a filter list longer than [`MAX_FILTER_VALUES`]: every event is
 /// matched against it.
@@ -50,32 +52,73 @@ fn filter(
     })
 }
 
-/// Completes a snapshot from history: the newest row of each listed instrument
-/// the hub has not seen since it started.
-async fn backfill<T, R, F, Fut>(
-    feed: &mut Feed<T>,
-    fetch: F,
-    into_tick: fn(R, u16) -> Result<T, TickError>,
-    shards: u16,
-) -> Result<()>
-where
-    T: TickMeta,
-    F: FnOnce(Vec<String>) -> Fut,
-    Fut: Future<Output = Result<Vec<R>, sqlx::Error>>,
-{
-    if feed.not_in_snapshot().is_empty() {
-        return Ok(());
+/// What the `trades` and `quotes` fields differ in.
+trait LiveKind: TickMeta + Sized {
+    type Row;
+    fn subscribe(hub: &Hub, filter: Filter) -> Result<Feed<Self>, HubError>;
+    /// The newest history row of each of `instruments`.
+    fn latest_rows(
+        pool: &PgPool,
+        instruments: &[String],
+    ) -> impl Future<Output = Result<Vec<Self::Row>, sqlx::Error>> + Send;
+    fn into_tick(row: Self::Row, shards: u16) -> Result<Self, TickError>;
+}
+
+impl LiveKind for TradeTick {
+    type Row = TradeRow;
+
+    fn subscribe(hub: &Hub, filter: Filter) -> Result<Feed<Self>, HubError> {
+        hub.subscribe_trades(filter)
     }
-    let rows = fetch(feed.not_in_snapshot().to_vec())
+
+    fn latest_rows(
+        pool: &PgPool,
+        instruments: &[String],
+    ) -> impl Future<Output = Result<Vec<TradeRow>, sqlx::Error>> + Send {
+        history::trades_as_of(pool, instruments, i64::MAX)
+    }
+
+    fn into_tick(row: TradeRow, shards: u16) -> Result<Self, TickError> {
+        row.into_tick(shards)
+    }
+}
+
+impl LiveKind for QuoteTick {
+    type Row = QuoteRow;
+
+    fn subscribe(hub: &Hub, filter: Filter) -> Result<Feed<Self>, HubError> {
+        hub.subscribe_quotes(filter)
+    }
+
+    fn latest_rows(
+        pool: &PgPool,
+        instruments: &[String],
+    ) -> impl Future<Output = Result<Vec<QuoteRow>, sqlx::Error>> + Send {
+        history::quotes_as_of(pool, instruments, i64::MAX)
+    }
+
+    fn into_tick(row: QuoteRow, shards: u16) -> Result<Self, TickError> {
+        row.into_tick(shards)
+    }
+}
+
+/// Subscribes, and completes a snapshot from history: the newest row of each
+/// listed instrument the hub has not seen since it started.
+async fn open<T: LiveKind>(s: &Services, filter: Filter) -> Result<Feed<T>> {
+    let mut feed = T::subscribe(&s.hub, filter)?;
+    if feed.not_in_snapshot().is_empty() {
+        return Ok(feed);
+    }
+    let rows = T::latest_rows(&s.pool, feed.not_in_snapshot())
         .await
         .map_err(|e| internal("history", e))?;
     let ticks = rows
         .into_iter()
-        .map(|r| into_tick(r, shards).map(Arc::new))
+        .map(|r| T::into_tick(r, s.shards).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| internal("history", e))?;
     feed.backfill(ticks);
-    Ok(())
+    Ok(feed)
 }
 
 #[derive(Default)]
@@ -111,23 +154,15 @@ impl TradeSubscription {
         max_rate: Option<f64>,
         #[graphql(default)] snapshot: bool,
     ) -> Result<impl Stream<Item = Result<LiveTrade>>> {
-        let services = ctx.data::<Services>()?;
-        let mut feed = services.hub.subscribe_trades(filter(
+        let filter = filter(
             instruments,
             venues,
             asset_classes,
             sides,
             max_rate,
             snapshot,
-        )?)?;
-        let pool = services.pool.clone();
-        backfill(
-            &mut feed,
-            |missing| async move { history::trades_as_of(&pool, &missing, i64::MAX).await },
-            TradeRow::into_tick,
-            services.shards,
-        )
-        .await?;
+        )?;
+        let feed = open::<TradeTick>(ctx.data::<Services>()?, filter).await?;
         Ok(feed.map(|r| r.map(LiveTrade).map_err(Into::into)))
     }
 }
@@ -162,23 +197,8 @@ impl QuoteSubscription {
         max_rate: Option<f64>,
         #[graphql(default)] snapshot: bool,
     ) -> Result<impl Stream<Item = Result<LiveQuote>>> {
-        let services = ctx.data::<Services>()?;
-        let mut feed = services.hub.subscribe_quotes(filter(
-            instruments,
-            venues,
-            asset_classes,
-            None,
-            max_rate,
-            snapshot,
-        )?)?;
-        let pool = services.pool.clone();
-        backfill(
-            &mut feed,
-            |missing| async move { history::quotes_as_of(&pool, &missing, i64::MAX).await },
-            QuoteRow::into_tick,
-            services.shards,
-        )
-        .await?;
+        let filter = filter(instruments, venues, asset_classes, None, max_rate, snapshot)?;
+        let feed = open::<QuoteTick>(ctx.data::<Services>()?, filter).await?;
         Ok(feed.map(|r| r.map(LiveQuote).map_err(Into::into)))
     }
 }
