@@ -3,25 +3,21 @@
 //! `graphql-ws` of subscriptions-transport-ws), the GraphiQL page, and graceful
 //! serving.
 
-use std::future::ready;
-
-use async_graphql::http::{
-    GraphiQLSource, WebSocket as GraphQLSocket, WebSocketProtocols, WsMessage,
-};
+use async_graphql::http::GraphiQLSource;
 use async_graphql_axum::GraphQLBatchRequest;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
-use futures_util::{FutureExt, SinkExt, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::schema::ApiSchema;
+use crate::ws::{self, Protocol, WsConfig};
 
 pub const GRAPHQL_PATH: &str = "/graphql";
 pub const WS_PATH: &str = "/graphql/ws";
@@ -40,12 +36,11 @@ const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
 /// `memset`, the top symbol of the process at 25k events/s to two subscribers.
 /// Clients send only small control messages.
 const WS_READ_BUFFER: usize = 4 << 10;
-/// WebSocket close code 1001: the server is going away.
-const GOING_AWAY: u16 = 1001;
 
 #[derive(Clone)]
 struct AppState {
     schema: ApiSchema,
+    ws: WsConfig,
     shutdown: CancellationToken,
     /// The hub's tasks: once they have all finished, every feed has ended.
     hub_tasks: TaskTracker,
@@ -53,7 +48,12 @@ struct AppState {
 
 /// The routes of the API. `hub_tasks` tracks the hub's tasks, so that at
 /// `shutdown` a socket knows when every subscription has ended.
-pub fn router(schema: ApiSchema, shutdown: CancellationToken, hub_tasks: TaskTracker) -> Router {
+pub fn router(
+    schema: ApiSchema,
+    ws: WsConfig,
+    shutdown: CancellationToken,
+    hub_tasks: TaskTracker,
+) -> Router {
     Router::new()
         .route(
             GRAPHQL_PATH,
@@ -67,6 +67,7 @@ pub fn router(schema: ApiSchema, shutdown: CancellationToken, hub_tasks: TaskTra
         .layer(TraceLayer::new_for_http())
         .with_state(AppState {
             schema,
+            ws,
             shutdown,
             hub_tasks,
         })
@@ -140,9 +141,7 @@ async fn graphql(
 
 /// The first protocol in the client's list that we speak. A client that names
 /// none gets `graphql-transport-ws`, the current protocol.
-fn negotiate(
-    headers: &HeaderMap,
-) -> Result<(WebSocketProtocols, &'static str), (StatusCode, String)> {
+fn negotiate(headers: &HeaderMap) -> Result<Protocol, (StatusCode, String)> {
     let offered: Vec<&str> = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
@@ -152,15 +151,11 @@ fn negotiate(
         .filter(|p| !p.is_empty())
         .collect();
     if offered.is_empty() {
-        return Ok((WebSocketProtocols::GraphQLWS, "graphql-transport-ws"));
+        return Ok(Protocol::TransportWs);
     }
     offered
         .iter()
-        .find_map(|p| match *p {
-            "graphql-transport-ws" => Some((WebSocketProtocols::GraphQLWS, "graphql-transport-ws")),
-            "graphql-ws" => Some((WebSocketProtocols::SubscriptionsTransportWS, "graphql-ws")),
-            _ => None,
-        })
+        .find_map(|p| Protocol::from_name(p))
         .ok_or_else(|| {
             (
                 StatusCode::BAD_REQUEST,
@@ -176,7 +171,7 @@ async fn subscriptions(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let (protocol, name) = match negotiate(&headers) {
+    let protocol = match negotiate(&headers) {
         Ok(p) => p,
         Err(refused) => return refused.into_response(),
     };
@@ -186,121 +181,10 @@ async fn subscriptions(
         .max_message_size(MAX_WS_MESSAGE)
         .max_frame_size(MAX_WS_MESSAGE)
         .read_buffer_size(WS_READ_BUFFER)
-        .protocols([name])
-        .on_upgrade(move |socket| serve_socket(socket, s.schema, protocol, s.shutdown, s.hub_tasks))
-}
-
-/// Messages written to a socket before it is flushed, at most.
-const MAX_COALESCED: usize = 256;
-
-/// The client's messages until it leaves; from `shutdown` on, none are read, yet
-/// the stream never ends: the protocol handler stops at the end of its input,
-/// before it has said `complete` for the subscriptions the hub is ending.
-fn read_until_shutdown<S: Stream + Unpin>(
-    client: S,
-    shutdown: CancellationToken,
-) -> impl Stream<Item = S::Item> {
-    futures_util::stream::unfold((client, shutdown), |(mut client, shutdown)| async move {
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => std::future::pending().await,
-            m = client.next() => m.map(|m| (m, (client, shutdown))),
-        }
-    })
-}
-
-/// Runs one WebSocket connection until the client leaves or the server shuts
-/// down. axum's graceful shutdown does not wait for upgraded connections, so each
-/// watches `shutdown` itself: it stops reading, waits for the hub to end every
-/// feed, says `complete` for each subscription, then goodbye with close code
-/// 1001.
-async fn serve_socket(
-    socket: WebSocket,
-    schema: ApiSchema,
-    protocol: WebSocketProtocols,
-    shutdown: CancellationToken,
-    hub_tasks: TaskTracker,
-) {
-    let (mut sink, stream) = socket.split();
-    let input = read_until_shutdown(stream, shutdown.clone())
-        .take_while(|m| ready(m.is_ok()))
-        .filter_map(|m| {
-            ready(match m {
-                Ok(m @ (Message::Text(_) | Message::Binary(_))) => Some(m.into_data()),
-                _ => None,
-            })
-        });
-    let output = GraphQLSocket::new(schema, input, protocol).map(|m| match m {
-        WsMessage::Text(t) => Message::Text(t.into()),
-        WsMessage::Close(code, reason) => Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })),
-    });
-    let mut output = std::pin::pin!(output);
-    let hub_stopped = async {
-        shutdown.cancelled().await;
-        hub_tasks.wait().await;
-    };
-    let mut hub_stopped = std::pin::pin!(hub_stopped);
-    let stopping = loop {
-        let m = tokio::select! {
-            m = output.next() => m,
-            () = &mut hub_stopped => break true,
-        };
-        let Some(m) = m else { break false };
-        // Everything the handler has ready goes out in one write: a subscriber of
-        // thousands of events a second must not cost a syscall per event.
-        let mut ended = false;
-        let mut next = Some(m);
-        let mut coalesced = 0;
-        while let Some(m) = next.take() {
-            if sink.feed(m).await.is_err() {
-                return;
-            }
-            coalesced += 1;
-            if coalesced < MAX_COALESCED {
-                match output.next().now_or_never() {
-                    Some(Some(m)) => next = Some(m),
-                    Some(None) => ended = true,
-                    None => {}
-                }
-            }
-        }
-        if sink.flush().await.is_err() {
-            return;
-        }
-        if ended {
-            break false;
-        }
-    };
-    if stopping {
-        // Every feed has ended and the input is idle, so all the handler has left
-        // to say is ready now. Unconstrained: tokio's cooperative budget could
-        // otherwise make a ready feed look pending.
-        let rest = tokio::task::unconstrained(async {
-            let mut rest = Vec::new();
-            while let Some(Some(m)) = output.next().now_or_never() {
-                rest.push(m);
-            }
-            rest
+        .protocols([protocol.name()])
+        .on_upgrade(move |socket| {
+            ws::serve(socket, s.schema, protocol, s.ws, s.shutdown, s.hub_tasks)
         })
-        .await;
-        for m in rest {
-            if sink.send(m).await.is_err() {
-                return;
-            }
-        }
-    }
-    if shutdown.is_cancelled() {
-        let bye = Message::Close(Some(CloseFrame {
-            code: GOING_AWAY,
-            reason: "server shutting down".into(),
-        }));
-        // The client may already be gone; there is nobody left to tell.
-        let _ = sink.send(bye).await;
-    }
-    let _ = sink.close().await;
 }
 
 async fn graphiql() -> Html<String> {

@@ -24,6 +24,7 @@ pub mod hub;
 pub mod pipeline;
 pub mod schema;
 pub mod tick;
+pub mod ws;
 
 use sqlx::PgPool;
 use tickgraph_enrich::refdata::RefCache;
@@ -48,6 +49,8 @@ pub struct ApiConfig {
     pub introspection: bool,
     /// Events buffered per subscription before it is closed as too slow.
     pub subscriber_queue: usize,
+    /// WebSocket protocol timers and the per-connection outbox limit.
+    pub ws: ws::WsConfig,
 }
 
 impl ApiConfig {
@@ -59,6 +62,7 @@ impl ApiConfig {
             max_complexity: 10_000,
             introspection: true,
             subscriber_queue: 50_000,
+            ws: ws::WsConfig::default(),
         }
     }
 }
@@ -82,6 +86,7 @@ pub struct Api {
     hub: Hub,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    ws: ws::WsConfig,
 }
 
 impl Api {
@@ -130,6 +135,7 @@ impl Api {
             hub,
             tasks,
             shutdown,
+            ws: cfg.ws,
         })
     }
 
@@ -137,6 +143,7 @@ impl Api {
     pub fn router(&self) -> axum::Router {
         http::router(
             self.schema.clone(),
+            self.ws.clone(),
             self.shutdown.clone(),
             self.tasks.clone(),
         )

@@ -233,6 +233,16 @@ struct ApiArgs {
     /// Events buffered per subscription before it is cut off as too slow.
     #[arg(long, env = "TG_SUBSCRIBER_QUEUE", default_value_t = 50_000)]
     subscriber_queue: usize,
+    /// Milliseconds a WebSocket client has to send `connection_init` (else 4408).
+    #[arg(long, env = "TG_WS_INIT_TIMEOUT_MS", default_value_t = 3_000)]
+    ws_init_timeout_ms: u64,
+    /// Seconds between the server's keep-alive pings on a WebSocket (0: none).
+    #[arg(long, env = "TG_WS_KEEPALIVE_SECS", default_value_t = 15)]
+    ws_keepalive_secs: u64,
+    /// Bytes one WebSocket connection may have waiting for its client before it
+    /// is closed as a slow consumer (4008).
+    #[arg(long, env = "TG_WS_MAX_QUEUED_BYTES", default_value_t = 16 << 20)]
+    ws_max_queued_bytes: usize,
 }
 
 #[derive(Args, Clone)]
@@ -334,6 +344,10 @@ impl ApiArgs {
         c.max_complexity = self.max_complexity;
         c.introspection = !self.no_introspection;
         c.subscriber_queue = self.subscriber_queue;
+        c.ws.init_timeout = Duration::from_millis(self.ws_init_timeout_ms);
+        c.ws.keepalive =
+            (self.ws_keepalive_secs > 0).then(|| Duration::from_secs(self.ws_keepalive_secs));
+        c.ws.max_queued_bytes = self.ws_max_queued_bytes;
         c
     }
 }

@@ -8,4 +8,5 @@ mod faults;
 mod flow;
 mod helpers;
 mod history;
+mod protocol;
 mod screens;

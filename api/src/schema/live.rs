@@ -15,6 +15,7 @@ use super::{internal, Services, MAX_FILTER_VALUES};
 use crate::history;
 use crate::hub::{Feed, Filter, HubError, MaxRate};
 use crate::tick::{QuoteRow, QuoteTick, TickError, TickMeta, TradeRow, TradeTick};
+use crate::ws::{Gate, Gated};
 use crate::Hub;
 
 /// Refuses a filter list longer than [`MAX_FILTER_VALUES`]: every event is
@@ -103,11 +104,18 @@ impl LiveKind for QuoteTick {
 }
 
 /// Subscribes, and completes a snapshot from history: the newest row of each
-/// listed instrument the hub has not seen since it started.
-async fn open<T: LiveKind>(s: &Services, filter: Filter) -> Result<Feed<T>> {
+/// listed instrument the hub has not seen since it started. A conflated feed
+/// waits while its connection's outbox is backed up (its [`Gate`] is shut):
+/// meanwhile the hub keeps only its newest value per instrument.
+async fn open<T: LiveKind>(ctx: &Context<'_>, filter: Filter) -> Result<Gated<Feed<T>>> {
+    let s = ctx.data::<Services>()?;
+    let gate = match filter.max_rate {
+        Some(_) => ctx.data_opt::<Arc<Gate>>().cloned(),
+        None => None,
+    };
     let mut feed = T::subscribe(&s.hub, filter)?;
     if feed.not_in_snapshot().is_empty() {
-        return Ok(feed);
+        return Ok(Gated::new(feed, gate));
     }
     let rows = T::latest_rows(&s.pool, feed.not_in_snapshot())
         .await
@@ -118,7 +126,7 @@ async fn open<T: LiveKind>(s: &Services, filter: Filter) -> Result<Feed<T>> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| internal("history", e))?;
     feed.backfill(ticks);
-    Ok(feed)
+    Ok(Gated::new(feed, gate))
 }
 
 #[derive(Default)]
@@ -162,7 +170,7 @@ impl TradeSubscription {
             max_rate,
             snapshot,
         )?;
-        let feed = open::<TradeTick>(ctx.data::<Services>()?, filter).await?;
+        let feed = open::<TradeTick>(ctx, filter).await?;
         Ok(feed.map(|r| r.map(LiveTrade).map_err(Into::into)))
     }
 }
@@ -198,7 +206,7 @@ impl QuoteSubscription {
         #[graphql(default)] snapshot: bool,
     ) -> Result<impl Stream<Item = Result<LiveQuote>>> {
         let filter = filter(instruments, venues, asset_classes, None, max_rate, snapshot)?;
-        let feed = open::<QuoteTick>(ctx.data::<Services>()?, filter).await?;
+        let feed = open::<QuoteTick>(ctx, filter).await?;
         Ok(feed.map(|r| r.map(LiveQuote).map_err(Into::into)))
     }
 }

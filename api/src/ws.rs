@@ -1,0 +1,662 @@
+//! GraphQL over WebSocket, both protocols clients speak:
+//! - `graphql-transport-ws` (the graphql-ws library's protocol), in full: the
+//!   init timeout (close 4408), invalid messages (4400), `subscribe` before the
+//!   acknowledgement (4401), a second `connection_init` (4429), an id already in
+//!   use (4409), `ping`/`pong` both ways, and the server's own keep-alive `ping`;
+//! - the legacy `graphql-ws` of subscriptions-transport-ws (`start`, `stop`,
+//!   `data`, keep-alive `ka`).
+//!
+//! Each connection owns an outbox bounded in bytes, drained by a writer task, so
+//! a client that stops reading costs the server at most
+//! [`WsConfig::max_queued_bytes`] and never slows anyone else:
+//! - while more than half of it is queued, the connection's [`Gate`] is shut:
+//!   conflated (`maxRate`) subscriptions are not polled and the hub keeps only
+//!   their newest value per instrument, so they never overflow it;
+//! - when the bytes queued would pass the limit (which only subscriptions that
+//!   must receive every event can cause), the connection is closed with
+//!   [`close::SLOW_CONSUMER`] (4008) and a reason that says how much was queued;
+//!   what was queued is dropped.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use async_graphql::{Request, Response};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{BoxStream, SplitSink};
+use futures_util::{SinkExt, Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio_stream::StreamMap;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::schema::ApiSchema;
+
+/// WebSocket close codes the server uses; 44xx are graphql-transport-ws's.
+pub mod close {
+    /// The server is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The client did not read fast enough: its outbox passed
+    /// `max_queued_bytes`. Reconnect (with `after:` to miss nothing) or ask for
+    /// less (`maxRate`, fewer instruments).
+    pub const SLOW_CONSUMER: u16 = 4008;
+    /// A message the protocol does not allow: not JSON, unknown type, no id.
+    pub const BAD_REQUEST: u16 = 4400;
+    /// `subscribe` before `connection_ack`.
+    pub const UNAUTHORIZED: u16 = 4401;
+    /// No `connection_init` within the init timeout.
+    pub const INIT_TIMEOUT: u16 = 4408;
+    /// `subscribe` with an id that is still running.
+    pub const DUPLICATE_ID: u16 = 4409;
+    /// A second `connection_init`.
+    pub const TOO_MANY_INITS: u16 = 4429;
+}
+
+#[derive(Debug, Clone)]
+pub struct WsConfig {
+    /// How long a client may take to send `connection_init`.
+    pub init_timeout: Duration,
+    /// How often the server pings (`ping`, or `ka` in the legacy protocol);
+    /// `None`: never.
+    pub keepalive: Option<Duration>,
+    /// Most bytes of messages one connection may have waiting for the client.
+    pub max_queued_bytes: usize,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        Self {
+            init_timeout: Duration::from_secs(3),
+            keepalive: Some(Duration::from_secs(15)),
+            max_queued_bytes: 16 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// `graphql-transport-ws`.
+    TransportWs,
+    /// `graphql-ws`, subscriptions-transport-ws's legacy protocol.
+    Legacy,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::TransportWs => "graphql-transport-ws",
+            Protocol::Legacy => "graphql-ws",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "graphql-transport-ws" => Some(Protocol::TransportWs),
+            "graphql-ws" => Some(Protocol::Legacy),
+            _ => None,
+        }
+    }
+}
+
+/// A connection's back-pressure signal to the subscriptions that can wait:
+/// shut while its outbox is more than half full. Conflated feeds stop being
+/// polled while it is shut; the hub keeps their newest values meanwhile.
+#[derive(Debug, Default)]
+pub struct Gate {
+    shut: AtomicBool,
+    waiters: Mutex<Vec<Waker>>,
+}
+
+impl Gate {
+    /// Ready while open; otherwise wakes `cx` when it opens.
+    pub fn poll_open(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.shut.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        {
+            let mut w = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+            if !w.iter().any(|x| x.will_wake(cx.waker())) {
+                w.push(cx.waker().clone());
+            }
+        }
+        // Opened between the check and the registration: nobody will wake us.
+        if self.shut.load(Ordering::Acquire) {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+
+    fn shut(&self) {
+        self.shut.store(true, Ordering::Release);
+    }
+
+    fn open(&self) {
+        if self.shut.swap(false, Ordering::AcqRel) {
+            let waiters =
+                std::mem::take(&mut *self.waiters.lock().unwrap_or_else(PoisonError::into_inner));
+            waiters.into_iter().for_each(Waker::wake);
+        }
+    }
+}
+
+/// A stream that is only polled while its [`Gate`] is open.
+pub struct Gated<S> {
+    inner: S,
+    gate: Option<Arc<Gate>>,
+}
+
+impl<S> Gated<S> {
+    pub fn new(inner: S, gate: Option<Arc<Gate>>) -> Self {
+        Self { inner, gate }
+    }
+}
+
+impl<S: Stream + Unpin> Stream for Gated<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<S::Item>> {
+        if let Some(g) = &self.gate {
+            if g.poll_open(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        self.inner.poll_next_unpin(cx)
+    }
+}
+
+/// A message from the client. `payload` stays raw until the type says what it is.
+#[derive(Deserialize)]
+struct Incoming {
+    #[serde(rename = "type")]
+    kind: String,
+    id: Option<String>,
+    payload: Option<Box<RawValue>>,
+}
+
+#[derive(Serialize)]
+struct Outgoing<'a, P: Serialize> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<P>,
+}
+
+fn text<P: Serialize>(kind: &str, id: Option<&str>, payload: Option<P>) -> Message {
+    let out = Outgoing { kind, id, payload };
+    match serde_json::to_string(&out) {
+        Ok(s) => Message::Text(Utf8Bytes::from(s)),
+        // Only a value that cannot be JSON (a map with non-string keys) fails;
+        // the client still learns the operation went wrong.
+        Err(e) => {
+            tracing::error!(error = %e, kind, "cannot serialize a WebSocket message");
+            Message::Text(Utf8Bytes::from(format!(
+                r#"{{"type":"error","id":{},"payload":[{{"message":"internal error"}}]}}"#,
+                serde_json::to_string(&id).unwrap_or_else(|_| "null".into())
+            )))
+        }
+    }
+}
+
+fn control(kind: &str) -> Message {
+    text::<()>(kind, None, None)
+}
+
+fn close_frame(code: u16, reason: impl Into<String>) -> Message {
+    let mut reason: String = reason.into();
+    // A close frame's reason may hold at most 123 bytes.
+    if reason.len() > 123 {
+        let mut cut = 120;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+        reason.push_str("...");
+    }
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+fn message_len(m: &Message) -> usize {
+    match m {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) => b.len(),
+        _ => 16,
+    }
+}
+
+/// What the writer task is told.
+enum Out {
+    Send(Message),
+    /// Write this close frame after what is queued, then stop.
+    Close(Message),
+}
+
+/// The writer's side of the outbox: bytes queued are counted until written.
+struct Outbox {
+    tx: mpsc::UnboundedSender<Out>,
+    queued: Arc<AtomicUsize>,
+    gate: Arc<Gate>,
+    /// Set when the connection must close at once, dropping what is queued.
+    abort: CancellationToken,
+    abort_frame: Arc<Mutex<Option<Message>>>,
+    max: usize,
+}
+
+/// The outbox passed its limit: the connection has been aborted.
+struct Overflow;
+
+impl Outbox {
+    fn send(&self, m: Message) -> Result<(), Overflow> {
+        let len = message_len(&m);
+        let queued = self.queued.fetch_add(len, Ordering::AcqRel) + len;
+        if queued > self.max {
+            self.abort(close_frame(
+                close::SLOW_CONSUMER,
+                format!("slow consumer: {queued} bytes waiting, limit {}", self.max),
+            ));
+            return Err(Overflow);
+        }
+        if queued > self.max / 2 {
+            self.gate.shut();
+        }
+        // The writer is gone only once the socket failed; the loop sees that.
+        let _ = self.tx.send(Out::Send(m));
+        Ok(())
+    }
+
+    fn close(&self, frame: Message) {
+        let _ = self.tx.send(Out::Close(frame));
+    }
+
+    fn abort(&self, frame: Message) {
+        *self
+            .abort_frame
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(frame);
+        self.abort.cancel();
+    }
+}
+
+/// Messages written to a socket before it is flushed, at most.
+const MAX_COALESCED: usize = 256;
+/// How long a close frame may take to go out before the socket is dropped: a
+/// slow client that reads again within it learns why it was cut off.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing connection may take to write what it has queued.
+const WRITER_GRACE: Duration = Duration::from_secs(15);
+
+type WsSink = SplitSink<WebSocket, Message>;
+
+/// Writes what the outbox holds, everything ready in one flush, until told to
+/// close, aborted, or the socket fails.
+async fn write_loop(
+    mut sink: WsSink,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    queued: Arc<AtomicUsize>,
+    gate: Arc<Gate>,
+    abort: CancellationToken,
+    abort_frame: Arc<Mutex<Option<Message>>>,
+    max: usize,
+) {
+    let wrote = tokio::select! {
+        biased;
+        () = abort.cancelled() => None,
+        r = drain(&mut sink, &mut rx, &queued, &gate, max) => Some(r),
+    };
+    let frame = match wrote {
+        Some(Some(frame)) => frame,
+        // The socket failed or the connection dropped its outbox.
+        Some(None) => return,
+        None => match abort_frame
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            Some(f) => f,
+            None => return,
+        },
+    };
+    // The client may not be reading at all: do not wait on it for long.
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+        sink.send(frame).await?;
+        sink.close().await
+    })
+    .await;
+}
+
+/// Returns the close frame to end with, or `None` when the socket failed or
+/// the sender is gone.
+async fn drain(
+    sink: &mut WsSink,
+    rx: &mut mpsc::UnboundedReceiver<Out>,
+    queued: &AtomicUsize,
+    gate: &Gate,
+    max: usize,
+) -> Option<Message> {
+    loop {
+        let first = rx.recv().await?;
+        let mut bytes = 0;
+        let mut next = Some(first);
+        let mut n = 0;
+        let mut closing = None;
+        while let Some(out) = next.take() {
+            match out {
+                Out::Send(m) => {
+                    bytes += message_len(&m);
+                    sink.feed(m).await.ok()?;
+                }
+                Out::Close(frame) => {
+                    closing = Some(frame);
+                    break;
+                }
+            }
+            n += 1;
+            if n < MAX_COALESCED {
+                next = rx.try_recv().ok();
+            }
+        }
+        sink.flush().await.ok()?;
+        let left = queued.fetch_sub(bytes, Ordering::AcqRel) - bytes;
+        if left <= max / 2 {
+            gate.open();
+        }
+        if closing.is_some() {
+            return closing;
+        }
+    }
+}
+
+/// What one operation's stream yields: a response, then `None` at its end.
+type OpStream = BoxStream<'static, Option<(bool, Response)>>;
+
+/// How the connection loop ended.
+enum End {
+    /// Close with this frame after what is queued.
+    Close(Message),
+    /// The client went away or the writer failed: nothing more to say.
+    Gone,
+}
+
+/// One connection's state.
+struct Connection {
+    protocol: Protocol,
+    schema: ApiSchema,
+    outbox: Outbox,
+    ops: StreamMap<String, OpStream>,
+    initialised: bool,
+}
+
+impl Connection {
+    fn start(&mut self, id: String, request: Request) {
+        let gate = Arc::clone(&self.outbox.gate);
+        let stream = self
+            .schema
+            .execute_stream(request.data(gate))
+            .enumerate()
+            .map(|(i, r)| Some((i == 0, r)))
+            .chain(futures_util::stream::once(async { None }))
+            .boxed();
+        self.ops.insert(id, stream);
+    }
+
+    /// Handles one client message; `Some` ends the connection.
+    fn on_message(&mut self, raw: &[u8]) -> Option<End> {
+        let msg: Incoming = match serde_json::from_slice(raw) {
+            Ok(m) => m,
+            Err(e) => return Some(bad_request(format!("invalid message: {e}"))),
+        };
+        match (self.protocol, msg.kind.as_str()) {
+            (_, "connection_init") => {
+                if self.initialised {
+                    return Some(End::Close(close_frame(
+                        close::TOO_MANY_INITS,
+                        "Too many initialisation requests",
+                    )));
+                }
+                self.initialised = true;
+                self.send(control("connection_ack"))?;
+                if self.protocol == Protocol::Legacy {
+                    self.send(control("ka"))?;
+                }
+                None
+            }
+            (Protocol::TransportWs, "ping") => self.send(control("pong")),
+            (Protocol::TransportWs, "pong") => None,
+            (Protocol::TransportWs, "subscribe") | (Protocol::Legacy, "start") => {
+                if !self.initialised {
+                    return Some(End::Close(close_frame(close::UNAUTHORIZED, "Unauthorized")));
+                }
+                let Some(id) = msg.id.filter(|id| !id.is_empty()) else {
+                    return Some(bad_request(format!("`{}` without an id", msg.kind)));
+                };
+                let request: Request = match msg
+                    .payload
+                    .as_deref()
+                    .map(|p| serde_json::from_str(p.get()))
+                {
+                    Some(Ok(r)) => r,
+                    Some(Err(e)) => {
+                        return Some(bad_request(format!("invalid subscribe payload: {e}")))
+                    }
+                    None => return Some(bad_request(format!("`{}` without a payload", msg.kind))),
+                };
+                if self.ops.contains_key(&id) {
+                    return Some(End::Close(close_frame(
+                        close::DUPLICATE_ID,
+                        format!("Subscriber for {id} already exists"),
+                    )));
+                }
+                self.start(id, request);
+                None
+            }
+            (Protocol::TransportWs, "complete") => {
+                // The client stopped listening: no answer is due.
+                if let Some(id) = msg.id {
+                    self.ops.remove(&id);
+                }
+                None
+            }
+            (Protocol::Legacy, "stop") => {
+                let id = msg.id?;
+                if self.ops.remove(&id).is_some() {
+                    return self.send(text::<()>("complete", Some(&id), None));
+                }
+                None
+            }
+            (Protocol::Legacy, "connection_terminate") => {
+                Some(End::Close(close_frame(1000, "terminated by the client")))
+            }
+            (_, other) => Some(bad_request(format!(
+                "unknown message type {other:?} in {}",
+                self.protocol.name()
+            ))),
+        }
+    }
+
+    /// One item of an operation's stream as the protocol says it.
+    fn on_result(&mut self, id: &str, item: Option<(bool, Response)>) -> Option<End> {
+        let Some((first, response)) = item else {
+            // Removed now, so that the id is free for a new operation at once.
+            self.ops.remove(id);
+            return self.send(text::<()>("complete", Some(id), None));
+        };
+        // Errors before execution (syntax, validation, a refused argument) end
+        // the operation with `error`; graphql-transport-ws sends no `complete`
+        // after it.
+        let refused = first
+            && response.data == async_graphql::Value::Null
+            && !response.errors.is_empty()
+            && response.errors.iter().all(|e| e.path.is_empty());
+        match (self.protocol, refused) {
+            (Protocol::TransportWs, true) => {
+                self.ops.remove(id);
+                self.send(text("error", Some(id), Some(&response.errors)))
+            }
+            (Protocol::TransportWs, false) => self.send(text("next", Some(id), Some(&response))),
+            (Protocol::Legacy, _) => self.send(text("data", Some(id), Some(&response))),
+        }
+    }
+
+    fn send(&self, m: Message) -> Option<End> {
+        match self.outbox.send(m) {
+            Ok(()) => None,
+            Err(Overflow) => Some(End::Gone),
+        }
+    }
+}
+
+fn bad_request(reason: String) -> End {
+    End::Close(close_frame(close::BAD_REQUEST, reason))
+}
+
+/// The client's messages, as bytes, until it leaves; `None` when it has gone.
+async fn next_client_message(
+    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+) -> Option<Result<Vec<u8>, String>> {
+    loop {
+        match stream.next().await? {
+            Ok(Message::Text(t)) => return Some(Ok(t.as_bytes().to_vec())),
+            Ok(Message::Binary(b)) => return Some(Ok(b.to_vec())),
+            Ok(Message::Close(_)) => return None,
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            Err(e) => return Some(Err(e.to_string())),
+        }
+    }
+}
+
+/// Runs one WebSocket connection until the client leaves, breaks the protocol,
+/// falls too far behind, or the server shuts down. axum's graceful shutdown
+/// does not wait for upgraded connections, so each watches `shutdown` itself:
+/// it stops reading, lets the hub end every feed (each operation says
+/// `complete`), then says goodbye with close code 1001.
+pub async fn serve(
+    socket: WebSocket,
+    schema: ApiSchema,
+    protocol: Protocol,
+    cfg: WsConfig,
+    shutdown: CancellationToken,
+    hub_tasks: TaskTracker,
+) {
+    let (sink, mut stream) = socket.split();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Gate::default());
+    let abort = CancellationToken::new();
+    let abort_frame = Arc::new(Mutex::new(None));
+    let writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        Arc::clone(&queued),
+        Arc::clone(&gate),
+        abort.clone(),
+        Arc::clone(&abort_frame),
+        cfg.max_queued_bytes,
+    ));
+    let mut conn = Connection {
+        protocol,
+        schema,
+        outbox: Outbox {
+            tx,
+            queued,
+            gate,
+            abort: abort.clone(),
+            abort_frame,
+            max: cfg.max_queued_bytes,
+        },
+        ops: StreamMap::new(),
+        initialised: false,
+    };
+    let init_deadline = tokio::time::sleep(cfg.init_timeout);
+    let mut init_deadline = std::pin::pin!(init_deadline);
+    let mut keepalive = cfg.keepalive.map(|every| {
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    let hub_stopped = async {
+        shutdown.cancelled().await;
+        hub_tasks.wait().await;
+    };
+    let mut hub_stopped = std::pin::pin!(hub_stopped);
+    let mut stopping = false;
+    let end = loop {
+        let end = tokio::select! {
+            () = abort.cancelled() => Some(End::Gone),
+            () = shutdown.cancelled(), if !stopping => {
+                stopping = true;
+                // Conflated feeds must be polled to see their end.
+                conn.outbox.gate.open();
+                None
+            }
+            () = &mut hub_stopped, if stopping => {
+                // Every feed has ended: what is left is ready now; take it.
+                while let Some(Some((id, item))) =
+                    futures_util::FutureExt::now_or_never(conn.ops.next())
+                {
+                    if conn.on_result(&id, item).is_some() {
+                        break;
+                    }
+                }
+                Some(End::Close(close_frame(close::GOING_AWAY, "server shutting down")))
+            }
+            m = next_client_message(&mut stream), if !stopping => match m {
+                Some(Ok(raw)) => conn.on_message(&raw),
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "websocket read failed");
+                    Some(End::Gone)
+                }
+                None => Some(End::Gone),
+            },
+            () = &mut init_deadline, if !conn.initialised && !stopping => Some(End::Close(close_frame(
+                close::INIT_TIMEOUT,
+                "Connection initialisation timeout",
+            ))),
+            () = tick(&mut keepalive), if conn.initialised && !stopping => {
+                let kind = match protocol {
+                    Protocol::TransportWs => "ping",
+                    Protocol::Legacy => "ka",
+                };
+                conn.send(control(kind))
+            }
+            Some((id, item)) = conn.ops.next(), if !conn.ops.is_empty() => conn.on_result(&id, item),
+        };
+        if let Some(end) = end {
+            break end;
+        }
+    };
+    match end {
+        End::Close(frame) => conn.outbox.close(frame),
+        // Nobody to write to, or the outbox was dropped for a close frame.
+        End::Gone => abort.cancel(),
+    }
+    drop(conn);
+    // The writer ends once it has written the close frame, or at once when the
+    // connection was aborted or the socket failed.
+    let mut writer = writer;
+    match tokio::time::timeout(WRITER_GRACE, &mut writer).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "websocket writer task failed"),
+        // A client that reads nothing cannot hold the connection open.
+        Err(_) => writer.abort(),
+    }
+}
+
+async fn tick(keepalive: &mut Option<tokio::time::Interval>) {
+    match keepalive {
+        Some(k) => {
+            k.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}

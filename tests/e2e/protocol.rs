@@ -1,0 +1,433 @@
+//! The WebSocket protocols over real sockets: graphql-transport-ws's close codes,
+//! pings both ways and operation errors; the legacy protocol's `ka`, `data` and
+//! `stop`; and a client that stops reading, which is closed as a slow consumer
+//! (4008) while a reading client on the same events gets every one, and a
+//! conflated client that stops reading is not closed.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::helpers::*;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+async fn connect(url: &str, protocol: &str) -> Ws {
+    let mut req = url.into_client_request().expect("ws request");
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocol.parse().expect("header"));
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("ws connects");
+    ws
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into()))
+        .await
+        .expect("send");
+}
+
+/// The next text message as JSON, or the close code and reason.
+async fn recv(ws: &mut Ws) -> Result<Value, (u16, String)> {
+    loop {
+        let m = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("a message within the deadline");
+        match m {
+            Some(Ok(Message::Text(t))) => {
+                return Ok(serde_json::from_str(t.as_str()).expect("JSON message"))
+            }
+            Some(Ok(Message::Close(Some(f)))) => {
+                return Err((u16::from(f.code), f.reason.to_string()))
+            }
+            Some(Ok(Message::Close(None))) | None => return Err((1005, String::new())),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("socket error: {e}"),
+        }
+    }
+}
+
+/// Reads until the server closes; returns the close code and reason.
+async fn closed(ws: &mut Ws) -> (u16, String) {
+    loop {
+        match recv(ws).await {
+            Ok(_) => continue,
+            Err(c) => return c,
+        }
+    }
+}
+
+async fn init(ws: &mut Ws) {
+    send(ws, json!({"type": "connection_init"})).await;
+    loop {
+        match recv(ws).await.expect("ack") {
+            m if m["type"] == "connection_ack" => return,
+            m if m["type"] == "ka" => continue,
+            m => panic!("expected connection_ack, got {m}"),
+        }
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn graphql_transport_ws_breaches_close_with_the_spec_codes(pool: PgPool) {
+    let app = spawn_app_with(pool, 1, |c| {
+        c.api.ws.init_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let proto = "graphql-transport-ws";
+    let sub =
+        |id: &str, query: &str| json!({"id": id, "type": "subscribe", "payload": {"query": query}});
+    let quotes = "subscription { quotes(instruments: [\"AAPL\"]) { seq } }";
+
+    let mut ws = connect(&app.ws, proto).await;
+    let (code, reason) = closed(&mut ws).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (4408, "Connection initialisation timeout")
+    );
+
+    let mut ws = connect(&app.ws, proto).await;
+    send(&mut ws, sub("1", quotes)).await;
+    assert_eq!(closed(&mut ws).await, (4401, "Unauthorized".into()));
+
+    for bad in [
+        Message::Text("{not json".into()),
+        Message::Text(json!({"type": "bogus"}).to_string().into()),
+        Message::Text(
+            json!({"type": "subscribe", "payload": {"query": quotes}})
+                .to_string()
+                .into(),
+        ),
+        Message::Text(
+            json!({"type": "subscribe", "id": "1", "payload": 7})
+                .to_string()
+                .into(),
+        ),
+    ] {
+        let mut ws = connect(&app.ws, proto).await;
+        init(&mut ws).await;
+        ws.send(bad.clone()).await.expect("send");
+        let (code, reason) = closed(&mut ws).await;
+        assert_eq!(code, 4400, "{bad:?} got {code} {reason}");
+    }
+
+    let mut ws = connect(&app.ws, proto).await;
+    init(&mut ws).await;
+    send(&mut ws, json!({"type": "connection_init"})).await;
+    assert_eq!(
+        closed(&mut ws).await,
+        (4429, "Too many initialisation requests".into())
+    );
+
+    let mut ws = connect(&app.ws, proto).await;
+    init(&mut ws).await;
+    send(&mut ws, sub("a", quotes)).await;
+    send(&mut ws, sub("a", quotes)).await;
+    assert_eq!(
+        closed(&mut ws).await,
+        (4409, "Subscriber for a already exists".into())
+    );
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn graphql_transport_ws_pings_errors_and_completes(pool: PgPool) {
+    let app = spawn_app_with(pool, 1, |c| {
+        c.api.ws.keepalive = Some(Duration::from_millis(200));
+    })
+    .await;
+    let mut ws = connect(&app.ws, "graphql-transport-ws").await;
+    init(&mut ws).await;
+
+    // The server's keep-alive ping, then our ping answered.
+    assert_eq!(recv(&mut ws).await.expect("ping")["type"], "ping");
+    send(&mut ws, json!({"type": "pong"})).await;
+    send(&mut ws, json!({"type": "ping"})).await;
+    loop {
+        let m = recv(&mut ws).await.expect("pong");
+        if m["type"] == "pong" {
+            break;
+        }
+        assert_eq!(m["type"], "ping", "{m}");
+    }
+
+    // An operation the server refuses: `error` with its id, and no `complete`;
+    // the id is free again at once.
+    send(
+        &mut ws,
+        json!({"id": "x", "type": "subscribe", "payload": {"query": "subscription { quotes { nope } }"}}),
+    )
+    .await;
+    let err = loop {
+        let m = recv(&mut ws).await.expect("error");
+        if m["type"] != "ping" {
+            break m;
+        }
+    };
+    assert_eq!(
+        (err["type"].as_str(), err["id"].as_str()),
+        (Some("error"), Some("x")),
+        "{err}"
+    );
+    assert!(
+        err["payload"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nope")),
+        "{err}"
+    );
+
+    // A query over the socket: `next` then `complete`.
+    send(
+        &mut ws,
+        json!({"id": "x", "type": "subscribe", "payload": {"query": "{ fxRates { currency } }"}}),
+    )
+    .await;
+    let mut kinds = Vec::new();
+    while kinds.last() != Some(&"complete".to_string()) {
+        let m = recv(&mut ws).await.expect("result");
+        if m["type"] == "ping" {
+            continue;
+        }
+        assert_eq!(m["id"], "x", "{m}");
+        kinds.push(m["type"].as_str().expect("type").to_owned());
+    }
+    assert_eq!(kinds, ["next", "complete"]);
+
+    // A subscription the client completes gets nothing more, and no echo.
+    send(
+        &mut ws,
+        json!({"id": "s", "type": "subscribe", "payload": {"query": "subscription { quotes { seq source } }"}}),
+    )
+    .await;
+    let mut seq = 0u64;
+    let first = loop {
+        seq += 1;
+        app.post_json(&json!([quote("p", seq, "AAPL", "XNAS", "1", "2")]))
+            .await;
+        match tokio::time::timeout(Duration::from_millis(500), recv(&mut ws)).await {
+            Ok(Ok(m)) if m["type"] == "next" => break m,
+            _ => continue,
+        }
+    };
+    assert_eq!(first["id"], "s");
+    send(&mut ws, json!({"id": "s", "type": "complete"})).await;
+    // Past anything already in flight, the only traffic left is pings.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.post_json(&json!([quote("p", seq + 1, "AAPL", "XNAS", "1", "2")]))
+        .await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut after_quiet = Vec::new();
+    while let Ok(m) = tokio::time::timeout_at(until, recv(&mut ws)).await {
+        let m = m.expect("open");
+        if m["type"] != "ping" {
+            after_quiet.push(m);
+        }
+    }
+    assert!(
+        after_quiet.iter().all(|m| m["type"] == "next"
+            && m["payload"]["data"]["quotes"]["seq"] != json!((seq + 1).to_string())),
+        "after complete: {after_quiet:?}"
+    );
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_legacy_protocol_keeps_alive_sends_data_and_stops(pool: PgPool) {
+    let app = spawn_app_with(pool, 1, |c| {
+        c.api.ws.keepalive = Some(Duration::from_millis(200));
+    })
+    .await;
+    let mut ws = connect(&app.ws, "graphql-ws").await;
+    send(&mut ws, json!({"type": "connection_init", "payload": {}})).await;
+    assert_eq!(recv(&mut ws).await.expect("ack")["type"], "connection_ack");
+    assert_eq!(recv(&mut ws).await.expect("ka")["type"], "ka");
+    assert_eq!(
+        recv(&mut ws).await.expect("ka")["type"],
+        "ka",
+        "periodic ka"
+    );
+    send(
+        &mut ws,
+        json!({"id": "1", "type": "start", "payload": {"query": "subscription { quotes { seq } }"}}),
+    )
+    .await;
+    let mut seq = 0u64;
+    let data = loop {
+        seq += 1;
+        app.post_json(&json!([quote("p", seq, "AAPL", "XNAS", "1", "2")]))
+            .await;
+        match tokio::time::timeout(Duration::from_millis(500), recv(&mut ws)).await {
+            Ok(Ok(m)) if m["type"] == "data" => break m,
+            _ => continue,
+        }
+    };
+    assert_eq!(data["id"], "1");
+    assert!(
+        data["payload"]["data"]["quotes"]["seq"].is_string(),
+        "{data}"
+    );
+    send(&mut ws, json!({"id": "1", "type": "stop"})).await;
+    loop {
+        let m = recv(&mut ws).await.expect("complete");
+        if m["type"] == "complete" {
+            assert_eq!(m["id"], "1");
+            break;
+        }
+        assert!(m["type"] == "data" || m["type"] == "ka", "{m}");
+    }
+    send(&mut ws, json!({"type": "connection_terminate"})).await;
+    assert_eq!(closed(&mut ws).await.0, 1000);
+    app.stop().await;
+}
+
+/// A WebSocket whose client-side receive buffer is tiny, so that a client that
+/// stops reading fills up fast.
+async fn connect_small_window(app: &TestApp) -> Ws {
+    let addr: std::net::SocketAddr = app
+        .api
+        .trim_start_matches("http://")
+        .parse()
+        .expect("api address");
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let tcp = socket.connect(addr).await.expect("tcp connects");
+    let mut req = app.ws.as_str().into_client_request().expect("ws request");
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "graphql-transport-ws".parse().expect("header"),
+    );
+    let (ws, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(tcp))
+        .await
+        .expect("ws handshake");
+    ws
+}
+
+const HEAVY: &str = "{ id source seq instrument venue bid ask bidSize askSize mid spread ts ingestedAt enrichedAt cursor currency assetClass }";
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_client_that_stops_reading_is_cut_off_and_others_keep_receiving(pool: PgPool) {
+    let limit = 4 << 20;
+    let app = spawn_app_with(pool, 2, |c| {
+        c.api.ws.max_queued_bytes = limit;
+        c.api.ws.keepalive = None;
+    })
+    .await;
+    let mut stalled = connect_small_window(&app).await;
+    init(&mut stalled).await;
+    send(
+        &mut stalled,
+        json!({"id": "all", "type": "subscribe", "payload": {"query": format!("subscription {{ quotes {HEAVY} }}")}}),
+    )
+    .await;
+    // Many conflated subscriptions on one connection: unheld, their output
+    // alone would pass the limit.
+    let mut conflated = connect_small_window(&app).await;
+    init(&mut conflated).await;
+    let conflated_ids: Vec<String> = (0..50).map(|i| format!("c{i}")).collect();
+    for id in &conflated_ids {
+        send(
+            &mut conflated,
+            json!({"id": id, "type": "subscribe", "payload": {"query": format!("subscription {{ quotes(maxRate: 1000) {HEAVY} }}")}}),
+        )
+        .await;
+    }
+    let mut reader = Subscription::start(
+        &app.ws,
+        false,
+        &format!("subscription {{ quotes {HEAVY} }}"),
+    )
+    .await;
+    // Registered once the reader sees a probe (all three subscribed before it).
+    for n in 0.. {
+        app.post_json(&json!([quote("probe", n, "AAPL", "XNAS", "1", "2")]))
+            .await;
+        if reader
+            .next_within(Duration::from_millis(500))
+            .await
+            .is_some()
+        {
+            break;
+        }
+    }
+
+    // Far more than the limit plus what the sockets buffer: ~600 bytes each.
+    let (batches, per) = (40u64, 500u64);
+    let total = batches * per;
+    let symbols = ["AAPL", "MSFT", "SPY", "VOD.L"];
+    // The reading client reads all along: every quote, in order per instrument
+    // (instruments are spread over shards).
+    let reading = tokio::spawn(async move {
+        let mut seen = std::collections::HashSet::new();
+        let mut last_of = std::collections::HashMap::new();
+        while (seen.len() as u64) < total {
+            let q = reader.next().await["quotes"].clone();
+            if q["source"] == "probe" {
+                continue;
+            }
+            let seq: u64 = q["seq"].as_str().and_then(|s| s.parse().ok()).expect("seq");
+            let sym = q["instrument"].as_str().expect("instrument").to_owned();
+            let prev = last_of.insert(sym.clone(), seq).unwrap_or(0);
+            assert!(seq > prev, "{sym}: {seq} after {prev}");
+            assert!(seen.insert(seq), "{seq} twice");
+        }
+    });
+    for b in 0..batches {
+        let quotes: Vec<Value> = (0..per)
+            .map(|i| {
+                let seq = b * per + i + 1;
+                let sym = symbols[(seq % 4) as usize];
+                let venue = if sym == "VOD.L" { "XLON" } else { "XNAS" };
+                quote("mm", seq, sym, venue, &format!("100.{seq:05}"), "101")
+            })
+            .collect();
+        assert_eq!(app.post_json(&json!(quotes)).await["accepted"], per);
+        // Spread over about five seconds: long enough for the conflated client,
+        // at up to 1000 updates a second per instrument, to pass the limit too
+        // if it were not held back.
+        tokio::time::sleep(Duration::from_millis(125)).await;
+    }
+    reading.await.expect("the reading client got every quote");
+
+    let (code, reason) = closed(&mut stalled).await;
+    assert_eq!(code, 4008, "{reason}");
+    assert!(reason.starts_with("slow consumer"), "{reason}");
+
+    // The conflated client was never cut off: reading now, each of its
+    // subscriptions gets the newest quote of every instrument.
+    let newest_seq = |idx: u64| (1..=total).rev().find(|q| q % 4 == idx).expect("seq");
+    let want: std::collections::HashMap<(String, String), u64> = conflated_ids
+        .iter()
+        .flat_map(|id| {
+            symbols
+                .iter()
+                .enumerate()
+                .map(move |(i, s)| ((id.clone(), s.to_string()), newest_seq(i as u64)))
+        })
+        .collect();
+    let mut newest = std::collections::HashMap::new();
+    while want.iter().any(|(k, q)| newest.get(k) != Some(q)) {
+        match recv(&mut conflated).await {
+            Ok(m) => {
+                assert_eq!(m["type"], "next", "{m}");
+                let q = &m["payload"]["data"]["quotes"];
+                if q["source"] == "mm" {
+                    let seq: u64 = q["seq"].as_str().and_then(|s| s.parse().ok()).expect("seq");
+                    let key = (
+                        m["id"].as_str().expect("id").to_owned(),
+                        q["instrument"].as_str().expect("instrument").to_owned(),
+                    );
+                    newest.insert(key, seq);
+                }
+            }
+            Err(c) => panic!("the conflated client was closed: {c:?}"),
+        }
+    }
+    app.stop().await;
+}
