@@ -68,3 +68,21 @@ if ! psql -h 127.0.0.1 -U root -d postgres -Atqc 'select 1' >/dev/null 2>&1; the
 fi
 psql -h 127.0.0.1 -U root -d postgres -Atqc 'select 1' >/dev/null || { log "cannot log in to Postgres as root"; exit 1; }
 log "redis and postgres are up"
+
+# The live page's browser test (tests/browser): Debian's chromium driven by
+# playwright-core from npm. Playwright must not download a browser of its own.
+browser_pkgs=()
+[ -x /usr/bin/chromium ] || browser_pkgs+=(chromium)
+command -v node >/dev/null 2>&1 || browser_pkgs+=(nodejs)
+command -v npm >/dev/null 2>&1 || browser_pkgs+=(npm)
+if [ ${#browser_pkgs[@]} -gt 0 ]; then
+    log "installing ${browser_pkgs[*]} with apt-get (browser test)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${browser_pkgs[@]}" >/dev/null
+fi
+node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' \
+    || log "warning: playwright-core needs Node.js 20 or later, this is $(node --version)"
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+    log "installing playwright-core for tests/browser (npm ci)"
+    PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error >/dev/null
+fi

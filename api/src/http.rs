@@ -63,6 +63,7 @@ pub fn router(
         )
         .route(WS_PATH, get(subscriptions))
         .route(GRAPHIQL_PATH, get(graphiql))
+        .merge(crate::page::routes())
         .route("/", get(|| async { Redirect::temporary(GRAPHIQL_PATH) }))
         .layer(TraceLayer::new_for_http())
         .with_state(AppState {

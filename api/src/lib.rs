@@ -21,6 +21,7 @@ pub mod bench;
 pub mod history;
 pub mod http;
 pub mod hub;
+pub mod page;
 pub mod pipeline;
 pub mod schema;
 pub mod tick;

@@ -8,5 +8,6 @@ mod faults;
 mod flow;
 mod helpers;
 mod history;
+mod page;
 mod protocol;
 mod screens;
