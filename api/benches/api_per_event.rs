@@ -68,7 +68,7 @@ fn ticks_of(entry: &[u8]) -> Vec<Tick> {
         .map(|(i, r)| {
             let shard = shard_of(r.event.header().instrument.as_str(), SHARDS);
             let at = cursor(shard, &event_position(ENTRY_ID, i, batch));
-            Tick::from_record(at, r).expect("kinds match")
+            Tick::from_record(at, None, r).expect("kinds match")
         })
         .collect()
 }

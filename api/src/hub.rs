@@ -15,7 +15,13 @@
 //! skipping events would hand it a gap it cannot see.
 //!
 //! The hub also keeps the latest trade and quote of every instrument it has seen
-//! since start, for the `latest*` queries.
+//! since start, for the `latest*` queries and snapshots.
+//!
+//! Batches are dispatched one at a time, across shards too, and each records the
+//! shards' dispatched positions in its events' resume base: that is what makes a
+//! resume cursor exact (see [`crate::resume`]). [`Hub::resume_trades`] and
+//! [`Hub::resume_quotes`] catch a reconnecting subscriber up from the streams
+//! before it goes live.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -26,19 +32,24 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_graphql::indexmap::IndexMap;
+use futures_util::stream::BoxStream;
 use futures_util::task::AtomicWaker;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use redis::aio::MultiplexedConnection;
 use tickgraph_enrich::record::EnrichedRecord;
 use tickgraph_enrich::refdata::AssetClass;
 use tickgraph_ingest::stream::{
-    decode_entry, event_position, is_batch, parse_entries, parse_read_reply, StreamLayout,
+    decode_entry, is_batch, parse_entries, parse_read_reply, StreamEntry, StreamLayout,
 };
 use tickgraph_ingest::Side;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::resume::{
+    entry_id, event_position, parse_position, CursorError, Position, ResumeBase, ResumeCursor,
+    WHOLE_ENTRY,
+};
 use crate::tick::{cursor, QuoteTick, Tick, TickMeta, TradeTick};
 
 /// Entries per XREAD. An entry holds up to 256 events, and a read is dispatched
@@ -67,6 +78,28 @@ pub enum HubError {
         "`maxRate` must be above 0 and at most 1000 updates per second per instrument, got {rate}"
     )]
     BadMaxRate { rate: f64 },
+    #[error(transparent)]
+    BadCursor(#[from] CursorError),
+    #[error(
+        "the events after this cursor are no longer held: shard {shard} {why}; \
+         reload the current state (for example with `snapshot: true`) and subscribe without `after`"
+    )]
+    CursorExpired { shard: u16, why: &'static str },
+    #[error("cannot read the streams to resume: {0}")]
+    Streams(String),
+    #[error("this server does not read the streams, so it cannot resume")]
+    NoStreams,
+}
+
+impl HubError {
+    /// A machine-readable code for the errors a client acts on.
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            HubError::CursorExpired { .. } => Some("CURSOR_EXPIRED"),
+            HubError::TooSlow { .. } => Some("TOO_SLOW"),
+            _ => None,
+        }
+    }
 }
 
 /// What a subscription asks for. `None` means "any"; every given list must match.
@@ -362,9 +395,11 @@ struct Registry {
 }
 
 /// A tick kind the hub indexes subscriptions for.
-trait Indexed: TickMeta + Sized {
+trait Indexed: TickMeta + Sized + Send + Sync + 'static {
     fn index_mut(r: &mut Registry) -> &mut Index<Self>;
     fn latest_of(l: &Latest) -> Option<&Arc<Self>>;
+    /// The tick when it is of this kind.
+    fn of(t: Tick) -> Option<Arc<Self>>;
 }
 
 impl Indexed for TradeTick {
@@ -375,6 +410,13 @@ impl Indexed for TradeTick {
     fn latest_of(l: &Latest) -> Option<&Arc<Self>> {
         l.trade.as_ref()
     }
+
+    fn of(t: Tick) -> Option<Arc<Self>> {
+        match t {
+            Tick::Trade(t) => Some(t),
+            Tick::Quote(_) => None,
+        }
+    }
 }
 
 impl Indexed for QuoteTick {
@@ -384,6 +426,13 @@ impl Indexed for QuoteTick {
 
     fn latest_of(l: &Latest) -> Option<&Arc<Self>> {
         l.quote.as_ref()
+    }
+
+    fn of(t: Tick) -> Option<Arc<Self>> {
+        match t {
+            Tick::Quote(q) => Some(q),
+            Tick::Trade(_) => None,
+        }
     }
 }
 
@@ -407,6 +456,23 @@ struct Inner {
     latest: RwLock<HashMap<String, Latest>>,
     queue: usize,
     next_id: AtomicU64,
+    /// Per shard, the end of the last batch dispatched. Held for the whole of
+    /// each dispatch, so batches are dispatched one at a time: that is what makes
+    /// resume cursors exact (see [`crate::resume`]). Taken before the registry.
+    dispatched: Mutex<Vec<Position>>,
+    /// Per shard, the epoch resume cursors carry.
+    epochs: RwLock<Arc<[u64]>>,
+    /// Where resuming subscriptions read what they missed; `None` for a hub
+    /// without readers.
+    streams: Option<Streams>,
+}
+
+/// The streams a hub reads, for catching up resumed subscriptions.
+#[derive(Clone)]
+struct Streams {
+    con: MultiplexedConnection,
+    keys: Vec<String>,
+    epoch_keys: Vec<String>,
 }
 
 impl Inner {
@@ -426,11 +492,45 @@ impl Inner {
         T::index_mut(&mut self.registry_mut()).remove(id);
     }
 
-    fn dispatch(&self, ticks: &[Tick]) -> Stats {
+    fn dispatched(&self) -> MutexGuard<'_, Vec<Position>> {
+        self.dispatched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn epochs(&self) -> Arc<[u64]> {
+        Arc::clone(&self.epochs.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn set_epoch(&self, shard: u16, epoch: u64) {
+        let mut epochs = self.epochs.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(old) = epochs.get(usize::from(shard)).copied() {
+            if old != epoch {
+                tracing::warn!(
+                    shard,
+                    old,
+                    new = epoch,
+                    "the shard's epoch changed: Redis lost its streams; earlier resume cursors are expired"
+                );
+                let mut v = epochs.to_vec();
+                v[usize::from(shard)] = epoch;
+                *epochs = Arc::from(v);
+            }
+        }
+    }
+
+    /// Hands `ticks` to every matching subscriber and the latest map. `batch` is
+    /// the shard they were read from, the position they end at, and the resume
+    /// base they share, which gets the positions dispatched before them.
+    fn dispatch(&self, batch: Option<(u16, Position, &ResumeBase)>, ticks: &[Tick]) -> Stats {
         let mut stats = Stats::default();
         let mut dead_trades = Vec::new();
         let mut dead_quotes = Vec::new();
         {
+            let mut dispatched = self.dispatched();
+            if let Some((_, _, base)) = batch {
+                base.set(&dispatched);
+            }
             let reg = self.registry();
             for t in ticks {
                 match t {
@@ -442,6 +542,11 @@ impl Inner {
             // (under the write lock) sees each batch either in the latest map and
             // not live, or live and not in the map.
             self.remember_latest(ticks);
+            if let Some((shard, end, _)) = batch {
+                if let Some(d) = dispatched.get_mut(usize::from(shard)) {
+                    *d = end;
+                }
+            }
         }
         if !dead_trades.is_empty() || !dead_quotes.is_empty() {
             let mut reg = self.registry_mut();
@@ -530,6 +635,8 @@ pub struct Feed<T> {
     /// Per instrument, the stream position of a snapshot tick added by
     /// [`Feed::backfill`]: live ticks at or before it are not sent again.
     floors: HashMap<String, Position>,
+    /// The resume base of snapshot ticks: where live delivery starts.
+    start: Option<Arc<ResumeBase>>,
     check: Arc<Check>,
     rx: Source<T>,
     state: Arc<SubState>,
@@ -553,15 +660,9 @@ enum Source<T> {
     },
 }
 
-/// Where a tick sits in its shard's stream, from its cursor
-/// `<shard>:<ms>-<seq>[.<index>]`; ticks of one instrument share a shard.
-type Position = (u64, u64, u64);
-
+/// Where a tick sits in its shard's stream, from its cursor.
 fn position(cursor: &str) -> Option<Position> {
-    let (_, at) = cursor.split_once(':')?;
-    let (id, index) = at.split_once('.').unwrap_or((at, "0"));
-    let (ms, seq) = id.split_once('-')?;
-    Some((ms.parse().ok()?, seq.parse().ok()?, index.parse().ok()?))
+    event_position(cursor).map(|(_, p)| p)
 }
 
 impl<T: TickMeta> Feed<T> {
@@ -584,6 +685,10 @@ impl<T: TickMeta> Feed<T> {
             if let Some(p) = position(t.cursor()) {
                 self.floors.insert(t.instrument().to_owned(), p);
             }
+            let t = match &self.start {
+                Some(start) => Arc::new(t.with_resume(Arc::clone(start))),
+                None => t,
+            };
             self.initial.push_back(t);
         }
     }
@@ -698,6 +803,150 @@ impl<T> Drop for Feed<T> {
     }
 }
 
+/// A resumed subscription: what it missed, then live.
+pub type Resumed<T> = BoxStream<'static, Result<Arc<T>, HubError>>;
+
+/// Entries per catch-up read; an entry holds up to 256 events.
+const CATCHUP_PAGE: usize = 64;
+
+/// What a catch-up step yields.
+enum Chunk<T> {
+    Ticks(Vec<Arc<T>>),
+    Live(Box<Feed<T>>),
+}
+
+/// A resuming subscription's reads of what it missed.
+struct Catchup<T> {
+    hub: Hub,
+    con: MultiplexedConnection,
+    keys: Vec<String>,
+    epochs: Arc<[u64]>,
+    /// Per shard, what has been sent.
+    positions: Vec<Position>,
+    instruments: Option<std::collections::HashSet<String>>,
+    check: Check,
+    /// Registered with the hub once caught up.
+    filter: Option<Filter>,
+    /// Per shard, where the reads stop: `None` while following the hub's
+    /// dispatch, then where the registered feed's live delivery starts.
+    until: Option<Vec<Position>>,
+    /// The shard being read.
+    shard: usize,
+    feed: Option<Feed<T>>,
+    done: bool,
+}
+
+impl<T: Indexed> Catchup<T> {
+    async fn next(mut self) -> Option<(Result<Chunk<T>, HubError>, Self)> {
+        if self.done {
+            return None;
+        }
+        loop {
+            if self.shard == self.positions.len() {
+                if self.until.is_some() {
+                    self.done = true;
+                    let feed = self.feed.take()?;
+                    return Some((Ok(Chunk::Live(Box::new(feed))), self));
+                }
+                // Caught up with what the hub had dispatched: register, then read
+                // what it dispatched meanwhile, up to where live delivery starts.
+                let filter = self.filter.take()?;
+                match self.hub.subscribe_at::<T>(filter) {
+                    Ok((feed, started)) => {
+                        self.feed = Some(feed);
+                        self.until = Some(started);
+                        self.shard = 0;
+                        continue;
+                    }
+                    Err(e) => {
+                        self.done = true;
+                        return Some((Err(e), self));
+                    }
+                }
+            }
+            match self.page().await {
+                Ok(ticks) if ticks.is_empty() => continue,
+                Ok(ticks) => return Some((Ok(Chunk::Ticks(ticks)), self)),
+                Err(e) => {
+                    self.done = true;
+                    return Some((Err(streams_error(e)), self));
+                }
+            }
+        }
+    }
+
+    /// One read of the current shard; moves to the next shard once it is
+    /// caught up.
+    async fn page(&mut self) -> redis::RedisResult<Vec<Arc<T>>> {
+        let s = self.shard;
+        let from = self.positions[s];
+        let until = match &self.until {
+            Some(u) => u.get(s).copied(),
+            None => self.hub.inner.dispatched().get(s).copied(),
+        };
+        let Some(until) = until.filter(|u| from < *u) else {
+            self.shard += 1;
+            return Ok(Vec::new());
+        };
+        // A position inside an entry reads that entry again for the rest of it.
+        let start = if from.2 == WHOLE_ENTRY {
+            format!("({}", entry_id(from))
+        } else {
+            entry_id(from)
+        };
+        let reply: redis::Value = redis::cmd("XRANGE")
+            .arg(&self.keys[s])
+            .arg(start)
+            .arg(entry_id(until))
+            .arg("COUNT")
+            .arg(CATCHUP_PAGE)
+            .query_async(&mut self.con)
+            .await?;
+        let entries = parse_entries(reply).map_err(reply_error)?;
+        if entries.len() < CATCHUP_PAGE {
+            self.shard += 1;
+        }
+        let Some(last) = entries.last() else {
+            return Ok(Vec::new());
+        };
+        let end = parse_position(&last.id)
+            .ok_or_else(|| reply_error(format!("bad entry id {:?}", last.id)))?;
+        let base = Arc::new(ResumeBase::page(
+            Arc::clone(&self.epochs),
+            u16::try_from(s).unwrap_or(u16::MAX),
+            &self.positions,
+        ));
+        let mut decoded = Decoded::default();
+        decoded.add(u16::try_from(s).unwrap_or(u16::MAX), entries, &base);
+        if let Some(error) = &decoded.first_error {
+            tracing::warn!(
+                shard = s,
+                bad = decoded.bad,
+                error,
+                "catch-up skipped undecodable enriched entries"
+            );
+        }
+        self.positions[s] = end;
+        Ok(decoded
+            .ticks
+            .into_iter()
+            .filter_map(T::of)
+            .filter(|t| {
+                position(t.cursor()).is_some_and(|p| p > from)
+                    && self
+                        .instruments
+                        .as_ref()
+                        .is_none_or(|set| set.contains(t.instrument()))
+                    && self.check.matches(t.as_ref())
+            })
+            .collect())
+    }
+}
+
+fn streams_error(e: redis::RedisError) -> HubError {
+    HubError::Streams(e.to_string())
+}
+
 /// Handle to the process's fan-out hub; cheap to clone.
 #[derive(Clone)]
 pub struct Hub {
@@ -717,6 +966,15 @@ impl Hub {
     /// A hub with no readers: it serves subscriptions and the latest-value map,
     /// fed through [`Hub::publish`]. [`Hub::start`] is what a server uses.
     pub fn new(subscriber_queue: usize) -> Self {
+        Self::with_streams(subscriber_queue, Vec::new(), Vec::new(), None)
+    }
+
+    fn with_streams(
+        subscriber_queue: usize,
+        dispatched: Vec<Position>,
+        epochs: Vec<u64>,
+        streams: Option<Streams>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 registry: RwLock::new(Registry::default()),
@@ -724,6 +982,9 @@ impl Hub {
                 // tokio's bounded channel refuses a capacity of zero.
                 queue: subscriber_queue.max(1),
                 next_id: AtomicU64::new(0),
+                dispatched: Mutex::new(dispatched),
+                epochs: RwLock::new(Arc::from(epochs)),
+                streams,
             }),
         }
     }
@@ -739,8 +1000,15 @@ impl Hub {
         shutdown: CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<Self, redis::RedisError> {
-        let hub = Self::new(subscriber_queue);
+        let mut catchup = client
+            .get_multiplexed_async_connection_with_config(
+                &redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(READ_DEADLINE)),
+            )
+            .await?;
         let mut readers = Vec::new();
+        let (mut ends, mut epochs) = (Vec::new(), Vec::new());
         for shard in layout.shard_ids() {
             let key = layout.enriched(shard);
             let name = reader_name(layout.prefix(), shard);
@@ -748,19 +1016,28 @@ impl Hub {
             // An explicit id instead of `$`: entries added between two XREADs
             // from `$` would be skipped.
             let last_id = stream_end(&mut con, &key).await?;
-            readers.push((
-                Reader {
-                    hub: Arc::clone(&hub.inner),
-                    client: client.clone(),
-                    shard,
-                    key,
-                    name,
-                    last_id,
-                },
-                con,
-            ));
+            ends.push(parse_position(&last_id).ok_or_else(|| {
+                reply_error(format!("bad entry id {last_id:?} at the end of {key}"))
+            })?);
+            epochs.push(epoch(&mut catchup, &layout.epoch(shard)).await?);
+            readers.push((key, name, last_id, con));
         }
-        for (reader, con) in readers {
+        let streams = Streams {
+            con: catchup,
+            keys: layout.shard_ids().map(|s| layout.enriched(s)).collect(),
+            epoch_keys: layout.shard_ids().map(|s| layout.epoch(s)).collect(),
+        };
+        let hub = Self::with_streams(subscriber_queue, ends, epochs, Some(streams));
+        for ((key, name, last_id, con), shard) in readers.into_iter().zip(layout.shard_ids()) {
+            let reader = Reader {
+                hub: Arc::clone(&hub.inner),
+                client: client.clone(),
+                shard,
+                key,
+                epoch_key: layout.epoch(shard),
+                name,
+                last_id,
+            };
             tasks.spawn(reader.run(con, shutdown.clone()));
         }
         let inner = Arc::clone(&hub.inner);
@@ -783,6 +1060,102 @@ impl Hub {
     }
 
     fn subscribe<T: Indexed>(&self, filter: Filter) -> Result<Feed<T>, HubError> {
+        self.subscribe_at(filter).map(|(feed, _)| feed)
+    }
+
+    /// Trades matching `filter` after the resume cursor `after`, then live ones.
+    pub async fn resume_trades(
+        &self,
+        filter: Filter,
+        after: &str,
+    ) -> Result<Resumed<TradeTick>, HubError> {
+        self.resume(filter, after).await
+    }
+
+    /// Quotes matching `filter` after the resume cursor `after`, then live ones.
+    pub async fn resume_quotes(
+        &self,
+        filter: Filter,
+        after: &str,
+    ) -> Result<Resumed<QuoteTick>, HubError> {
+        self.resume(
+            Filter {
+                sides: None,
+                ..filter
+            },
+            after,
+        )
+        .await
+    }
+
+    /// Checks that the streams still hold everything after `after` (same
+    /// epochs, not trimmed past it), then returns a stream of what the filter
+    /// selects after it: read from the streams up to what the hub has dispatched,
+    /// then registered with the hub, the few entries dispatched meanwhile read
+    /// too, then live.
+    async fn resume<T: Indexed>(
+        &self,
+        filter: Filter,
+        after: &str,
+    ) -> Result<Resumed<T>, HubError> {
+        let streams = self.inner.streams.clone().ok_or(HubError::NoStreams)?;
+        let shards = u16::try_from(streams.keys.len()).unwrap_or(u16::MAX);
+        let cursor = ResumeCursor::parse(after, shards)?;
+        let mut con = streams.con.clone();
+        for ((shard, (want, at)), (key, epoch_key)) in (0u16..)
+            .zip(&cursor.shards)
+            .zip(streams.keys.iter().zip(&streams.epoch_keys))
+        {
+            let now = epoch(&mut con, epoch_key).await.map_err(streams_error)?;
+            if now != *want {
+                return Err(HubError::CursorExpired {
+                    shard,
+                    why: "was reset since (Redis lost it)",
+                });
+            }
+            if !holds_after(&mut con, key, *at)
+                .await
+                .map_err(streams_error)?
+            {
+                return Err(HubError::CursorExpired {
+                    shard,
+                    why: "has been trimmed past it",
+                });
+            }
+        }
+        let (instruments, check) = filter.clone().compile()?;
+        let catchup = Catchup {
+            hub: self.clone(),
+            con,
+            keys: streams.keys,
+            epochs: cursor.shards.iter().map(|(e, _)| *e).collect(),
+            positions: cursor.shards.iter().map(|(_, p)| *p).collect(),
+            instruments: instruments.map(|v| v.into_iter().collect()),
+            check,
+            filter: Some(filter),
+            until: None,
+            shard: 0,
+            feed: None,
+            done: false,
+        };
+        let chunks = futures_util::stream::unfold(catchup, Catchup::next);
+        Ok(chunks
+            .flat_map(|chunk| match chunk {
+                Ok(Chunk::Ticks(ticks)) => {
+                    futures_util::stream::iter(ticks.into_iter().map(Ok)).boxed()
+                }
+                Ok(Chunk::Live(feed)) => feed.boxed(),
+                Err(e) => futures_util::stream::once(std::future::ready(Err(e))).boxed(),
+            })
+            .boxed())
+    }
+
+    /// Registers a subscription; also returns, per shard, the position live
+    /// delivery starts after.
+    fn subscribe_at<T: Indexed>(
+        &self,
+        filter: Filter,
+    ) -> Result<(Feed<T>, Vec<Position>), HubError> {
         let (max_rate, snapshot) = (filter.max_rate, filter.snapshot);
         let (instruments, check) = filter.compile()?;
         let (sink, rx) = match max_rate {
@@ -810,12 +1183,15 @@ impl Hub {
         let state = Arc::new(SubState::default());
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let check = Arc::new(check);
-        let (initial, not_in_snapshot);
+        let (mut initial, not_in_snapshot, started);
         {
+            // Dispatch is held off by both locks, taken in dispatch's order.
+            let dispatched = self.inner.dispatched();
             let mut reg = self.inner.registry_mut();
             if reg.closed {
                 return Err(HubError::ShuttingDown);
             }
+            started = dispatched.clone();
             // Taken with dispatch locked out, and registered before it resumes.
             (initial, not_in_snapshot) = if snapshot {
                 self.inner.snapshot::<T>(instruments.as_deref(), &check)
@@ -830,10 +1206,19 @@ impl Hub {
                 state: Arc::clone(&state),
             }));
         }
-        Ok(Feed {
+        // Resuming after a snapshot tick means resuming where live began.
+        let start = (!started.is_empty())
+            .then(|| Arc::new(ResumeBase::fixed(self.inner.epochs(), &started)));
+        if let Some(start) = &start {
+            for t in initial.iter_mut() {
+                *t = Arc::new(t.with_resume(Arc::clone(start)));
+            }
+        }
+        let feed = Feed {
             initial,
             not_in_snapshot,
             floors: HashMap::new(),
+            start,
             check,
             rx,
             state,
@@ -842,12 +1227,13 @@ impl Hub {
             id,
             queue: self.inner.queue,
             finished: false,
-        })
+        };
+        Ok((feed, started))
     }
 
     /// Dispatches ticks as a reader does: to matching feeds and the latest map.
     pub fn publish(&self, ticks: &[Tick]) {
-        self.inner.dispatch(ticks);
+        self.inner.dispatch(None, ticks);
     }
 
     /// Live subscriptions, trades and quotes together.
@@ -917,6 +1303,84 @@ async fn stream_end(con: &mut MultiplexedConnection, key: &str) -> redis::RedisR
         .map_or_else(|| "0-0".to_owned(), |e| e.id))
 }
 
+/// Whether the stream still holds every entry after `at`: its first entry is
+/// at or before it, or, when it is empty, nothing was ever added after it.
+async fn holds_after(
+    con: &mut MultiplexedConnection,
+    key: &str,
+    at: Position,
+) -> redis::RedisResult<bool> {
+    let reply: redis::Value = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(con)
+        .await?;
+    let entries = parse_entries(reply).map_err(reply_error)?;
+    if let Some(first) = entries.first() {
+        let first = parse_position(&first.id)
+            .ok_or_else(|| reply_error(format!("bad entry id {:?}", first.id)))?;
+        return Ok((first.0, first.1) <= (at.0, at.1));
+    }
+    // Empty: trimmed to nothing, or never written (no key at all).
+    let info: redis::RedisResult<redis::Value> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(key)
+        .query_async(con)
+        .await;
+    let info = match info {
+        Ok(v) => v,
+        // No such key: never written.
+        Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    let fields: Vec<(String, redis::Value)> = match info {
+        redis::Value::Array(items) => items
+            .chunks(2)
+            .filter_map(|kv| match kv {
+                [k, v] => redis::from_redis_value_ref::<String>(k)
+                    .ok()
+                    .map(|k| (k, v.clone())),
+                _ => None,
+            })
+            .collect(),
+        redis::Value::Map(items) => items
+            .into_iter()
+            .filter_map(|(k, v)| {
+                redis::from_redis_value_ref::<String>(&k)
+                    .ok()
+                    .map(|k| (k, v))
+            })
+            .collect(),
+        other => return Err(reply_error(format!("unexpected XINFO reply {other:?}"))),
+    };
+    let last = fields
+        .iter()
+        .find(|(k, _)| k == "last-generated-id")
+        .and_then(|(_, v)| redis::from_redis_value_ref::<String>(v).ok())
+        .and_then(|id| parse_position(&id))
+        .ok_or_else(|| reply_error("XINFO STREAM without last-generated-id".into()))?;
+    Ok((last.0, last.1) <= (at.0, at.1))
+}
+
+/// The epoch at `key`, made (the current Unix time in milliseconds) when it
+/// is missing; one round trip.
+async fn epoch(con: &mut MultiplexedConnection, key: &str) -> redis::RedisResult<u64> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64);
+    let old: Option<u64> = redis::cmd("SET")
+        .arg(key)
+        .arg(now)
+        .arg("NX")
+        .arg("GET")
+        .query_async(con)
+        .await?;
+    Ok(old.unwrap_or(now))
+}
+
 fn reply_error(msg: String) -> redis::RedisError {
     redis::RedisError::from((
         redis::ErrorKind::UnexpectedReturnType,
@@ -931,6 +1395,7 @@ struct Reader {
     client: redis::Client,
     shard: u16,
     key: String,
+    epoch_key: String,
     name: String,
     /// The last entry handed to the hub; reads resume after it, also after a
     /// reconnect, so a Redis blip loses nothing the stream still holds.
@@ -943,7 +1408,61 @@ enum Step {
     Shutdown,
 }
 
+/// Ticks decoded from stream entries, and what could not be.
+#[derive(Default)]
+struct Decoded {
+    ticks: Vec<Tick>,
+    entries: usize,
+    bad: usize,
+    first_error: Option<String>,
+}
+
+impl Decoded {
+    /// Decodes `list`, entries of `shard`, into ticks sharing `base`.
+    fn add(&mut self, shard: u16, list: Vec<StreamEntry>, base: &Arc<ResumeBase>) {
+        for entry in list {
+            self.entries += 1;
+            let decoded = match entry.record.as_deref() {
+                Some(bytes) => decode_entry::<EnrichedRecord>(bytes)
+                    .map(|recs| (is_batch(bytes), recs))
+                    .map_err(|e| e.to_string()),
+                None => Err("entry has no record field".to_owned()),
+            };
+            match decoded {
+                Ok((batch, recs)) => {
+                    self.ticks.reserve(recs.len());
+                    for (i, r) in recs.into_iter().enumerate() {
+                        let at = cursor(
+                            shard,
+                            &tickgraph_ingest::stream::event_position(&entry.id, i, batch),
+                        );
+                        match Tick::from_record(at, Some(Arc::clone(base)), r) {
+                            Ok(t) => self.ticks.push(t),
+                            Err(e) => self.fail(e.to_string()),
+                        }
+                    }
+                }
+                Err(e) => self.fail(e),
+            }
+        }
+    }
+
+    fn fail(&mut self, e: String) {
+        self.bad += 1;
+        self.first_error.get_or_insert(e);
+    }
+}
+
 impl Reader {
+    /// A new connection, and the shard's epoch read again: Redis may have
+    /// restarted without its data.
+    async fn reconnect(&self) -> redis::RedisResult<MultiplexedConnection> {
+        let mut c = connect(&self.client, &self.name).await?;
+        let e = epoch(&mut c, &self.epoch_key).await?;
+        self.hub.set_epoch(self.shard, e);
+        Ok(c)
+    }
+
     async fn run(mut self, con: MultiplexedConnection, shutdown: CancellationToken) {
         let mut con = Some(con);
         let mut backoff = BACKOFF_MIN;
@@ -953,7 +1472,7 @@ impl Reader {
                 None => {
                     let connected = tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        c = connect(&self.client, &self.name) => c,
+                        c = self.reconnect() => c,
                     };
                     match connected {
                         Ok(c) => c,
@@ -1011,43 +1530,26 @@ impl Reader {
             },
         };
         let streams = parse_read_reply(reply).map_err(reply_error)?;
-        let mut ticks = Vec::new();
-        let mut entries = 0usize;
-        let mut bad = 0usize;
-        let mut first_error = None;
+        let base = Arc::new(ResumeBase::batch(self.hub.epochs(), self.shard));
+        let mut decoded = Decoded::default();
         for (_, list) in streams {
-            for entry in list {
-                entries += 1;
-                let decoded = match entry.record.as_deref() {
-                    Some(bytes) => decode_entry::<EnrichedRecord>(bytes)
-                        .map(|recs| (is_batch(bytes), recs))
-                        .map_err(|e| e.to_string()),
-                    None => Err("entry has no record field".to_owned()),
-                };
-                let mut fail = |e: String| {
-                    bad += 1;
-                    first_error.get_or_insert(e);
-                };
-                match decoded {
-                    Ok((batch, recs)) => {
-                        ticks.reserve(recs.len());
-                        for (i, r) in recs.into_iter().enumerate() {
-                            let at = cursor(self.shard, &event_position(&entry.id, i, batch));
-                            match Tick::from_record(at, r) {
-                                Ok(t) => ticks.push(t),
-                                Err(e) => fail(e.to_string()),
-                            }
-                        }
-                    }
-                    Err(e) => fail(e),
-                }
-                self.last_id = entry.id;
+            if let Some(last) = list.last() {
+                self.last_id.clone_from(&last.id);
             }
+            decoded.add(self.shard, list, &base);
         }
+        let Decoded {
+            ticks,
+            entries,
+            bad,
+            first_error,
+        } = decoded;
         if entries == 0 {
             return Ok(Step::Read);
         }
-        let stats = self.hub.dispatch(&ticks);
+        let end = parse_position(&self.last_id)
+            .ok_or_else(|| reply_error(format!("bad entry id {:?}", self.last_id)))?;
+        let stats = self.hub.dispatch(Some((self.shard, end, &base)), &ticks);
         if let Some(error) = first_error {
             tracing::warn!(
                 shard = self.shard,
@@ -1121,6 +1623,7 @@ mod tests {
             currency: "USD".into(),
             ingest_ns: 0,
             enriched_ns: 0,
+            resume: None,
         }))
     }
 
@@ -1140,6 +1643,7 @@ mod tests {
             currency: "USD".into(),
             ingest_ns: 0,
             enriched_ns: 0,
+            resume: None,
         }))
     }
 

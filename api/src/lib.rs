@@ -23,6 +23,7 @@ pub mod http;
 pub mod hub;
 pub mod page;
 pub mod pipeline;
+pub mod resume;
 pub mod schema;
 pub mod tick;
 pub mod ws;

@@ -5,12 +5,16 @@
 //! query answer with the same GraphQL `Trade` and `Quote`. Ticks are shared behind
 //! an `Arc`: one decoded event is handed to every matching subscriber.
 
+use std::sync::Arc;
+
 use compact_str::CompactString;
 use rust_decimal::Decimal;
 use tickgraph_enrich::record::{Derived, EnrichedRecord};
 use tickgraph_enrich::refdata::AssetClass;
 use tickgraph_ingest::event::{AccountId, Header, Mic, Source, Symbol, TradeId};
 use tickgraph_ingest::{Event, Quote, Side, Timestamp, Trade};
+
+use crate::resume::ResumeBase;
 
 /// An enriched trade and where it sits in the enriched streams.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +28,9 @@ pub struct TradeTick {
     pub currency: CompactString,
     pub ingest_ns: i64,
     pub enriched_ns: i64,
+    /// What the event's resume cursor is made from; `None` outside a
+    /// subscription (history rows).
+    pub resume: Option<Arc<ResumeBase>>,
 }
 
 /// An enriched quote and where it sits in the enriched streams.
@@ -38,13 +45,16 @@ pub struct QuoteTick {
     pub currency: CompactString,
     pub ingest_ns: i64,
     pub enriched_ns: i64,
+    /// What the event's resume cursor is made from; `None` outside a
+    /// subscription (history rows).
+    pub resume: Option<Arc<ResumeBase>>,
 }
 
 /// One decoded enriched stream entry.
 #[derive(Debug, Clone)]
 pub enum Tick {
-    Trade(std::sync::Arc<TradeTick>),
-    Quote(std::sync::Arc<QuoteTick>),
+    Trade(Arc<TradeTick>),
+    Quote(Arc<QuoteTick>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +73,13 @@ pub fn cursor(shard: u16, entry_id: &str) -> String {
 }
 
 impl Tick {
-    pub fn from_record(cursor: String, r: EnrichedRecord) -> Result<Self, TickError> {
+    /// The tick of an enriched record at `cursor`; `resume` is shared by the
+    /// ticks of one batch.
+    pub fn from_record(
+        cursor: String,
+        resume: Option<Arc<ResumeBase>>,
+        r: EnrichedRecord,
+    ) -> Result<Self, TickError> {
         match (r.event, r.derived) {
             (
                 Event::Trade(trade),
@@ -71,7 +87,7 @@ impl Tick {
                     notional,
                     notional_usd,
                 },
-            ) => Ok(Tick::Trade(std::sync::Arc::new(TradeTick {
+            ) => Ok(Tick::Trade(Arc::new(TradeTick {
                 cursor,
                 trade,
                 notional,
@@ -80,9 +96,10 @@ impl Tick {
                 currency: r.currency,
                 ingest_ns: r.ingest_ns,
                 enriched_ns: r.enriched_ns,
+                resume,
             }))),
             (Event::Quote(quote), Derived::Quote { mid, spread }) => {
-                Ok(Tick::Quote(std::sync::Arc::new(QuoteTick {
+                Ok(Tick::Quote(Arc::new(QuoteTick {
                     cursor,
                     quote,
                     mid,
@@ -91,6 +108,7 @@ impl Tick {
                     currency: r.currency,
                     ingest_ns: r.ingest_ns,
                     enriched_ns: r.enriched_ns,
+                    resume,
                 })))
             }
             (event, _) => Err(TickError::KindMismatch {
@@ -109,6 +127,10 @@ pub trait TickMeta {
     fn side(&self) -> Option<Side>;
     /// `<shard>:<entry id>[.<index>]`, its place in the enriched streams.
     fn cursor(&self) -> &str;
+    /// The same event with another resume base (a snapshot's start).
+    fn with_resume(&self, resume: Arc<ResumeBase>) -> Self
+    where
+        Self: Sized;
 
     fn instrument(&self) -> &str {
         self.header().instrument.as_str()
@@ -139,6 +161,13 @@ impl TickMeta for TradeTick {
     fn cursor(&self) -> &str {
         &self.cursor
     }
+
+    fn with_resume(&self, resume: Arc<ResumeBase>) -> Self {
+        Self {
+            resume: Some(resume),
+            ..self.clone()
+        }
+    }
 }
 
 impl TickMeta for QuoteTick {
@@ -156,6 +185,13 @@ impl TickMeta for QuoteTick {
 
     fn cursor(&self) -> &str {
         &self.cursor
+    }
+
+    fn with_resume(&self, resume: Arc<ResumeBase>) -> Self {
+        Self {
+            resume: Some(resume),
+            ..self.clone()
+        }
     }
 }
 
@@ -282,6 +318,7 @@ impl TradeRow {
             currency: self.currency.into(),
             ingest_ns: self.ingest_ns,
             enriched_ns: self.enriched_ns,
+            resume: None,
         })
     }
 }
@@ -314,6 +351,7 @@ impl QuoteRow {
             currency: self.currency.into(),
             ingest_ns: self.ingest_ns,
             enriched_ns: self.enriched_ns,
+            resume: None,
         })
     }
 }
@@ -355,7 +393,7 @@ mod tests {
 
     #[test]
     fn a_record_becomes_a_tick_of_its_kind() {
-        let Ok(Tick::Quote(q)) = Tick::from_record(cursor(1, "5-0"), quote_record()) else {
+        let Ok(Tick::Quote(q)) = Tick::from_record(cursor(1, "5-0"), None, quote_record()) else {
             panic!("expected a quote tick");
         };
         assert_eq!(q.cursor, "1:5-0");
@@ -371,7 +409,7 @@ mod tests {
             notional: d("1"),
             notional_usd: d("1"),
         };
-        let err = Tick::from_record(cursor(0, "1-0"), r).expect_err("mismatch");
+        let err = Tick::from_record(cursor(0, "1-0"), None, r).expect_err("mismatch");
         assert!(err.to_string().contains("feed-1:7"), "{err}");
     }
 

@@ -491,13 +491,14 @@ impl Connection {
             self.ops.remove(id);
             return self.send(text::<()>("complete", Some(id), None));
         };
-        // Errors before execution (syntax, validation, a refused argument) end
-        // the operation with `error`; graphql-transport-ws sends no `complete`
-        // after it.
+        // Errors before the operation ran (syntax, validation) or while its
+        // source stream was created (the root field refused: a bad argument, an
+        // expired cursor) end it with `error`; graphql-transport-ws sends no
+        // `complete` after it. Errors of nested fields have longer paths.
         let refused = first
             && response.data == async_graphql::Value::Null
             && !response.errors.is_empty()
-            && response.errors.iter().all(|e| e.path.is_empty());
+            && response.errors.iter().all(|e| e.path.len() <= 1);
         match (self.protocol, refused) {
             (Protocol::TransportWs, true) => {
                 self.ops.remove(id);

@@ -73,6 +73,12 @@ impl StreamLayout {
         format!("{}:enriched:{{{shard}}}", self.prefix)
     }
 
+    /// The shard's epoch: a number made when the key is missing, so it is new
+    /// whenever Redis lost the shard's streams. Resume cursors carry it.
+    pub fn epoch(&self, shard: u16) -> String {
+        format!("{}:epoch:{{{shard}}}", self.prefix)
+    }
+
     pub fn dlq(&self, shard: u16) -> String {
         format!("{}:dlq:{{{shard}}}", self.prefix)
     }

@@ -10,4 +10,5 @@ mod helpers;
 mod history;
 mod page;
 mod protocol;
+mod resume;
 mod screens;

@@ -16,9 +16,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::helpers::*;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-async fn connect(url: &str, protocol: &str) -> Ws {
+pub(crate) async fn connect(url: &str, protocol: &str) -> Ws {
     let mut req = url.into_client_request().expect("ws request");
     req.headers_mut()
         .insert("Sec-WebSocket-Protocol", protocol.parse().expect("header"));
@@ -28,14 +28,14 @@ async fn connect(url: &str, protocol: &str) -> Ws {
     ws
 }
 
-async fn send(ws: &mut Ws, v: Value) {
+pub(crate) async fn send(ws: &mut Ws, v: Value) {
     ws.send(Message::Text(v.to_string().into()))
         .await
         .expect("send");
 }
 
 /// The next text message as JSON, or the close code and reason.
-async fn recv(ws: &mut Ws) -> Result<Value, (u16, String)> {
+pub(crate) async fn recv(ws: &mut Ws) -> Result<Value, (u16, String)> {
     loop {
         let m = tokio::time::timeout(DEADLINE, ws.next())
             .await
@@ -64,7 +64,7 @@ async fn closed(ws: &mut Ws) -> (u16, String) {
     }
 }
 
-async fn init(ws: &mut Ws) {
+pub(crate) async fn init(ws: &mut Ws) {
     send(ws, json!({"type": "connection_init"})).await;
     loop {
         match recv(ws).await.expect("ack") {

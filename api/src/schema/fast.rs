@@ -23,6 +23,7 @@ use rust_decimal::Decimal;
 use tickgraph_ingest::event::Header;
 
 use super::types::{AssetClassKind, QuoteNode, SideKind, TradeNode};
+use crate::resume::ResumeBase;
 use crate::tick::{QuoteTick, TradeTick};
 
 /// A value for a leaf field by its schema name, or `None` when the field is not
@@ -41,6 +42,11 @@ fn decimal(d: &Decimal) -> Value {
 
 fn nanos(ns: i64) -> Value {
     Value::String(chrono::DateTime::from_timestamp_nanos(ns).to_rfc3339())
+}
+
+fn resume(base: Option<&ResumeBase>, cursor: &str) -> Value {
+    base.and_then(|b| b.cursor(cursor))
+        .map_or(Value::Null, Value::String)
 }
 
 /// Fields every live event has, from its header and enrichment.
@@ -78,6 +84,7 @@ impl Leaves for TradeTick {
             "ingestedAt" => nanos(self.ingest_ns),
             "enrichedAt" => nanos(self.enriched_ns),
             "cursor" => string(&self.cursor),
+            "resume" => resume(self.resume.as_deref(), &self.cursor),
             _ => return common(&t.header, name),
         })
     }
@@ -98,6 +105,7 @@ impl Leaves for QuoteTick {
             "ingestedAt" => nanos(self.ingest_ns),
             "enrichedAt" => nanos(self.enriched_ns),
             "cursor" => string(&self.cursor),
+            "resume" => resume(self.resume.as_deref(), &self.cursor),
             _ => return common(&q.header, name),
         })
     }

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use async_graphql::{Context, Result, Subscription};
+use async_graphql::{Context, ErrorExtensions, Result, Subscription};
 use futures_util::{Stream, StreamExt};
 use sqlx::PgPool;
 
@@ -13,7 +13,8 @@ use super::fast::{LiveQuote, LiveTrade};
 use super::types::{AssetClassKind, SideKind};
 use super::{internal, Services, MAX_FILTER_VALUES};
 use crate::history;
-use crate::hub::{Feed, Filter, HubError, MaxRate};
+use crate::hub::{Feed, Filter, HubError, MaxRate, Resumed};
+use crate::resume::ResumeCursor;
 use crate::tick::{QuoteRow, QuoteTick, TickError, TickMeta, TradeRow, TradeTick};
 use crate::ws::{Gate, Gated};
 use crate::Hub;
@@ -54,9 +55,14 @@ fn filter(
 }
 
 /// What the `trades` and `quotes` fields differ in.
-trait LiveKind: TickMeta + Sized {
+trait LiveKind: TickMeta + Sized + Send + Sync + 'static {
     type Row;
     fn subscribe(hub: &Hub, filter: Filter) -> Result<Feed<Self>, HubError>;
+    fn resume(
+        hub: &Hub,
+        filter: Filter,
+        after: &str,
+    ) -> impl Future<Output = Result<Resumed<Self>, HubError>> + Send;
     /// The newest history row of each of `instruments`.
     fn latest_rows(
         pool: &PgPool,
@@ -70,6 +76,14 @@ impl LiveKind for TradeTick {
 
     fn subscribe(hub: &Hub, filter: Filter) -> Result<Feed<Self>, HubError> {
         hub.subscribe_trades(filter)
+    }
+
+    fn resume(
+        hub: &Hub,
+        filter: Filter,
+        after: &str,
+    ) -> impl Future<Output = Result<Resumed<Self>, HubError>> + Send {
+        hub.resume_trades(filter, after)
     }
 
     fn latest_rows(
@@ -91,6 +105,14 @@ impl LiveKind for QuoteTick {
         hub.subscribe_quotes(filter)
     }
 
+    fn resume(
+        hub: &Hub,
+        filter: Filter,
+        after: &str,
+    ) -> impl Future<Output = Result<Resumed<Self>, HubError>> + Send {
+        hub.resume_quotes(filter, after)
+    }
+
     fn latest_rows(
         pool: &PgPool,
         instruments: &[String],
@@ -103,30 +125,69 @@ impl LiveKind for QuoteTick {
     }
 }
 
+/// A hub error as a GraphQL error; the ones a client acts on carry
+/// `extensions.code` (`CURSOR_EXPIRED`, `TOO_SLOW`).
+fn hub_error(e: HubError) -> async_graphql::Error {
+    let code = e.code();
+    let err = async_graphql::Error::new(e.to_string());
+    match code {
+        Some(code) => err.extend_with(|_, ext| ext.set("code", code)),
+        None => err,
+    }
+}
+
+/// Opens a subscription: resumed after `after`, or from now (with a snapshot
+/// when asked).
+async fn open<T: LiveKind>(
+    ctx: &Context<'_>,
+    mut filter: Filter,
+    after: Option<String>,
+) -> Result<Resumed<T>> {
+    let s = ctx.data::<Services>()?;
+    match after {
+        Some(_) if filter.snapshot => Err(
+            "`after` and `snapshot` cannot be combined: `after` resumes exactly where the \
+             cursor left off"
+                .into(),
+        ),
+        // A conflated subscription only ever owes the newest value of each
+        // instrument: resuming is a snapshot of them, then live.
+        Some(after) if filter.max_rate.is_some() => {
+            ResumeCursor::parse(&after, s.shards).map_err(|e| hub_error(e.into()))?;
+            filter.snapshot = true;
+            from_now(ctx, s, filter).await
+        }
+        Some(after) => T::resume(&s.hub, filter, &after).await.map_err(hub_error),
+        None => from_now(ctx, s, filter).await,
+    }
+}
+
 /// Subscribes, and completes a snapshot from history: the newest row of each
 /// listed instrument the hub has not seen since it started. A conflated feed
 /// waits while its connection's outbox is backed up (its [`Gate`] is shut):
 /// meanwhile the hub keeps only its newest value per instrument.
-async fn open<T: LiveKind>(ctx: &Context<'_>, filter: Filter) -> Result<Gated<Feed<T>>> {
-    let s = ctx.data::<Services>()?;
+async fn from_now<T: LiveKind>(
+    ctx: &Context<'_>,
+    s: &Services,
+    filter: Filter,
+) -> Result<Resumed<T>> {
     let gate = match filter.max_rate {
         Some(_) => ctx.data_opt::<Arc<Gate>>().cloned(),
         None => None,
     };
-    let mut feed = T::subscribe(&s.hub, filter)?;
-    if feed.not_in_snapshot().is_empty() {
-        return Ok(Gated::new(feed, gate));
+    let mut feed = T::subscribe(&s.hub, filter).map_err(hub_error)?;
+    if !feed.not_in_snapshot().is_empty() {
+        let rows = T::latest_rows(&s.pool, feed.not_in_snapshot())
+            .await
+            .map_err(|e| internal("history", e))?;
+        let ticks = rows
+            .into_iter()
+            .map(|r| T::into_tick(r, s.shards).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| internal("history", e))?;
+        feed.backfill(ticks);
     }
-    let rows = T::latest_rows(&s.pool, feed.not_in_snapshot())
-        .await
-        .map_err(|e| internal("history", e))?;
-    let ticks = rows
-        .into_iter()
-        .map(|r| T::into_tick(r, s.shards).map(Arc::new))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| internal("history", e))?;
-    feed.backfill(ticks);
-    Ok(Gated::new(feed, gate))
+    Ok(Gated::new(feed, gate).boxed())
 }
 
 #[derive(Default)]
@@ -150,6 +211,15 @@ impl TradeSubscription {
     /// listed instruments it has not seen since it started; without an
     /// `instruments` list, only the ones it has seen), then live trades, with
     /// none missed and none repeated between the two.
+    ///
+    /// `after` resumes: give the `resume` of the last trade received (with the
+    /// same filters) to receive first every trade this subscription would have
+    /// sent after it, in order, none twice, then live ones. When the streams no
+    /// longer hold them (trimmed, or Redis lost them), the subscription is
+    /// refused with `extensions.code` `CURSOR_EXPIRED`: reload the current state
+    /// (`snapshot: true`) instead. With `maxRate`, `after` means `snapshot: true`:
+    /// a conflated subscription owes only the newest value of each instrument.
+    /// Not with `snapshot`.
     // Each argument is a GraphQL argument of the field.
     #[allow(clippy::too_many_arguments)]
     async fn trades(
@@ -161,6 +231,7 @@ impl TradeSubscription {
         sides: Option<Vec<SideKind>>,
         max_rate: Option<f64>,
         #[graphql(default)] snapshot: bool,
+        after: Option<String>,
     ) -> Result<impl Stream<Item = Result<LiveTrade>>> {
         let filter = filter(
             instruments,
@@ -170,8 +241,8 @@ impl TradeSubscription {
             max_rate,
             snapshot,
         )?;
-        let feed = open::<TradeTick>(ctx, filter).await?;
-        Ok(feed.map(|r| r.map(LiveTrade).map_err(Into::into)))
+        let feed = open::<TradeTick>(ctx, filter, after).await?;
+        Ok(feed.map(|r| r.map(LiveTrade).map_err(hub_error)))
     }
 }
 
@@ -196,6 +267,17 @@ impl QuoteSubscription {
     /// listed instruments it has not seen since it started; without an
     /// `instruments` list, only the ones it has seen), then live quotes, with
     /// none missed and none repeated between the two.
+    ///
+    /// `after` resumes: give the `resume` of the last quote received (with the
+    /// same filters) to receive first every quote this subscription would have
+    /// sent after it, in order, none twice, then live ones. When the streams no
+    /// longer hold them (trimmed, or Redis lost them), the subscription is
+    /// refused with `extensions.code` `CURSOR_EXPIRED`: reload the current state
+    /// (`snapshot: true`) instead. With `maxRate`, `after` means `snapshot: true`:
+    /// a conflated subscription owes only the newest value of each instrument.
+    /// Not with `snapshot`.
+    // Each argument is a GraphQL argument of the field.
+    #[allow(clippy::too_many_arguments)]
     async fn quotes(
         &self,
         ctx: &Context<'_>,
@@ -204,9 +286,10 @@ impl QuoteSubscription {
         asset_classes: Option<Vec<AssetClassKind>>,
         max_rate: Option<f64>,
         #[graphql(default)] snapshot: bool,
+        after: Option<String>,
     ) -> Result<impl Stream<Item = Result<LiveQuote>>> {
         let filter = filter(instruments, venues, asset_classes, None, max_rate, snapshot)?;
-        let feed = open::<QuoteTick>(ctx, filter).await?;
-        Ok(feed.map(|r| r.map(LiveQuote).map_err(Into::into)))
+        let feed = open::<QuoteTick>(ctx, filter, after).await?;
+        Ok(feed.map(|r| r.map(LiveQuote).map_err(hub_error)))
     }
 }

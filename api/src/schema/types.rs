@@ -178,6 +178,16 @@ impl TradeNode {
     async fn cursor(&self) -> &str {
         &self.0.cursor
     }
+
+    /// On a subscription's events: pass it as the `after` argument of a new
+    /// subscription with the same filters to receive, in order, every event this
+    /// one would have sent after this event (none twice). Null on query results.
+    async fn resume(&self) -> Option<String> {
+        self.0
+            .resume
+            .as_deref()
+            .and_then(|r| r.cursor(&self.0.cursor))
+    }
 }
 
 /// GraphQL `Quote`, over a tick shared with every other reader of it.
@@ -270,6 +280,16 @@ impl QuoteNode {
     /// e.g. `2:1732550000000-5.17` (events loaded before batching: no `.<index>`).
     async fn cursor(&self) -> &str {
         &self.0.cursor
+    }
+
+    /// On a subscription's events: pass it as the `after` argument of a new
+    /// subscription with the same filters to receive, in order, every event this
+    /// one would have sent after this event (none twice). Null on query results.
+    async fn resume(&self) -> Option<String> {
+        self.0
+            .resume
+            .as_deref()
+            .and_then(|r| r.cursor(&self.0.cursor))
     }
 }
 
