@@ -672,6 +672,20 @@ impl<T: TickMeta> Feed<T> {
         &self.not_in_snapshot
     }
 
+    /// For a snapshot of every instrument: of `known` (every instrument there
+    /// is), those the snapshot lacks become [`Feed::not_in_snapshot`], to be
+    /// completed from history.
+    pub fn complete_from(&mut self, known: impl IntoIterator<Item = String>) {
+        let held: std::collections::HashSet<&str> =
+            self.initial.iter().map(|t| t.instrument()).collect();
+        let mut missing: Vec<String> = known
+            .into_iter()
+            .filter(|s| !held.contains(s.as_str()))
+            .collect();
+        missing.sort_unstable();
+        self.not_in_snapshot = missing;
+    }
+
     /// Adds ticks from elsewhere (history) to the snapshot, each the latest of
     /// an instrument in [`Feed::not_in_snapshot`]; ticks the filters reject are
     /// dropped. A live tick of the same instrument at or before it in the stream

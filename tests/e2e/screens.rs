@@ -177,15 +177,52 @@ async fn a_snapshot_takes_what_the_server_has_not_seen_from_history(pool: PgPool
         "subscription { quotes(instruments: [\"AAPL\"], snapshot: true) { source seq bid } }",
     )
     .await;
+    // Without an instrument list, the snapshot still covers every instrument.
+    let mut every = Subscription::start(
+        &app.ws,
+        false,
+        "subscription { quotes(snapshot: true) { source seq bid resume } }",
+    )
+    .await;
+    let mut etfs = Subscription::start(
+        &app.ws,
+        false,
+        "subscription { quotes(snapshot: true, assetClasses: [ETF]) { source seq instrument } }",
+    )
+    .await;
     assert_eq!(
         sub.next().await["quotes"],
         json!({"source": "old", "seq": "7", "bid": "180.5"})
     );
-    app.post_json(&json!([quote("mm", 1, "AAPL", "XNAS", "181", "181.1")]))
-        .await;
+    let first = every.next().await["quotes"].clone();
+    assert_eq!(
+        (&first["source"], &first["seq"], &first["bid"]),
+        (&json!("old"), &json!("7"), &json!("180.5"))
+    );
+    assert!(
+        first["resume"].is_string(),
+        "a snapshot event resumes too: {first}"
+    );
+    app.post_json(&json!([
+        quote("mm", 1, "AAPL", "XNAS", "181", "181.1"),
+        quote("mm", 2, "SPY", "ARCX", "560", "560.1")
+    ]))
+    .await;
     assert_eq!(
         sub.next().await["quotes"],
         json!({"source": "mm", "seq": "1", "bid": "181"})
+    );
+    // Two shards: the two may come in either order.
+    let mut live = vec![
+        every.next().await["quotes"]["seq"].clone(),
+        every.next().await["quotes"]["seq"].clone(),
+    ];
+    live.sort_by_key(|v| v.to_string());
+    assert_eq!(live, [json!("1"), json!("2")]);
+    assert_eq!(
+        etfs.next().await["quotes"],
+        json!({"source": "mm", "seq": "2", "instrument": "SPY"}),
+        "an equity's history row is not in an ETF snapshot"
     );
     app.stop().await;
 }

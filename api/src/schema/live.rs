@@ -175,7 +175,26 @@ async fn from_now<T: LiveKind>(
         Some(_) => ctx.data_opt::<Arc<Gate>>().cloned(),
         None => None,
     };
+    // A snapshot of every instrument holds what this process has seen; the
+    // others (of the asset classes asked for) come from history.
+    let everything = match (&filter.snapshot, &filter.instruments) {
+        (true, None) => {
+            let refs = s.refs.read();
+            let classes = filter.asset_classes.clone();
+            Some(
+                refs.instruments
+                    .values()
+                    .filter(|i| classes.as_ref().is_none_or(|c| c.contains(&i.asset_class)))
+                    .map(|i| i.symbol.clone())
+                    .collect::<Vec<_>>(),
+            )
+        }
+        _ => None,
+    };
     let mut feed = T::subscribe(&s.hub, filter).map_err(hub_error)?;
+    if let Some(known) = everything {
+        feed.complete_from(known);
+    }
     if !feed.not_in_snapshot().is_empty() {
         let rows = T::latest_rows(&s.pool, feed.not_in_snapshot())
             .await
@@ -208,8 +227,7 @@ impl TradeSubscription {
     ///
     /// `snapshot: true` first sends the latest trade of every selected instrument
     /// that passes the filters (from this server's memory, or from history for
-    /// listed instruments it has not seen since it started; without an
-    /// `instruments` list, only the ones it has seen), then live trades, with
+    /// instruments it has not seen since it started), then live trades, with
     /// none missed and none repeated between the two.
     ///
     /// `after` resumes: give the `resume` of the last trade received (with the
@@ -264,8 +282,7 @@ impl QuoteSubscription {
     ///
     /// `snapshot: true` first sends the latest quote of every selected instrument
     /// that passes the filters (from this server's memory, or from history for
-    /// listed instruments it has not seen since it started; without an
-    /// `instruments` list, only the ones it has seen), then live quotes, with
+    /// instruments it has not seen since it started), then live quotes, with
     /// none missed and none repeated between the two.
     ///
     /// `after` resumes: give the `resume` of the last quote received (with the
