@@ -1,12 +1,15 @@
 //! The HTTP edge: GraphQL over HTTP (`GET`/`POST /graphql`), subscriptions over
 //! WebSocket (`GET /graphql/ws`, both `graphql-transport-ws` and the legacy
-//! `graphql-ws` of subscriptions-transport-ws), the GraphiQL page, and graceful
-//! serving.
+//! `graphql-ws` of subscriptions-transport-ws) and over Server-Sent Events
+//! (`GET`/`POST /graphql/stream`, or `/graphql` asking for
+//! `text/event-stream`), the GraphiQL page, and graceful serving.
+
+use std::time::Duration;
 
 use async_graphql::http::GraphiQLSource;
 use async_graphql_axum::GraphQLBatchRequest;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::State;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
@@ -17,10 +20,12 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::schema::ApiSchema;
+use crate::sse;
 use crate::ws::{self, Protocol, WsConfig};
 
 pub const GRAPHQL_PATH: &str = "/graphql";
 pub const WS_PATH: &str = "/graphql/ws";
+pub const SSE_PATH: &str = "/graphql/stream";
 pub const GRAPHIQL_PATH: &str = "/graphiql";
 /// Largest GraphQL request body accepted; a query is text, not data.
 const MAX_BODY: usize = 1 << 20;
@@ -36,6 +41,10 @@ const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
 /// `memset`, the top symbol of the process at 25k events/s to two subscribers.
 /// Clients send only small control messages.
 const WS_READ_BUFFER: usize = 4 << 10;
+/// How long, after shutdown, the server waits for open responses: an event
+/// stream whose client stopped reading is never polled again, so it cannot
+/// end itself.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 struct AppState {
@@ -44,6 +53,7 @@ struct AppState {
     shutdown: CancellationToken,
     /// The hub's tasks: once they have all finished, every feed has ended.
     hub_tasks: TaskTracker,
+    sse: sse::Endpoint,
 }
 
 /// The routes of the API. `hub_tasks` tracks the hub's tasks, so that at
@@ -61,12 +71,24 @@ pub fn router(
                 .post(graphql)
                 .layer(RequestBodyLimitLayer::new(MAX_BODY)),
         )
+        .route(
+            SSE_PATH,
+            get(event_stream)
+                .post(event_stream)
+                .layer(RequestBodyLimitLayer::new(MAX_BODY)),
+        )
         .route(WS_PATH, get(subscriptions))
         .route(GRAPHIQL_PATH, get(graphiql))
         .merge(crate::page::routes())
         .route("/", get(|| async { Redirect::temporary(GRAPHIQL_PATH) }))
         .layer(TraceLayer::new_for_http())
         .with_state(AppState {
+            sse: sse::Endpoint::new(
+                schema.clone(),
+                ws.keepalive,
+                shutdown.clone(),
+                hub_tasks.clone(),
+            ),
             schema,
             ws,
             shutdown,
@@ -77,12 +99,16 @@ pub fn router(
 /// GraphQL over HTTP. A client that accepts `application/graphql-response+json`
 /// gets it, with status 400 when the request could not run (syntax, validation,
 /// limits); any other client gets `application/json` and status 200, as legacy
-/// clients expect.
-async fn graphql(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    req: GraphQLBatchRequest,
-) -> Response {
+/// clients expect. A client that ranks `text/event-stream` first gets an event
+/// stream, as from [`SSE_PATH`].
+async fn graphql(State(s): State<AppState>, headers: HeaderMap, request: Request) -> Response {
+    if sse::prefers_event_stream(&headers) {
+        return s.sse.handle(request).await;
+    }
+    let req = match <GraphQLBatchRequest>::from_request(request, &s).await {
+        Ok(req) => req,
+        Err(rejection) => return rejection.into_response(),
+    };
     let modern = headers
         .get_all(header::ACCEPT)
         .iter()
@@ -138,6 +164,11 @@ async fn graphql(
     }
     out.headers_mut().extend(resp.http_headers());
     out
+}
+
+/// GraphQL over Server-Sent Events (graphql-sse, distinct connections mode).
+async fn event_stream(State(s): State<AppState>, request: Request) -> Response {
+    s.sse.handle(request).await
 }
 
 /// The first protocol in the client's list that we speak. A client that names
@@ -199,6 +230,28 @@ async fn graphiql() -> Html<String> {
 }
 
 /// Serves `router` on `listener` until `shutdown`, then stops accepting and waits
-/// for in-flight requests; WebSocket connections close themselves on `shutdown`.
-/// The same edge as ingest's, so both stop alike.
-pub use tickgraph_ingest::server::serve;
+/// for in-flight requests, at most [`DRAIN_GRACE`]; WebSocket connections close
+/// themselves on `shutdown`. Otherwise the same edge as ingest's, so both stop
+/// alike.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let server = tickgraph_ingest::server::serve(listener, router, shutdown.clone());
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(DRAIN_GRACE).await;
+    };
+    tokio::select! {
+        served = server => served,
+        () = grace => {
+            // Their connections' tasks end with the runtime, as the process exits.
+            tracing::warn!(
+                grace_secs = DRAIN_GRACE.as_secs(),
+                "responses still open after the shutdown grace; leaving them"
+            );
+            Ok(())
+        }
+    }
+}

@@ -9,8 +9,10 @@
 //! - [`tick`]: `TradeTick`/`QuoteTick`, the one shape live events and history rows
 //!   both take before they become GraphQL `Trade`/`Quote`.
 //! - [`history`]: the SQL of history pages, snapshots and latest-value fallback.
-//! - [`http`]: the axum router (`/graphql`, `/graphql/ws`, `/graphiql`) and
-//!   [`serve`].
+//! - [`http`]: the axum router (`/graphql`, `/graphql/ws`, `/graphql/stream`,
+//!   `/graphiql`) and [`serve`].
+//! - [`ws`] and [`sse`]: GraphQL over WebSocket (both protocols) and over
+//!   Server-Sent Events (graphql-sse, distinct connections mode).
 //! - [`pipeline`]: every component in one process (`tickgraph all`, end-to-end
 //!   tests).
 //!
@@ -25,6 +27,7 @@ pub mod page;
 pub mod pipeline;
 pub mod resume;
 pub mod schema;
+pub mod sse;
 pub mod tick;
 pub mod ws;
 
@@ -141,7 +144,8 @@ impl Api {
         })
     }
 
-    /// `/graphql`, `/graphql/ws`, `/graphiql` and `/` (a redirect to GraphiQL).
+    /// `/graphql`, `/graphql/ws`, `/graphql/stream`, `/graphiql` and `/` (a
+    /// redirect to GraphiQL).
     pub fn router(&self) -> axum::Router {
         http::router(
             self.schema.clone(),

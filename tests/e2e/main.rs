@@ -12,3 +12,4 @@ mod page;
 mod protocol;
 mod resume;
 mod screens;
+mod sse;
