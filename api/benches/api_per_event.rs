@@ -22,6 +22,7 @@ use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
 use tickgraph_api::hub::Feed;
 use tickgraph_api::schema::{self, Limits, Services};
+use tickgraph_api::shared_json::response_json;
 use tickgraph_api::tick::{cursor, QuoteTick, Tick, TickMeta, TradeTick};
 use tickgraph_api::{ApiConfig, Filter, Hub};
 use tickgraph_enrich::demo::{demo_refdata, feed_accounts, feed_instruments};
@@ -322,7 +323,7 @@ fn graphql(c: &mut Criterion) {
                     for _ in 0..BATCH {
                         let resp = l.stream.next().now_or_never().flatten();
                         let resp = resp.expect("one response per published tick");
-                        black_box(serde_json::to_vec(&resp).expect("response serializes"));
+                        black_box(response_json(&resp).expect("response serializes"));
                     }
                     total += start.elapsed();
                 }

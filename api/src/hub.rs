@@ -1638,6 +1638,7 @@ mod tests {
             ingest_ns: 0,
             enriched_ns: 0,
             resume: None,
+            json: Default::default(),
         }))
     }
 
@@ -1658,6 +1659,7 @@ mod tests {
             ingest_ns: 0,
             enriched_ns: 0,
             resume: None,
+            json: Default::default(),
         }))
     }
 

@@ -27,6 +27,7 @@ pub mod page;
 pub mod pipeline;
 pub mod resume;
 pub mod schema;
+pub mod shared_json;
 pub mod sse;
 pub mod tick;
 pub mod ws;

@@ -369,11 +369,13 @@ impl Pump {
 
 /// A `next` event. Compact JSON has no line breaks, so one `data:` line holds it.
 fn next_event(response: &async_graphql::Response) -> Bytes {
-    let json = serde_json::to_vec(response).unwrap_or_else(|e| {
-        // Only a value that cannot be JSON (a map with non-string keys) fails.
-        tracing::error!(error = %e, "cannot serialize a GraphQL response");
-        br#"{"errors":[{"message":"internal error"}]}"#.to_vec()
-    });
+    let json = crate::shared_json::response_json(response)
+        .map(String::into_bytes)
+        .unwrap_or_else(|e| {
+            // Only a value that cannot be JSON (a map with non-string keys) fails.
+            tracing::error!(error = %e, "cannot serialize a GraphQL response");
+            br#"{"errors":[{"message":"internal error"}]}"#.to_vec()
+        });
     let mut event = Vec::with_capacity(json.len() + 20);
     event.extend_from_slice(b"event: next\ndata: ");
     event.extend_from_slice(&json);

@@ -15,6 +15,7 @@ use tickgraph_ingest::event::{AccountId, Header, Mic, Source, Symbol, TradeId};
 use tickgraph_ingest::{Event, Quote, Side, Timestamp, Trade};
 
 use crate::resume::ResumeBase;
+use crate::shared_json::JsonCache;
 
 /// An enriched trade and where it sits in the enriched streams.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +32,8 @@ pub struct TradeTick {
     /// What the event's resume cursor is made from; `None` outside a
     /// subscription (history rows).
     pub resume: Option<Arc<ResumeBase>>,
+    /// Its GraphQL JSON per selection, shared by the subscribers.
+    pub json: JsonCache,
 }
 
 /// An enriched quote and where it sits in the enriched streams.
@@ -48,6 +51,8 @@ pub struct QuoteTick {
     /// What the event's resume cursor is made from; `None` outside a
     /// subscription (history rows).
     pub resume: Option<Arc<ResumeBase>>,
+    /// Its GraphQL JSON per selection, shared by the subscribers.
+    pub json: JsonCache,
 }
 
 /// One decoded enriched stream entry.
@@ -97,6 +102,7 @@ impl Tick {
                 ingest_ns: r.ingest_ns,
                 enriched_ns: r.enriched_ns,
                 resume,
+                json: JsonCache::default(),
             }))),
             (Event::Quote(quote), Derived::Quote { mid, spread }) => {
                 Ok(Tick::Quote(Arc::new(QuoteTick {
@@ -109,6 +115,7 @@ impl Tick {
                     ingest_ns: r.ingest_ns,
                     enriched_ns: r.enriched_ns,
                     resume,
+                    json: JsonCache::default(),
                 })))
             }
             (event, _) => Err(TickError::KindMismatch {
@@ -319,6 +326,7 @@ impl TradeRow {
             ingest_ns: self.ingest_ns,
             enriched_ns: self.enriched_ns,
             resume: None,
+            json: JsonCache::default(),
         })
     }
 }
@@ -352,6 +360,7 @@ impl QuoteRow {
             ingest_ns: self.ingest_ns,
             enriched_ns: self.enriched_ns,
             resume: None,
+            json: JsonCache::default(),
         })
     }
 }

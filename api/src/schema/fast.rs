@@ -9,7 +9,9 @@
 //! the tick; anything else (`reference`, `@skip`, fragments) goes to the
 //! `#[Object]` resolvers of [`TradeNode`] and [`QuoteNode`], which stay the one
 //! definition of the types in the schema. Both paths give identical values: the
-//! tests compare them field by field.
+//! tests compare them field by field. A plain selection's object is made once
+//! per event and selection and shared by every subscriber that selects the same
+//! fields ([`crate::shared_json`]).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -24,12 +26,15 @@ use tickgraph_ingest::event::Header;
 
 use super::types::{AssetClassKind, QuoteNode, SideKind, TradeNode};
 use crate::resume::ResumeBase;
+use crate::shared_json::JsonCache;
 use crate::tick::{QuoteTick, TradeTick};
 
 /// A value for a leaf field by its schema name, or `None` when the field is not
 /// a plain leaf of the type (it needs the full resolver).
 trait Leaves {
     fn leaf(&self, name: &str) -> Option<Value>;
+    /// The tick's JSON per selection, shared by its subscribers.
+    fn json(&self) -> &JsonCache;
 }
 
 fn string(s: &str) -> Value {
@@ -63,6 +68,10 @@ fn common(h: &Header, name: &str) -> Option<Value> {
 }
 
 impl Leaves for TradeTick {
+    fn json(&self) -> &JsonCache {
+        &self.json
+    }
+
     fn leaf(&self, name: &str) -> Option<Value> {
         let t = &self.trade;
         Some(match name {
@@ -91,6 +100,10 @@ impl Leaves for TradeTick {
 }
 
 impl Leaves for QuoteTick {
+    fn json(&self) -> &JsonCache {
+        &self.json
+    }
+
     fn leaf(&self, name: &str) -> Option<Value> {
         let q = &self.quote;
         Some(match name {
@@ -163,8 +176,14 @@ macro_rules! live_type {
                 ctx: &ContextSelectionSet<'_>,
                 field: &Positioned<Field>,
             ) -> ServerResult<Value> {
-                match plain(&*self.0, $type_name, ctx.item) {
-                    Some(v) => Ok(v),
+                // Made once per tick and selection, whatever the number of
+                // subscribers: see `crate::shared_json`.
+                let shared = self
+                    .0
+                    .json()
+                    .get_or_make(ctx.item, || plain(&*self.0, $type_name, ctx.item));
+                match shared {
+                    Some(json) => Ok(Value::Binary(json)),
                     None => $node(self.0.clone()).resolve(ctx, field).await,
                 }
             }

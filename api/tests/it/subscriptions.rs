@@ -437,7 +437,11 @@ async fn plain_leaf_selections_answer_exactly_as_the_full_resolvers(pool: PgPool
         for _ in 0..n {
             let resp = s.next().await.expect("an event");
             assert!(resp.errors.is_empty(), "{:?}", resp.errors);
-            got.push(resp.data.into_json().expect("json"));
+            // As the transports write it: shared JSON included.
+            let json = tickgraph_api::shared_json::response_json(&resp).expect("json");
+            let parsed: Value = serde_json::from_str(&json).expect("valid JSON");
+            assert_eq!(parsed["data"], tickgraph_api::shared_json::data_json(&resp));
+            got.push(parsed["data"].clone());
         }
         data.push(got);
     }
@@ -453,6 +457,47 @@ async fn plain_leaf_selections_answer_exactly_as_the_full_resolvers(pool: PgPool
     assert_eq!(
         data[2][0]["quotes"]["ts"],
         "2024-11-25T15:53:20.123456789+00:00"
+    );
+    app.stop().await;
+}
+
+/// Subscribers that select the same plain fields share one serialization of
+/// each event: the very same bytes reach both, and a third with other fields
+/// gets its own.
+#[sqlx::test(migrations = "../migrations")]
+async fn the_same_selection_shares_one_serialization_per_event(pool: PgPool) {
+    use async_graphql::Value as GqlValue;
+    use futures_util::{FutureExt, StreamExt};
+
+    let mut app = spawn_app_with(pool, 1, |_| {}).await;
+    let schema = app.api.schema();
+    let same = "subscription { quotes { instrument bid ask } }";
+    let other = "subscription { quotes { instrument mid } }";
+    let mut streams: Vec<_> = [same, same, other]
+        .iter()
+        .map(|q| schema.execute_stream(*q))
+        .collect();
+    for s in &mut streams {
+        assert!(s.next().now_or_never().is_none(), "nothing published yet");
+    }
+    app.wait_for_subscribers(3).await;
+    app.publish(&[quote("AAPL", "XNAS", 1, T0, "230.00")]).await;
+    let mut shared = Vec::new();
+    for s in &mut streams {
+        let resp = s.next().await.expect("an event");
+        let GqlValue::Object(data) = &resp.data else {
+            panic!("data is an object: {:?}", resp.data);
+        };
+        let Some(GqlValue::Binary(json)) = data.get("quotes") else {
+            panic!("a plain selection is shared JSON: {:?}", resp.data);
+        };
+        shared.push(json.clone());
+    }
+    assert_eq!(shared[0].as_ptr(), shared[1].as_ptr(), "one serialization");
+    assert_ne!(shared[0].as_ptr(), shared[2].as_ptr());
+    assert_eq!(
+        serde_json::from_slice::<Value>(&shared[0]).expect("json"),
+        json!({"instrument": "AAPL", "bid": "230.00", "ask": "230.02"})
     );
     app.stop().await;
 }

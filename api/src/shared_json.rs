@@ -1,0 +1,262 @@
+//! One serialization per event per selection, shared by every subscriber.
+//!
+//! A subscription's event is resolved and serialized once per subscriber: with
+//! many subscribers on the same events, that was most of the api's work. When a
+//! selection is only plain leaf fields (the fast path of
+//! [`crate::schema`]'s live types), the event's JSON object for that selection is
+//! made once, kept in the tick's [`JsonCache`], and handed to every subscriber
+//! with the same selection as an `async_graphql::Value::Binary` holding the JSON
+//! bytes. No field of the schema is binary, so that variant only ever means
+//! "already JSON" here; the transports ([`crate::ws`], [`crate::sse`]) write it
+//! as it is with [`response_json`], which every consumer of subscription
+//! responses uses instead of `serde_json` of the `Response`.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Mutex, PoisonError};
+
+use async_graphql::parser::types::{Selection, SelectionSet};
+use async_graphql::{Name, Positioned, Response, ServerError, Value};
+use bytes::Bytes;
+
+/// Selections cached per tick, at most: beyond them a tick's JSON is made per
+/// subscriber, as before, rather than kept.
+const MAX_SELECTIONS: usize = 4;
+
+/// A tick's JSON objects, one per selection that asked for it.
+#[derive(Default)]
+pub struct JsonCache(Mutex<Vec<Cached>>);
+
+struct Cached {
+    hash: u64,
+    /// (response key, field name) of each selected field, in order.
+    fields: Box<[(Name, Name)]>,
+    json: Bytes,
+}
+
+impl std::fmt::Debug for JsonCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JsonCache")
+    }
+}
+
+/// A copy starts empty: it is only a cache.
+impl Clone for JsonCache {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+/// Caches never make two ticks differ.
+impl PartialEq for JsonCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for JsonCache {}
+
+/// The (response key, field name) pairs of a selection of plain fields, or
+/// `None` when it holds anything else (fragments).
+fn fields(set: &Positioned<SelectionSet>) -> Option<impl Iterator<Item = (&Name, &Name)>> {
+    if set
+        .node
+        .items
+        .iter()
+        .any(|i| !matches!(i.node, Selection::Field(_)))
+    {
+        return None;
+    }
+    Some(set.node.items.iter().filter_map(|i| match &i.node {
+        Selection::Field(f) => {
+            let f = &f.node;
+            Some((&f.alias.as_ref().unwrap_or(&f.name).node, &f.name.node))
+        }
+        _ => None,
+    }))
+}
+
+fn hash_of(set: &Positioned<SelectionSet>) -> Option<u64> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (key, name) in fields(set)? {
+        key.as_str().hash(&mut h);
+        name.as_str().hash(&mut h);
+    }
+    Some(h.finish())
+}
+
+impl JsonCache {
+    /// The JSON of the object `set` selects, from the cache or made by `make`
+    /// (and kept); `None` when `make` gives `None` (not a plain selection).
+    pub fn get_or_make(
+        &self,
+        set: &Positioned<SelectionSet>,
+        make: impl FnOnce() -> Option<Value>,
+    ) -> Option<Bytes> {
+        let hash = hash_of(set)?;
+        {
+            let cached = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let hit = cached.iter().find(|c| {
+                c.hash == hash
+                    && fields(set).is_some_and(|f| f.eq(c.fields.iter().map(|(k, n)| (k, n))))
+            });
+            if let Some(c) = hit {
+                return Some(c.json.clone());
+            }
+        }
+        let json = Bytes::from(serde_json::to_vec(&make()?).ok()?);
+        let mut cached = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if cached.len() < MAX_SELECTIONS && !cached.iter().any(|c| c.hash == hash) {
+            cached.push(Cached {
+                hash,
+                fields: fields(set)?.map(|(k, n)| (k.clone(), n.clone())).collect(),
+                json: json.clone(),
+            });
+        }
+        Some(json)
+    }
+}
+
+/// `value` with every `Binary` (already-JSON) replaced by what it holds.
+fn materialize(value: Value) -> Value {
+    match value {
+        Value::Binary(b) => serde_json::from_slice::<serde_json::Value>(&b)
+            .ok()
+            .and_then(|v| Value::from_json(v).ok())
+            .unwrap_or(Value::Null),
+        Value::List(items) => Value::List(items.into_iter().map(materialize).collect()),
+        Value::Object(map) => {
+            Value::Object(map.into_iter().map(|(k, v)| (k, materialize(v))).collect())
+        }
+        other => other,
+    }
+}
+
+/// The JSON of a subscription response (what goes in a `next` message's
+/// `payload`), with already-JSON values written as they are.
+pub fn response_json(r: &Response) -> Result<String, serde_json::Error> {
+    if r.errors.is_empty() && r.extensions.is_empty() {
+        if let Value::Object(map) = &r.data {
+            if let (1, Some((key, Value::Binary(b)))) = (map.len(), map.iter().next()) {
+                if let Ok(object) = std::str::from_utf8(b) {
+                    let key = serde_json::to_string(key.as_str())?;
+                    let mut out = String::with_capacity(object.len() + key.len() + 12);
+                    out.push_str("{\"data\":{");
+                    out.push_str(&key);
+                    out.push(':');
+                    out.push_str(object);
+                    out.push_str("}}");
+                    return Ok(out);
+                }
+            }
+        }
+    }
+    if contains_binary(&r.data) {
+        return serde_json::to_string(&View {
+            data: materialize(r.data.clone()),
+            extensions: &r.extensions,
+            errors: &r.errors,
+        });
+    }
+    serde_json::to_string(r)
+}
+
+/// A `Response` as it serializes, with its data replaced.
+#[derive(serde::Serialize)]
+struct View<'a> {
+    data: Value,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    extensions: &'a BTreeMap<String, Value>,
+    #[serde(skip_serializing_if = "<[ServerError]>::is_empty")]
+    errors: &'a [ServerError],
+}
+
+fn contains_binary(v: &Value) -> bool {
+    match v {
+        Value::Binary(_) => true,
+        Value::List(items) => items.iter().any(contains_binary),
+        Value::Object(map) => map.values().any(contains_binary),
+        _ => false,
+    }
+}
+
+/// A subscription response's data as plain JSON, for tests and tools.
+pub fn data_json(r: &Response) -> serde_json::Value {
+    materialize(r.data.clone())
+        .into_json()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use async_graphql::indexmap::IndexMap;
+
+    use super::*;
+
+    fn selection(query: &str) -> Positioned<SelectionSet> {
+        let doc = async_graphql::parser::parse_query(query).expect("query");
+        let op = doc.operations.iter().next().expect("operation").1;
+        let Selection::Field(f) = &op.node.selection_set.node.items[0].node else {
+            panic!("a field");
+        };
+        f.node.selection_set.clone()
+    }
+
+    fn object(pairs: &[(&str, &str)]) -> Value {
+        Value::Object(
+            pairs
+                .iter()
+                .map(|(k, v)| (Name::new(*k), Value::String((*v).to_owned())))
+                .collect::<IndexMap<_, _>>(),
+        )
+    }
+
+    #[test]
+    fn the_same_selection_is_made_once_and_another_gets_its_own() {
+        let cache = JsonCache::default();
+        let a = selection("subscription { quotes { bid ask } }");
+        let again = selection("subscription { quotes { bid ask } }");
+        let aliased = selection("subscription { quotes { b: bid ask } }");
+        let fragment = selection("subscription { quotes { ... on Quote { bid } } }");
+        let made = std::cell::Cell::new(0);
+        let make = |pairs: &'static [(&'static str, &'static str)]| {
+            made.set(made.get() + 1);
+            Some(object(pairs))
+        };
+        let first = cache.get_or_make(&a, || make(&[("bid", "1"), ("ask", "2")]));
+        assert_eq!(first.as_deref(), Some(&br#"{"bid":"1","ask":"2"}"#[..]));
+        let second = cache.get_or_make(&again, || make(&[("bid", "x"), ("ask", "y")]));
+        assert_eq!(second, first, "the cached JSON, not made again");
+        let other = cache.get_or_make(&aliased, || make(&[("b", "1"), ("ask", "2")]));
+        assert_eq!(other.as_deref(), Some(&br#"{"b":"1","ask":"2"}"#[..]));
+        assert_eq!(made.get(), 2);
+        assert_eq!(cache.get_or_make(&fragment, || make(&[])), None);
+    }
+
+    #[test]
+    fn a_response_with_shared_json_serializes_as_if_it_were_a_value() {
+        let json = br#"{"bid":"1","n":null}"#;
+        let mut data = IndexMap::new();
+        data.insert(Name::new("q"), Value::Binary(Bytes::from_static(json)));
+        let shared = Response::new(Value::Object(data.clone()));
+        let mut plain = IndexMap::new();
+        plain.insert(
+            Name::new("q"),
+            Value::from_json(serde_json::from_slice(json).expect("json")).expect("value"),
+        );
+        let expected = serde_json::to_string(&Response::new(Value::Object(plain))).expect("json");
+        assert_eq!(response_json(&shared).expect("json"), expected);
+        assert_eq!(
+            data_json(&shared),
+            serde_json::json!({"q": {"bid": "1", "n": null}})
+        );
+        // With an error beside it, the shared part is still written as JSON.
+        let mut with_error = Response::new(Value::Object(data));
+        with_error.errors.push(ServerError::new("boom", None));
+        let mut expected: serde_json::Value = serde_json::from_str(&expected).expect("json");
+        expected["errors"] = serde_json::json!([{"message": "boom"}]);
+        let got: serde_json::Value =
+            serde_json::from_str(&response_json(&with_error).expect("json")).expect("json");
+        assert_eq!(got, expected);
+    }
+}
