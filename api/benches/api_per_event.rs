@@ -13,6 +13,7 @@
 //! binary runs on mimalloc, so absolute numbers there may differ.
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_graphql::Response;
@@ -244,11 +245,24 @@ const QUOTE_FIELDS: &str = "id source seq instrument venue ts bid ask bidSize as
 /// A subscription running on the real schema, already registered with the hub.
 struct Live {
     hub: Hub,
-    stream: BoxStream<'static, Response>,
+    streams: Vec<BoxStream<'static, Response>>,
     ticks: Vec<Tick>,
 }
 
-fn live(refs: &RefData, query: String, trade_ratio: f64) -> Live {
+/// New ticks with the same content: a tick keeps the JSON made for it, so
+/// publishing the same ticks again would time the cache, not the work.
+fn fresh(ticks: &[Tick]) -> Vec<Tick> {
+    ticks
+        .iter()
+        .map(|t| match t {
+            Tick::Trade(t) => Tick::Trade(Arc::new(TradeTick::clone(t))),
+            Tick::Quote(q) => Tick::Quote(Arc::new(QuoteTick::clone(q))),
+        })
+        .collect()
+}
+
+/// `queries` subscribed on one schema and hub.
+fn live(refs: &RefData, queries: &[String], trade_ratio: f64) -> Live {
     let records = enriched(refs, trade_ratio);
     let ticks = ticks_of(&EnrichedRecord::encode_batch(&records).expect("batch encodes"));
     let hub = Hub::new(QUEUE);
@@ -269,11 +283,20 @@ fn live(refs: &RefData, query: String, trade_ratio: f64) -> Live {
             shards: SHARDS,
         },
     );
-    let mut stream = schema.execute_stream(query);
+    let mut streams: Vec<_> = queries
+        .iter()
+        .map(|q| schema.execute_stream(q.as_str()))
+        .collect();
     // The first poll runs the subscription resolver, which subscribes to the hub.
-    assert!(stream.next().now_or_never().is_none(), "no event yet");
-    assert_eq!(hub.subscribers(), 1);
-    Live { hub, stream, ticks }
+    for s in &mut streams {
+        assert!(s.next().now_or_never().is_none(), "no event yet");
+    }
+    assert_eq!(hub.subscribers(), queries.len());
+    Live {
+        hub,
+        streams,
+        ticks,
+    }
 }
 
 /// One subscription event as a `graphql-ws` subscriber gets it: the next item of
@@ -306,24 +329,50 @@ fn graphql(c: &mut Criterion) {
             0.0,
         ),
     ];
+    let typical = |alias: &str| {
+        format!("subscription {{ quotes {{ instrument {alias}venue ts bid ask mid }} }}")
+    };
+    let mut cases: Vec<(String, Vec<String>, f64)> = cases
+        .into_iter()
+        .map(|(name, q, ratio)| (name.to_owned(), vec![q], ratio))
+        .collect();
+    // Ten subscribers per event: with the same fields they share one
+    // serialization; with ten different aliases each makes its own.
+    cases.push((
+        "quote_typical_x10_same_fields".into(),
+        vec![typical(""); 10],
+        0.0,
+    ));
+    cases.push((
+        "quote_typical_x10_distinct_fields".into(),
+        (0..10).map(|i| typical(&format!("v{i}: "))).collect(),
+        0.0,
+    ));
     let mut g = quick(c, "api/graphql_event");
-    for (name, query, trade_ratio) in cases {
-        let mut l = live(&refs, query, trade_ratio);
-        l.hub.publish(&l.ticks);
-        for _ in 0..BATCH {
-            let resp = l.stream.next().now_or_never().flatten().expect("an event");
-            assert!(resp.errors.is_empty(), "{name}: {:?}", resp.errors);
+    for (name, queries, trade_ratio) in cases {
+        let mut l = live(&refs, &queries, trade_ratio);
+        l.hub.publish(&fresh(&l.ticks));
+        for s in &mut l.streams {
+            for _ in 0..BATCH {
+                let resp = s.next().now_or_never().flatten().expect("an event");
+                assert!(resp.errors.is_empty(), "{name}: {:?}", resp.errors);
+            }
         }
-        g.bench_function(name, |b| {
+        // Per delivery: each event to each subscriber.
+        let deliveries = (BATCH * l.streams.len()) as u64;
+        g.throughput(Throughput::Elements(deliveries));
+        g.bench_function(name.as_str(), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    l.hub.publish(&l.ticks);
+                    l.hub.publish(&fresh(&l.ticks));
                     let start = Instant::now();
                     for _ in 0..BATCH {
-                        let resp = l.stream.next().now_or_never().flatten();
-                        let resp = resp.expect("one response per published tick");
-                        black_box(response_json(&resp).expect("response serializes"));
+                        for s in &mut l.streams {
+                            let resp = s.next().now_or_never().flatten();
+                            let resp = resp.expect("one response per published tick");
+                            black_box(response_json(&resp).expect("response serializes"));
+                        }
                     }
                     total += start.elapsed();
                 }
