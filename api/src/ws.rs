@@ -341,13 +341,14 @@ async fn write_loop(
         Some(Some(frame)) => frame,
         // The socket failed or the connection dropped its outbox.
         Some(None) => return,
-        None => match abort_frame
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
+        None => match take_frame(&abort_frame) {
             Some(f) => f,
-            None => return,
+            None => {
+                // The client left: answer its close frame, if it sent one (the
+                // reply is queued inside the socket), without waiting long.
+                let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+                return;
+            }
         },
     };
     // The client may not be reading at all: do not wait on it for long.
@@ -356,6 +357,10 @@ async fn write_loop(
         sink.close().await
     })
     .await;
+}
+
+fn take_frame(frame: &Mutex<Option<Message>>) -> Option<Message> {
+    frame.lock().unwrap_or_else(PoisonError::into_inner).take()
 }
 
 /// Returns the close frame to end with, or `None` when the socket failed or

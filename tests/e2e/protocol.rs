@@ -235,6 +235,19 @@ async fn graphql_transport_ws_pings_errors_and_completes(pool: PgPool) {
             && m["payload"]["data"]["quotes"]["seq"] != json!((seq + 1).to_string())),
         "after complete: {after_quiet:?}"
     );
+
+    // The client closes: the server answers the closing handshake.
+    ws.close(None).await.expect("close sent");
+    loop {
+        match tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("an answer")
+        {
+            Some(Ok(Message::Close(_))) | None => break,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("no closing handshake: {e}"),
+        }
+    }
     app.stop().await;
 }
 
