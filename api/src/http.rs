@@ -50,6 +50,7 @@ const DRAIN_GRACE: Duration = Duration::from_secs(10);
 struct AppState {
     schema: ApiSchema,
     ws: WsConfig,
+    direct: ws::Direct,
     shutdown: CancellationToken,
     /// The hub's tasks: once they have all finished, every feed has ended.
     hub_tasks: TaskTracker,
@@ -61,6 +62,7 @@ struct AppState {
 pub fn router(
     schema: ApiSchema,
     ws: WsConfig,
+    direct: ws::Direct,
     shutdown: CancellationToken,
     hub_tasks: TaskTracker,
 ) -> Router {
@@ -91,6 +93,7 @@ pub fn router(
             ),
             schema,
             ws,
+            direct,
             shutdown,
             hub_tasks,
         })
@@ -215,7 +218,17 @@ async fn subscriptions(
         .read_buffer_size(WS_READ_BUFFER)
         .protocols([protocol.name()])
         .on_upgrade(move |socket| {
-            ws::serve(socket, s.schema, protocol, s.ws, s.shutdown, s.hub_tasks)
+            ws::serve(
+                socket,
+                ws::Handler {
+                    schema: s.schema,
+                    direct: s.direct,
+                    protocol,
+                    cfg: s.ws,
+                },
+                s.shutdown,
+                s.hub_tasks,
+            )
         })
 }
 

@@ -32,6 +32,8 @@ pub mod sse;
 pub mod tick;
 pub mod ws;
 
+use std::sync::Arc;
+
 use sqlx::PgPool;
 use tickgraph_enrich::refdata::RefCache;
 use tickgraph_ingest::StreamLayout;
@@ -93,6 +95,7 @@ pub struct Api {
     tasks: TaskTracker,
     shutdown: CancellationToken,
     ws: ws::WsConfig,
+    direct: ws::Direct,
 }
 
 impl Api {
@@ -117,19 +120,22 @@ impl Api {
         )
         .await?;
         tasks.close();
-        let schema = schema::build(
-            schema::Limits {
-                max_depth: cfg.max_depth,
-                max_complexity: cfg.max_complexity,
-                introspection: cfg.introspection,
-            },
-            schema::Services {
-                pool,
-                refs,
-                hub: hub.clone(),
-                shards: cfg.layout.shards(),
-            },
-        );
+        let limits = schema::Limits {
+            max_depth: cfg.max_depth,
+            max_complexity: cfg.max_complexity,
+            introspection: cfg.introspection,
+        };
+        let services = schema::Services {
+            pool,
+            refs,
+            hub: hub.clone(),
+            shards: cfg.layout.shards(),
+        };
+        let schema = schema::build(limits, services.clone());
+        let direct = ws::Direct {
+            services: Arc::new(services),
+            limits,
+        };
         tracing::info!(
             shards = cfg.layout.shards(),
             prefix = cfg.layout.prefix(),
@@ -142,6 +148,7 @@ impl Api {
             tasks,
             shutdown,
             ws: cfg.ws,
+            direct,
         })
     }
 
@@ -151,6 +158,7 @@ impl Api {
         http::router(
             self.schema.clone(),
             self.ws.clone(),
+            self.direct.clone(),
             self.shutdown.clone(),
             self.tasks.clone(),
         )

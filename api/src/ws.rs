@@ -33,7 +33,7 @@ use tokio_stream::StreamMap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::schema::ApiSchema;
+use crate::schema::{compiled, ApiSchema, Limits, Services};
 use crate::shared_json::response_json;
 
 /// WebSocket close codes the server uses; 44xx are graphql-transport-ws's.
@@ -416,10 +416,28 @@ enum End {
     Gone,
 }
 
+/// What subscriptions run without the executor need (see
+/// [`crate::schema::compiled`]).
+#[derive(Clone)]
+pub struct Direct {
+    pub services: Arc<Services>,
+    pub limits: Limits,
+}
+
+/// What a connection serves: the schema, its direct path, the protocol and
+/// the WebSocket settings.
+pub struct Handler {
+    pub schema: ApiSchema,
+    pub direct: Direct,
+    pub protocol: Protocol,
+    pub cfg: WsConfig,
+}
+
 /// One connection's state.
 struct Connection {
     protocol: Protocol,
     schema: ApiSchema,
+    direct: Direct,
     outbox: Outbox,
     ops: StreamMap<String, OpStream>,
     initialised: bool,
@@ -428,9 +446,20 @@ struct Connection {
 impl Connection {
     fn start(&mut self, id: String, request: Request) {
         let gate = Arc::clone(&self.outbox.gate);
-        let stream = self
-            .schema
-            .execute_stream(request.data(gate))
+        let results = match compiled::plan(&request, &self.direct.limits) {
+            Some(plan) => {
+                let schema = self.schema.clone();
+                let fallback_gate = Arc::clone(&gate);
+                compiled::run(
+                    plan,
+                    Arc::clone(&self.direct.services),
+                    Some(gate),
+                    move || schema.execute_stream(request.data(fallback_gate)),
+                )
+            }
+            None => self.schema.execute_stream(request.data(gate)),
+        };
+        let stream = results
             .enumerate()
             .map(|(i, r)| Some((i == 0, r)))
             .chain(futures_util::stream::once(async { None }))
@@ -571,12 +600,16 @@ async fn next_client_message(
 /// `complete`), then says goodbye with close code 1001.
 pub async fn serve(
     socket: WebSocket,
-    schema: ApiSchema,
-    protocol: Protocol,
-    cfg: WsConfig,
+    handler: Handler,
     shutdown: CancellationToken,
     hub_tasks: TaskTracker,
 ) {
+    let Handler {
+        schema,
+        direct,
+        protocol,
+        cfg,
+    } = handler;
     let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
@@ -595,6 +628,7 @@ pub async fn serve(
     let mut conn = Connection {
         protocol,
         schema,
+        direct,
         outbox: Outbox {
             tx,
             queued,

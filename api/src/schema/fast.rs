@@ -28,6 +28,7 @@ use super::types::{AssetClassKind, QuoteNode, SideKind, TradeNode};
 use crate::resume::ResumeBase;
 use crate::shared_json::JsonCache;
 use crate::tick::{QuoteTick, TradeTick};
+use bytes::Bytes;
 
 /// A value for a leaf field by its schema name, or `None` when the field is not
 /// a plain leaf of the type (it needs the full resolver).
@@ -122,6 +123,62 @@ impl Leaves for QuoteTick {
             _ => return common(&q.header, name),
         })
     }
+}
+
+/// Leaf fields of `Trade`: what [`Leaves::leaf`] answers for a trade.
+pub(crate) const TRADE_LEAVES: &[&str] = &[
+    "id",
+    "source",
+    "seq",
+    "instrument",
+    "venue",
+    "ts",
+    "price",
+    "qty",
+    "side",
+    "tradeId",
+    "account",
+    "notional",
+    "notionalUsd",
+    "currency",
+    "assetClass",
+    "ingestedAt",
+    "enrichedAt",
+    "cursor",
+    "resume",
+    "__typename",
+];
+/// Leaf fields of `Quote`: what [`Leaves::leaf`] answers for a quote.
+pub(crate) const QUOTE_LEAVES: &[&str] = &[
+    "id",
+    "source",
+    "seq",
+    "instrument",
+    "venue",
+    "ts",
+    "bid",
+    "ask",
+    "bidSize",
+    "askSize",
+    "mid",
+    "spread",
+    "currency",
+    "assetClass",
+    "ingestedAt",
+    "enrichedAt",
+    "cursor",
+    "resume",
+    "__typename",
+];
+
+/// The shared JSON of a trade for a plain selection (see [`crate::shared_json`]).
+pub(crate) fn trade_json(t: &TradeTick, set: &Positioned<SelectionSet>) -> Option<Bytes> {
+    t.json.get_or_make(set, || plain(t, "Trade", set))
+}
+
+/// The shared JSON of a quote for a plain selection (see [`crate::shared_json`]).
+pub(crate) fn quote_json(q: &QuoteTick, set: &Positioned<SelectionSet>) -> Option<Bytes> {
+    q.json.get_or_make(set, || plain(q, "Quote", set))
 }
 
 /// The object for `set` when it is only plain leaf fields; `None` sends the

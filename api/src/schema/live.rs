@@ -32,7 +32,7 @@ fn check_len<T>(arg: &str, values: &Option<Vec<T>>) -> Result<()> {
     }
 }
 
-fn filter(
+pub(crate) fn filter(
     instruments: Option<Vec<String>>,
     venues: Option<Vec<String>>,
     asset_classes: Option<Vec<AssetClassKind>>,
@@ -127,7 +127,7 @@ impl LiveKind for QuoteTick {
 
 /// A hub error as a GraphQL error; the ones a client acts on carry
 /// `extensions.code` (`CURSOR_EXPIRED`, `TOO_SLOW`).
-fn hub_error(e: HubError) -> async_graphql::Error {
+pub(crate) fn hub_error(e: HubError) -> async_graphql::Error {
     let code = e.code();
     let err = async_graphql::Error::new(e.to_string());
     match code {
@@ -140,10 +140,39 @@ fn hub_error(e: HubError) -> async_graphql::Error {
 /// when asked).
 async fn open<T: LiveKind>(
     ctx: &Context<'_>,
+    filter: Filter,
+    after: Option<String>,
+) -> Result<Resumed<T>> {
+    let gate = ctx.data_opt::<Arc<Gate>>().cloned();
+    open_with(ctx.data::<Services>()?, gate, filter, after).await
+}
+
+/// [`open`] for `trades`, without a GraphQL context.
+pub(crate) async fn open_trades(
+    s: &Services,
+    gate: Option<Arc<Gate>>,
+    filter: Filter,
+    after: Option<String>,
+) -> Result<Resumed<TradeTick>> {
+    open_with(s, gate, filter, after).await
+}
+
+/// [`open`] for `quotes`, without a GraphQL context.
+pub(crate) async fn open_quotes(
+    s: &Services,
+    gate: Option<Arc<Gate>>,
+    filter: Filter,
+    after: Option<String>,
+) -> Result<Resumed<QuoteTick>> {
+    open_with(s, gate, filter, after).await
+}
+
+async fn open_with<T: LiveKind>(
+    s: &Services,
+    gate: Option<Arc<Gate>>,
     mut filter: Filter,
     after: Option<String>,
 ) -> Result<Resumed<T>> {
-    let s = ctx.data::<Services>()?;
     match after {
         Some(_) if filter.snapshot => Err(
             "`after` and `snapshot` cannot be combined: `after` resumes exactly where the \
@@ -155,10 +184,10 @@ async fn open<T: LiveKind>(
         Some(after) if filter.max_rate.is_some() => {
             ResumeCursor::parse(&after, s.shards).map_err(|e| hub_error(e.into()))?;
             filter.snapshot = true;
-            from_now(ctx, s, filter).await
+            from_now(s, gate, filter).await
         }
         Some(after) => T::resume(&s.hub, filter, &after).await.map_err(hub_error),
-        None => from_now(ctx, s, filter).await,
+        None => from_now(s, gate, filter).await,
     }
 }
 
@@ -167,14 +196,11 @@ async fn open<T: LiveKind>(
 /// waits while its connection's outbox is backed up (its [`Gate`] is shut):
 /// meanwhile the hub keeps only its newest value per instrument.
 async fn from_now<T: LiveKind>(
-    ctx: &Context<'_>,
     s: &Services,
+    gate: Option<Arc<Gate>>,
     filter: Filter,
 ) -> Result<Resumed<T>> {
-    let gate = match filter.max_rate {
-        Some(_) => ctx.data_opt::<Arc<Gate>>().cloned(),
-        None => None,
-    };
+    let gate = gate.filter(|_| filter.max_rate.is_some());
     // A snapshot of every instrument holds what this process has seen; the
     // others (of the asset classes asked for) come from history.
     let everything = match (&filter.snapshot, &filter.instruments) {

@@ -6,6 +6,7 @@
 //! [`build`] is the one place the schema is assembled, for the server, the tests
 //! and the SDL export alike.
 
+pub mod compiled;
 mod fast;
 pub mod history;
 pub mod latest;
@@ -41,6 +42,7 @@ pub struct Subscription(live::TradeSubscription, live::QuoteSubscription);
 pub type ApiSchema = Schema<Query, EmptyMutation, Subscription>;
 
 /// What resolvers reach through the context.
+#[derive(Clone)]
 pub struct Services {
     pub pool: PgPool,
     pub refs: RefCache,

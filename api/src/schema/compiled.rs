@@ -1,0 +1,405 @@
+//! Subscriptions run without the GraphQL executor.
+//!
+//! Almost every subscription a screen opens is one `trades` or `quotes` field
+//! with literal or variable arguments and a selection of plain leaf fields. The
+//! executor keeps, per subscription, its parsed document, query environment,
+//! contexts and boxed futures, about 10 KiB, and resolves every event through
+//! them. A subscription of that shape is instead *planned* here: checked (by
+//! rules stricter than GraphQL's, so that anything in doubt is not planned),
+//! its arguments coerced by async-graphql's own input types, and then served
+//! straight from the hub: per subscription only the feed, the root field's
+//! selection and its response key are kept, and every event is the shared JSON
+//! of its tick for that selection ([`crate::shared_json`]).
+//!
+//! Whatever is not planned, and any subscription whose opening fails (a bad
+//! argument, an expired cursor), goes to the executor as before, so errors and
+//! every other document are answered exactly as they always were. Tests compare
+//! the two paths message for message.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use async_graphql::parser::types::{
+    DocumentOperations, OperationType, Selection, SelectionSet, Type,
+};
+use async_graphql::{
+    indexmap::IndexMap, InputType, Name, PathSegment, Pos, Positioned, Request, Response,
+    ServerError, Value, Variables,
+};
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
+
+use super::fast::{quote_json, trade_json, QUOTE_LEAVES, TRADE_LEAVES};
+use super::live::{filter, hub_error, open_quotes, open_trades};
+use super::types::{AssetClassKind, SideKind};
+use super::{Limits, Services};
+use crate::hub::HubError;
+use crate::ws::Gate;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Trades,
+    Quotes,
+}
+
+impl Field {
+    fn of(name: &str) -> Option<Self> {
+        match name {
+            "trades" => Some(Field::Trades),
+            "quotes" => Some(Field::Quotes),
+            _ => None,
+        }
+    }
+
+    fn leaves(self) -> &'static [&'static str] {
+        match self {
+            Field::Trades => TRADE_LEAVES,
+            Field::Quotes => QUOTE_LEAVES,
+        }
+    }
+
+    /// The field's arguments and their types, as the schema declares them.
+    fn argument_type(self, arg: &str) -> Option<&'static str> {
+        Some(match arg {
+            "instruments" | "venues" => "[String!]",
+            "assetClasses" => "[AssetClass!]",
+            "sides" if self == Field::Trades => "[Side!]",
+            "maxRate" => "Float",
+            "snapshot" => "Boolean!",
+            "after" => "String",
+            _ => return None,
+        })
+    }
+}
+
+/// A planned subscription: what to open and how to answer each event.
+pub struct Plan {
+    field: Field,
+    /// The response key (the alias, else `trades`/`quotes`).
+    key: Name,
+    pos: Pos,
+    args: Args,
+    selection: Positioned<SelectionSet>,
+}
+
+#[derive(Default)]
+struct Args {
+    instruments: Option<Vec<String>>,
+    venues: Option<Vec<String>>,
+    asset_classes: Option<Vec<AssetClassKind>>,
+    sides: Option<Vec<SideKind>>,
+    max_rate: Option<f64>,
+    snapshot: bool,
+    after: Option<String>,
+}
+
+/// Whether a variable declared as `declared` may be used where the schema
+/// expects `expected`: the same type, or its non-null form.
+fn fits(declared: &Type, expected: &str) -> bool {
+    let text = declared.to_string();
+    text == expected || (!expected.ends_with('!') && text == format!("{expected}!"))
+}
+
+/// The plan of `request`, when it is a subscription of the plain shape.
+pub fn plan(request: &Request, limits: &Limits) -> Option<Plan> {
+    let doc = async_graphql::parser::parse_query(&request.query).ok()?;
+    if !doc.fragments.is_empty() {
+        return None;
+    }
+    let op = match (&doc.operations, &request.operation_name) {
+        (DocumentOperations::Single(op), None) => op,
+        (DocumentOperations::Multiple(ops), Some(name)) if ops.len() == 1 => {
+            ops.get(name.as_str())?
+        }
+        (DocumentOperations::Multiple(ops), None) if ops.len() == 1 => ops.values().next()?,
+        _ => return None,
+    };
+    let op = &op.node;
+    if op.ty != OperationType::Subscription || !op.directives.is_empty() {
+        return None;
+    }
+    let [item] = op.selection_set.node.items.as_slice() else {
+        return None;
+    };
+    let Selection::Field(root) = &item.node else {
+        return None;
+    };
+    let root_pos = root.pos;
+    let root = &root.node;
+    let field = Field::of(root.name.node.as_str())?;
+    if !root.directives.is_empty() {
+        return None;
+    }
+    // Depth 2; complexity one per field. Under limits that small, the executor
+    // decides.
+    let fields = root.selection_set.node.items.len();
+    if limits.max_depth < 2 || limits.max_complexity < fields + 1 || fields == 0 {
+        return None;
+    }
+    let mut keys = HashSet::new();
+    for item in &root.selection_set.node.items {
+        let Selection::Field(f) = &item.node else {
+            return None;
+        };
+        let f = &f.node;
+        let plain = f.arguments.is_empty()
+            && f.directives.is_empty()
+            && f.selection_set.node.items.is_empty()
+            && field.leaves().contains(&f.name.node.as_str());
+        // A key used twice must be merged by the executor's rules.
+        if !plain || !keys.insert(f.response_key().node.clone()) {
+            return None;
+        }
+    }
+    // Every declared variable used, each where its type fits, none undeclared,
+    // none with a default.
+    let declared: HashMap<&str, &Type> = op
+        .variable_definitions
+        .iter()
+        .map(|d| (d.node.name.node.as_str(), &d.node.var_type.node))
+        .collect();
+    if op
+        .variable_definitions
+        .iter()
+        .any(|d| d.node.default_value.is_some() || !d.node.directives.is_empty())
+    {
+        return None;
+    }
+    let mut used: HashSet<String> = HashSet::new();
+    let mut args = Args::default();
+    let mut seen = HashSet::new();
+    for (name, value) in &root.arguments {
+        let name = name.node.as_str();
+        let expected = field.argument_type(name)?;
+        if !seen.insert(name) {
+            return None;
+        }
+        let mut vars = Vec::new();
+        let value_text = value.node.to_string();
+        let value = value
+            .node
+            .clone()
+            .into_const_with(|v| {
+                let got = variable(&request.variables, &v);
+                vars.push(v);
+                got
+            })
+            .ok()?;
+        match vars.as_slice() {
+            [] => {}
+            // The whole value is one variable: its declared type must fit.
+            [var] if value_text == format!("${var}") => {
+                if !fits(declared.get(var.as_str())?, expected) {
+                    return None;
+                }
+                used.insert(var.to_string());
+            }
+            // Variables inside lists are valid GraphQL, but not planned.
+            _ => return None,
+        }
+        set(&mut args, name, value)?;
+    }
+    if used.len() != declared.len() {
+        return None;
+    }
+    Some(Plan {
+        field,
+        key: root.response_key().node.clone(),
+        pos: root_pos,
+        args,
+        selection: root.selection_set.clone(),
+    })
+}
+
+fn variable(vars: &Variables, name: &Name) -> Result<Value, ()> {
+    // A variable declared but not given is null, as the executor reads it.
+    Ok(vars.get(name).cloned().unwrap_or(Value::Null))
+}
+
+/// Coerces one argument with the input type the resolver declares.
+fn set(args: &mut Args, name: &str, value: Value) -> Option<()> {
+    fn parse<T: InputType>(v: Value) -> Option<T> {
+        T::parse(Some(v)).ok()
+    }
+    match name {
+        "instruments" => args.instruments = parse(value)?,
+        "venues" => args.venues = parse(value)?,
+        "assetClasses" => args.asset_classes = parse(value)?,
+        "sides" => args.sides = parse(value)?,
+        "maxRate" => args.max_rate = parse(value)?,
+        "snapshot" => args.snapshot = parse(value)?,
+        "after" => args.after = parse(value)?,
+        _ => return None,
+    }
+    Some(())
+}
+
+/// Runs a plan: opens the feed and answers each event with its shared JSON.
+/// When opening fails, `fallback` (the executor) answers instead, so the error
+/// is the executor's own.
+pub fn run(
+    plan: Plan,
+    services: Arc<Services>,
+    gate: Option<Arc<Gate>>,
+    fallback: impl FnOnce() -> BoxStream<'static, Response> + Send + 'static,
+) -> BoxStream<'static, Response> {
+    futures_util::stream::once(async move {
+        let Plan {
+            field,
+            key,
+            pos,
+            args,
+            selection,
+        } = plan;
+        let Ok(f) = filter(
+            args.instruments,
+            args.venues,
+            args.asset_classes,
+            args.sides,
+            args.max_rate,
+            args.snapshot,
+        ) else {
+            return fallback();
+        };
+        let error = {
+            let key = key.clone();
+            move |e: HubError| {
+                Response::from_errors(vec![hub_error(e)
+                    .into_server_error(pos)
+                    .with_path(vec![PathSegment::Field(key.to_string())])])
+            }
+        };
+        let object = move |json: Option<bytes::Bytes>| match json {
+            Some(json) => {
+                let mut map = IndexMap::with_capacity(1);
+                map.insert(key.clone(), Value::Binary(json));
+                Response::new(Value::Object(map))
+            }
+            None => Response::from_errors(vec![ServerError::new(
+                "internal error: a planned selection was not plain",
+                Some(pos),
+            )]),
+        };
+        match field {
+            Field::Trades => match open_trades(&services, gate, f, args.after).await {
+                Ok(feed) => feed
+                    .map(move |r| match r {
+                        Ok(t) => object(trade_json(&t, &selection)),
+                        Err(e) => error(e),
+                    })
+                    .boxed(),
+                Err(_) => fallback(),
+            },
+            Field::Quotes => match open_quotes(&services, gate, f, args.after).await {
+                Ok(feed) => feed
+                    .map(move |r| match r {
+                        Ok(q) => object(quote_json(&q, &selection)),
+                        Err(e) => error(e),
+                    })
+                    .boxed(),
+                Err(_) => fallback(),
+            },
+        }
+    })
+    .flatten()
+    .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_depth: 16,
+            max_complexity: 10_000,
+            introspection: true,
+        }
+    }
+
+    fn planned(query: &str, vars: serde_json::Value) -> bool {
+        let req = Request::new(query).variables(Variables::from_json(vars));
+        plan(&req, &limits()).is_some()
+    }
+
+    #[test]
+    fn plain_subscriptions_are_planned_and_anything_in_doubt_is_not() {
+        let none = serde_json::json!({});
+        assert!(planned("subscription { quotes { bid ask } }", none.clone()));
+        assert!(planned(
+            "subscription Q($i: [String!]!, $r: Float) { q: quotes(instruments: $i, maxRate: $r, snapshot: true) { b: bid __typename } }",
+            serde_json::json!({"i": ["AAPL"], "r": 4})
+        ));
+        assert!(planned(
+            "subscription { trades(sides: BUY, assetClasses: [EQUITY], venues: \"XNAS\") { price } }",
+            none.clone()
+        ));
+        for doubtful in [
+            "{ fxRates { currency } }",
+            "subscription { quotes { reference { name } } }",
+            "subscription { quotes { ... on Quote { bid } } }",
+            "subscription { quotes { bid @skip(if: true) } }",
+            "subscription { quotes { a: bid a: ask } }",
+            "subscription { quotes { bid } trades { price } }",
+            "subscription { quotes(sides: [BUY]) { bid } }",
+            "subscription { quotes { nope } }",
+            "subscription { quotes(instruments: [1]) { bid } }",
+            "subscription($v: [String]) { quotes(venues: $v) { bid } }",
+            "subscription($v: [String!], $unused: Int) { quotes(venues: $v) { bid } }",
+            "subscription { quotes(venues: [$undeclared]) { bid } }",
+            "subscription { quotes(snapshot: null) { bid } }",
+            "subscription { quotes(venues: [\"A\"], venues: [\"B\"]) { bid } }",
+            "subscription { quotes { } }",
+            "subscription",
+        ] {
+            assert!(!planned(doubtful, none.clone()), "{doubtful}");
+        }
+    }
+
+    /// The leaf lists match the schema: every field of `Trade`/`Quote` but
+    /// `reference`, plus `__typename`.
+    #[test]
+    fn the_leaf_lists_are_the_schemas_fields() {
+        let sdl = super::super::sdl();
+        for (ty, leaves) in [("Trade", TRADE_LEAVES), ("Quote", QUOTE_LEAVES)] {
+            let body = sdl
+                .split(&format!("type {ty} {{"))
+                .nth(1)
+                .and_then(|rest| rest.split("\n}").next())
+                .expect("type in SDL");
+            let mut in_doc = false;
+            let mut fields: Vec<&str> = Vec::new();
+            for line in body.lines().map(str::trim) {
+                if line.starts_with("\"\"\"") {
+                    // A one-line description opens and closes on its line.
+                    let one_line = line.len() > 3 && line.ends_with("\"\"\"");
+                    if !one_line {
+                        in_doc = !in_doc;
+                    }
+                    continue;
+                }
+                if in_doc || line.is_empty() {
+                    continue;
+                }
+                if let Some((name, _)) = line.split_once(':') {
+                    fields.push(name.trim());
+                }
+            }
+            let mut want: Vec<&str> = fields.into_iter().filter(|f| *f != "reference").collect();
+            want.push("__typename");
+            want.sort_unstable();
+            let mut have = leaves.to_vec();
+            have.sort_unstable();
+            assert_eq!(have, want, "{ty}");
+        }
+    }
+
+    #[test]
+    fn a_variable_fits_its_type_or_the_non_null_form() {
+        let ty = |s: &str| Type::new(s).expect("type");
+        assert!(fits(&ty("[String!]"), "[String!]"));
+        assert!(fits(&ty("[String!]!"), "[String!]"));
+        assert!(!fits(&ty("[String]"), "[String!]"));
+        assert!(!fits(&ty("Boolean"), "Boolean!"));
+    }
+}
