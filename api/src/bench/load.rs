@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use tickgraph_enrich::refdata::AssetClass;
 use tickgraph_ingest::event::now_nanos;
 
 /// The content type of a MessagePack batch (see `tickgraph_ingest::wire::Format`).
@@ -34,6 +35,7 @@ pub const MSGPACK: &str = "application/msgpack";
 pub struct BenchInstrument {
     pub symbol: String,
     pub venue: String,
+    pub asset_class: AssetClass,
     /// The tick is `tick_mantissa * 10^-tick_scale`.
     tick_mantissa: i64,
     tick_scale: u32,
@@ -42,7 +44,13 @@ pub struct BenchInstrument {
 
 impl BenchInstrument {
     /// None for a tick that is not positive or too fine to count in i64 ticks.
-    pub fn new(symbol: String, venue: String, price: Decimal, tick: Decimal) -> Option<Self> {
+    pub fn new(
+        symbol: String,
+        venue: String,
+        asset_class: AssetClass,
+        price: Decimal,
+        tick: Decimal,
+    ) -> Option<Self> {
         if tick <= Decimal::ZERO {
             return None;
         }
@@ -52,6 +60,7 @@ impl BenchInstrument {
         Some(Self {
             symbol,
             venue,
+            asset_class,
             tick_mantissa,
             tick_scale: t.scale(),
             start_ticks,
@@ -177,8 +186,8 @@ impl Generator {
     }
 
     /// A batch of `n` events stamped `ts`, as a MessagePack array; `picked` gets
-    /// each event's instrument index, in order.
-    pub fn batch(&mut self, n: usize, ts: i64, picked: &mut Vec<u32>) -> io::Result<Vec<u8>> {
+    /// each event's [`Picked`] (instrument index and kind), in order.
+    pub fn batch(&mut self, n: usize, ts: i64, picked: &mut Vec<Picked>) -> io::Result<Vec<u8>> {
         self.buf.clear();
         picked.clear();
         let len = u32::try_from(n).map_err(|_| io::Error::other("batch too large"))?;
@@ -191,13 +200,14 @@ impl Generator {
             // Squaring a uniform draw skews activity towards the head of the list.
             let u: f64 = self.rng.random();
             let idx = ((u * u * count as f64) as usize).min(count - 1);
-            picked.push(idx as u32);
-            self.event(idx, ts)?;
+            let trade = self.event(idx, ts)?;
+            picked.push(Picked::new(idx as u32, trade));
         }
         Ok(self.buf.clone())
     }
 
-    fn event(&mut self, idx: usize, ts: i64) -> io::Result<()> {
+    /// Writes one event of instrument `idx`; true when it is a trade.
+    fn event(&mut self, idx: usize, ts: i64) -> io::Result<bool> {
         use rmp::encode::{write_map_len, write_sint, write_str, write_uint};
         let Self {
             instruments,
@@ -270,7 +280,28 @@ impl Generator {
             write_str(buf, "ask_size")?;
             write_uint(buf, lot + 100)?;
         }
-        Ok(())
+        Ok(trade)
+    }
+}
+
+/// One generated event: its instrument index and whether it is a trade, in a
+/// `u32` (the top bit is the kind), as the send path keeps one per event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Picked(u32);
+
+impl Picked {
+    const TRADE: u32 = 1 << 31;
+
+    pub fn new(instrument: u32, trade: bool) -> Self {
+        Self((instrument & !Self::TRADE) | if trade { Self::TRADE } else { 0 })
+    }
+
+    pub fn instrument(self) -> usize {
+        (self.0 & !Self::TRADE) as usize
+    }
+
+    pub fn is_trade(self) -> bool {
+        self.0 & Self::TRADE != 0
     }
 }
 
@@ -332,6 +363,8 @@ pub struct StepLoad {
     pub untracked_batches: AtomicU64,
     /// Accepted events per instrument index.
     pub accepted_by_instrument: Box<[AtomicU64]>,
+    /// Accepted trades per instrument index (the rest of each count are quotes).
+    pub accepted_trades_by_instrument: Box<[AtomicU64]>,
     pub first_error: Mutex<Option<String>>,
 }
 
@@ -350,6 +383,7 @@ impl StepLoad {
             max_lag_us: AtomicU64::new(0),
             untracked_batches: AtomicU64::new(0),
             accepted_by_instrument: (0..instruments).map(|_| AtomicU64::new(0)).collect(),
+            accepted_trades_by_instrument: (0..instruments).map(|_| AtomicU64::new(0)).collect(),
             first_error: Mutex::new(None),
         }
     }
@@ -465,7 +499,7 @@ pub async fn send_step(
     generator
 }
 
-async fn post(conn: Arc<Connection>, body: Vec<u8>, picked: Vec<u32>, load: Arc<StepLoad>) {
+async fn post(conn: Arc<Connection>, body: Vec<u8>, picked: Vec<Picked>, load: Arc<StepLoad>) {
     let sent = conn
         .client
         .post(&conn.url)
@@ -480,7 +514,7 @@ async fn post(conn: Arc<Connection>, body: Vec<u8>, picked: Vec<u32>, load: Arc<
             Err(e) => Err(format!("reading the ingest answer: {e}")),
         },
         Ok(r) => Err(format!("ingest answered HTTP {}", r.status())),
-        Err(e) => Err(format!("POST {}: {e}", conn.url)),
+        Err(e) => Err(format!("POST {}: {}", conn.url, with_sources(&e))),
     };
     match answer {
         Ok(a) => {
@@ -489,10 +523,15 @@ async fn post(conn: Arc<Connection>, body: Vec<u8>, picked: Vec<u32>, load: Arc<
                 .fetch_add(a.rejected.len() as u64, Ordering::Relaxed);
             let mut refused: Vec<usize> = a.rejected.iter().map(|r| r.index).collect();
             refused.sort_unstable();
-            for (pos, &idx) in picked.iter().enumerate() {
+            for (pos, &p) in picked.iter().enumerate() {
                 if refused.binary_search(&pos).is_err() {
-                    if let Some(c) = load.accepted_by_instrument.get(idx as usize) {
+                    if let Some(c) = load.accepted_by_instrument.get(p.instrument()) {
                         c.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if p.is_trade() {
+                        if let Some(c) = load.accepted_trades_by_instrument.get(p.instrument()) {
+                            c.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
             }
@@ -510,6 +549,18 @@ async fn post(conn: Arc<Connection>, body: Vec<u8>, picked: Vec<u32>, load: Arc<
     load.in_flight.fetch_sub(1, Ordering::Relaxed);
 }
 
+/// An error with its chain of sources, which reqwest leaves out of its own
+/// message ("error sending request" says neither timeout nor refusal).
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let _ = write!(out, ": {s}");
+        source = s.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,6 +572,7 @@ mod tests {
             BenchInstrument::new(
                 s.into(),
                 v.into(),
+                AssetClass::Equity,
                 p.parse().expect("price"),
                 t.parse().expect("tick"),
             )
@@ -549,13 +601,14 @@ mod tests {
         let items = decode_batch(Format::MsgPack, &body, 10_000).expect("framing");
         assert_eq!(items.len(), 2_000);
         let (mut trades, mut seq) = (0, 0);
-        for (it, &idx) in items.into_iter().zip(&picked) {
+        for (it, &p) in items.into_iter().zip(&picked) {
             let ev = it.outcome.expect("valid event");
-            let tick: Decimal = ["0.01", "0.00005", "0.02"][idx as usize]
+            let tick: Decimal = ["0.01", "0.00005", "0.02"][p.instrument()]
                 .parse()
                 .expect("tick");
             seq += 1;
             assert_eq!(ev.header().seq, seq);
+            assert_eq!(p.is_trade(), matches!(ev, Event::Trade(_)));
             match ev {
                 Event::Quote(q) => {
                     assert!((q.bid % tick).is_zero() && (q.ask % tick).is_zero());
@@ -569,6 +622,35 @@ mod tests {
         }
         assert!((400..800).contains(&trades), "{trades} trades of 2000");
         assert_eq!(g.next_seq(), 2_001);
+    }
+
+    #[test]
+    fn an_error_is_told_with_its_sources() {
+        #[derive(Debug)]
+        struct Outer(io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("error sending request")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Outer(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
+        assert_eq!(with_sources(&e), "error sending request: timed out");
+        let e = io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(with_sources(&e), "refused");
+    }
+
+    #[test]
+    fn a_picked_event_keeps_its_instrument_and_kind_in_one_word() {
+        let p = Picked::new(2_397, true);
+        assert_eq!((p.instrument(), p.is_trade()), (2_397, true));
+        let q = Picked::new(0, false);
+        assert_eq!((q.instrument(), q.is_trade()), (0, false));
+        assert_eq!(std::mem::size_of::<Picked>(), 4);
     }
 
     #[test]

@@ -6,18 +6,21 @@
 //! # Layout
 //! - [`load`]: the event generator, the open-loop senders (one per connection)
 //!   and the send log every delivered event is timed against.
-//! - [`subscribers`]: `graphql-transport-ws` subscribers, unfiltered or for a few
-//!   instruments, each with a latency histogram per step.
+//! - [`subscribers`]: `graphql-transport-ws` subscribers, each one connection
+//!   running a few filtered operations; latency in one histogram pair per group.
+//! - [`fanout`]: the `--fanout N` mix of filters, and its per-kind summary.
 //! - [`stages`]: what got through each stage: a tail of the enriched streams and
 //!   the history tables.
 //! - [`procstat`]: CPU seconds and RSS from /proc, every second.
 //! - [`ceiling`]: Redis's own pipelined XADD ceiling, measured before the load.
 //! - [`report`]: the figures, the judgement of a step, the plain-text report.
 //!
-//! [`run`] drives them: ceiling, subscribers, then each step (send, wait for the
-//! answers, drain, collect, judge), then the report on stdout.
+//! [`run`] drives them: ceiling, subscribers (with `--fanout`, RSS before and
+//! after they sit idle), then each step (send, wait for the answers, drain,
+//! collect, judge), then the report on stdout.
 
 mod ceiling;
+mod fanout;
 mod load;
 mod procstat;
 mod report;
@@ -31,7 +34,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use hdrhistogram::Histogram;
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use sqlx::postgres::PgPoolOptions;
@@ -44,9 +46,12 @@ use tickgraph_ingest::StreamLayout;
 
 use load::{BenchInstrument, Connection, Generator, Schedule, StepLoad};
 use procstat::ProcStat;
-use report::{Report, StepFigures, SubscriberFigures};
+use report::{FanoutFigures, FanoutSetup, Percentiles, Report, StepFigures, SubscriberFigures};
 use stages::EnrichedTail;
-use subscribers::{Origins, Subscriber, SubscriberSpec, LATENCY_MAX_US};
+use subscribers::{
+    latency_histogram, Accepted, ConnectOptions, Feed, Filter, LatencySink, Op, Origins, Outcomes,
+    Subscriber, SubscriberSpec,
+};
 
 /// Most events ingest takes in one request by default (`--max-batch-events`).
 const MAX_BATCH_EVENTS: f64 = 10_000.0;
@@ -120,7 +125,19 @@ batch was sent (its `ts`), both on this machine's clock.
 
 Expected per subscriber: the accepted events its filter selects. The drain after \
 sending waits until every count reaches what was accepted, or nothing moved for \
---quiet-secs, at most --drain-secs.")]
+--quiet-secs, at most --drain-secs.
+
+With --fanout N (loopback only): N connections, opened --fanout-concurrency at a \
+time; the mix, by share of N: market 0.1% quotes(maxRate: 1) of every \
+instrument; watch 30% trades + quotes of 1-5 instruments; grid 50% \
+quotes(maxRate: 4) + trades of 1-5 instruments; venue 10% trades of one of the 4 \
+venues with the fewest instruments; class 9.9% trades of one of the 4 asset \
+classes with the fewest instruments. Unconflated operations are checked for \
+every event, conflated ones for receiving at all; their latency is reported \
+apart (the age of the value on arrival). The api's RSS is read before \
+connecting, after the connections (init and ack only) sat --fanout-idle-secs \
+idle, and after their subscriptions did too: the growth per connection and per \
+subscription is the memory of an idle one.")]
 pub struct BenchArgs {
     /// Base URL of ingest's HTTP edge (`POST /v1/events`).
     #[arg(long, env = "TG_INGEST_URL", default_value = "http://127.0.0.1:8081")]
@@ -166,6 +183,17 @@ pub struct BenchArgs {
     /// Instruments per few-instrument subscriber, about half of them busy ones.
     #[arg(long, env = "TG_BENCH_FEW_INSTRUMENTS", default_value_t = 5)]
     pub few_instruments: usize,
+    /// Fan-out: N subscribers, each on its own WebSocket, with the mix of
+    /// filters below, instead of --all-subscribers and --few-subscribers.
+    #[arg(long, env = "TG_BENCH_FANOUT")]
+    pub fanout: Option<usize>,
+    /// Fan-out connections being opened at once.
+    #[arg(long, env = "TG_BENCH_FANOUT_CONCURRENCY", default_value_t = 64)]
+    pub fanout_concurrency: usize,
+    /// Seconds the fan-out connections, then their subscriptions, sit idle
+    /// before the api's memory is read (replaces --settle-ms).
+    #[arg(long, env = "TG_BENCH_FANOUT_IDLE_SECS", default_value_t = 3)]
+    pub fanout_idle_secs: u64,
     /// A step with a p99 latency at or above this is not sustained.
     #[arg(long, env = "TG_BENCH_P99_LIMIT_MS", default_value_t = 100.0)]
     pub p99_limit_ms: f64,
@@ -254,6 +282,15 @@ impl BenchArgs {
         if !(0.0..=1.0).contains(&self.trade_ratio) {
             bail!("--trade-ratio must be between 0 and 1");
         }
+        if self.fanout == Some(0) {
+            bail!("--fanout must be at least 1");
+        }
+        if self.fanout.is_some() && !is_loopback_url(&self.api_url) {
+            bail!(
+                "--fanout opens thousands of sockets and is for loopback only; --api-url {} is not on 127.0.0.1",
+                self.api_url
+            );
+        }
         Ok(steps)
     }
 }
@@ -269,6 +306,7 @@ fn universe(data: &RefData) -> (Arc<[BenchInstrument]>, Arc<[String]>) {
             BenchInstrument::new(
                 i.symbol.clone(),
                 i.venue.clone(),
+                i.asset_class,
                 tickgraph_enrich::demo::reference_price(i),
                 i.tick_size,
             )
@@ -285,10 +323,20 @@ fn universe(data: &RefData) -> (Arc<[BenchInstrument]>, Arc<[String]>) {
 /// quieter remainder.
 fn subscriber_specs(args: &BenchArgs, instruments: &[BenchInstrument]) -> Vec<SubscriberSpec> {
     use rand::seq::index::sample;
+    let every = |feed, filter: Filter, selects: Option<Arc<[u32]>>| Op {
+        feed,
+        filter,
+        selects,
+        max_rate: None,
+    };
     let mut specs: Vec<SubscriberSpec> = (0..args.all_subscribers)
         .map(|i| SubscriberSpec {
             name: format!("all-{}", i + 1),
-            instruments: None,
+            group: 0,
+            ops: vec![
+                every(Feed::Trades, Filter::All, None),
+                every(Feed::Quotes, Filter::All, None),
+            ],
         })
         .collect();
     let n = instruments.len();
@@ -308,13 +356,22 @@ fn subscriber_specs(args: &BenchArgs, instruments: &[BenchInstrument]) -> Vec<Su
                 .map(|i| (busy + i) as u32),
         );
         picked.sort_unstable();
-        let symbols = picked
+        let symbols: Vec<String> = picked
             .iter()
             .map(|&i| instruments[i as usize].symbol.clone())
             .collect();
+        let picked: Arc<[u32]> = Arc::from(picked);
         specs.push(SubscriberSpec {
             name: format!("few-{}", j + 1),
-            instruments: Some((picked, symbols)),
+            group: 1,
+            ops: vec![
+                every(
+                    Feed::Trades,
+                    Filter::Instruments(symbols.clone()),
+                    Some(picked.clone()),
+                ),
+                every(Feed::Quotes, Filter::Instruments(symbols), Some(picked)),
+            ],
         });
     }
     specs
@@ -326,6 +383,10 @@ struct Ctx<'a> {
     pool: &'a PgPool,
     conns: &'a [Arc<Connection>],
     subs: &'a [Arc<Subscriber>],
+    /// One per group of subscribers, and the groups' names.
+    sinks: &'a [Arc<LatencySink>],
+    groups: &'a [&'static str],
+    outcomes: &'a Outcomes,
     tail: &'a EnrichedTail,
     procs: &'a ProcStat,
     instruments: usize,
@@ -388,17 +449,18 @@ async fn run_step(
         .collect();
     let count = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let accepted = count(&load.accepted);
+    let by_instrument = Accepted {
+        events: load.accepted_by_instrument.iter().map(count).collect(),
+        trades: load
+            .accepted_trades_by_instrument
+            .iter()
+            .map(count)
+            .collect(),
+    };
     let expected: Vec<u64> = ctx
         .subs
         .iter()
-        .map(|s| match &s.spec.instruments {
-            None => accepted,
-            Some((idx, _)) => idx
-                .iter()
-                .filter_map(|&i| load.accepted_by_instrument.get(i as usize))
-                .map(count)
-                .sum(),
-        })
+        .map(|s| s.spec.expected(&by_instrument))
         .collect();
     tracing::info!(
         step = plan.index + 1,
@@ -419,18 +481,16 @@ async fn run_step(
             loaded = stages::loaded_in(ctx.pool, &ranges).await?;
             polled = Some(Instant::now());
         }
-        let delivered: Vec<u64> = ctx
-            .subs
-            .iter()
-            .map(|s| s.delivered_in(plan.index))
-            .collect();
+        let counts: Vec<subscribers::StepCounts> =
+            ctx.subs.iter().map(|s| s.counts_in(plan.index)).collect();
         if enriched >= accepted
             && loaded >= accepted
-            && delivered.iter().zip(&expected).all(|(d, e)| d >= e)
+            && counts.iter().zip(&expected).all(|(c, e)| c.counted >= *e)
         {
             break true;
         }
-        let now = (enriched, loaded, delivered.iter().sum::<u64>());
+        let received: u64 = counts.iter().map(|c| c.counted + c.conflated).sum();
+        let now = (enriched, loaded, received);
         if now != seen {
             seen = now;
             moved = Instant::now();
@@ -445,14 +505,57 @@ async fn run_step(
     let mark1 = ctx.procs.mark().await;
     let (resources_secs, resources) = ctx.procs.window(mark0, mark1);
 
-    let mut latency =
-        Histogram::<u64>::new_with_bounds(1, LATENCY_MAX_US, 3).context("latency histogram")?;
-    let mut subscribers = Vec::with_capacity(ctx.subs.len());
-    for (s, expected) in ctx.subs.iter().zip(expected) {
-        let tally = s.collect(plan.index);
+    // Every subscriber before the sinks: stragglers then count as late.
+    let tallies: Vec<subscribers::StepCounts> =
+        ctx.subs.iter().map(|s| s.collect(plan.index)).collect();
+    let mut latency = latency_histogram()?;
+    let mut conflated_age = latency_histogram()?;
+    let mut by_group = Vec::with_capacity(ctx.sinks.len());
+    for sink in ctx.sinks {
+        let l = sink.collect(plan.index);
         latency
-            .add(&tally.latency)
+            .add(&l.every)
             .context("merging latency histograms")?;
+        conflated_age
+            .add(&l.conflated)
+            .context("merging latency histograms")?;
+        by_group.push(l);
+    }
+    let fanout = ctx.args.fanout.map(|_| {
+        let steps =
+            ctx.subs
+                .iter()
+                .zip(&expected)
+                .zip(&tallies)
+                .map(|((s, &expected), &counts)| fanout::SubscriberStep {
+                    group: s.spec.group,
+                    expected,
+                    conflatable: s.spec.conflatable(&by_instrument),
+                    has_conflated: s.spec.has_conflated(),
+                    counts,
+                    closed: s.closed.load(Ordering::Relaxed),
+                    late: s.late.load(Ordering::Relaxed),
+                    foreign: s.foreign.load(Ordering::Relaxed),
+                });
+        let mut kinds = fanout::summarize(ctx.groups, steps);
+        for k in &mut kinds {
+            if let Some(g) = ctx.groups.iter().position(|n| *n == k.kind) {
+                k.every = by_group.get(g).and_then(|l| Percentiles::of(&l.every));
+                k.conflated_age = by_group.get(g).and_then(|l| Percentiles::of(&l.conflated));
+            }
+        }
+        FanoutFigures {
+            kinds,
+            conflated_age: Percentiles::of(&conflated_age),
+            outcomes: ctx.outcomes.snapshot(),
+        }
+    });
+    let mut subscribers = Vec::new();
+    let per_subscriber = fanout.is_none();
+    for ((s, expected), tally) in ctx.subs.iter().zip(expected).zip(&tallies) {
+        if !per_subscriber {
+            break;
+        }
         let mut errors = s.errors();
         let late = s.late.load(Ordering::Relaxed);
         if late > 0 {
@@ -465,7 +568,7 @@ async fn run_step(
         subscribers.push(SubscriberFigures {
             name: s.spec.name.clone(),
             expected,
-            delivered: tally.delivered,
+            delivered: tally.counted,
             errors,
         });
     }
@@ -495,7 +598,8 @@ async fn run_step(
         enriched_entries: ctx.tail.entries() - entries0,
         loaded,
         subscribers,
-        latency: report::Percentiles::of(&latency),
+        fanout,
+        latency: Percentiles::of(&latency),
         drain_secs,
         drained,
         resources,
@@ -603,21 +707,190 @@ pub async fn run(
     let tail = EnrichedTail::start(&client, &target.layout, stop.clone())
         .await
         .context("starting the enriched-stream tail")?;
-    let specs = subscriber_specs(&args, &instruments);
-    let subscriber_lines = describe_subscribers(&specs);
     let origins = Arc::new(Origins {
         prefix: prefix.clone(),
         connections: conns.clone(),
     });
-    let (subs, sub_tasks) = subscribers::start(&args.api_url, specs, origins, stop.clone()).await?;
-    tracing::info!(subscribers = subs.len(), "bench subscribers subscribed");
-    tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
+    let outcomes = Arc::new(Outcomes::default());
+    let (specs, subscriber_lines, groups, opts): (_, _, Vec<&'static str>, _) = match args.fanout {
+        Some(n) => {
+            let (specs, lines) = fanout::specs(n, &instruments, args.seed);
+            let mut all = vec![format!(
+                "graphql-transport-ws, fan-out: {} subscribers, each on its own connection (kind, count, operations, check):",
+                report::int(n as u64)
+            )];
+            all.extend(lines);
+            (
+                specs,
+                all,
+                fanout::Kind::ALL.iter().map(|k| k.name()).collect(),
+                ConnectOptions {
+                    concurrency: args.fanout_concurrency,
+                    // Messages are a few hundred bytes; 4 KiB each keeps 10,000
+                    // connections at 40 MB of read buffers.
+                    read_buffer: 4 << 10,
+                    tolerate_failures: true,
+                },
+            )
+        }
+        None => {
+            let specs = subscriber_specs(&args, &instruments);
+            let lines = describe_subscribers(&specs);
+            (
+                specs,
+                lines,
+                vec!["all", "few"],
+                ConnectOptions {
+                    concurrency: 1,
+                    read_buffer: 32 << 10,
+                    tolerate_failures: false,
+                },
+            )
+        }
+    };
+    let sinks: Vec<Arc<LatencySink>> = groups
+        .iter()
+        .map(|_| LatencySink::new().map(Arc::new))
+        .collect::<Result<_, _>>()?;
+    let bench_nofile = fanout::open_files_limit("self");
+    let system_nofile = args
+        .system_pid
+        .and_then(|p| fanout::open_files_limit(&p.to_string()));
+    if let Some(n) = args.fanout {
+        let needed = n as u64 + 256;
+        if bench_nofile.is_some_and(|l| l < needed) {
+            bail!(
+                "--fanout {n} needs about {needed} open files, the bench may open {}: raise `ulimit -n` (.ci/bench raises it to the hard limit)",
+                limit_text(bench_nofile)
+            );
+        }
+        if system_nofile.is_some_and(|l| l < needed) {
+            tracing::warn!(
+                limit = limit_text(system_nofile),
+                needed,
+                "the system under test may not accept every fan-out connection: raise its `ulimit -n`"
+            );
+        }
+    }
+    // Fan-out connects first and subscribes on a signal, so that an idle
+    // connection and an idle subscription are measured apart.
+    let go = CancellationToken::new();
+    if args.fanout.is_none() {
+        go.cancel();
+    }
+    let idle = Duration::from_secs(args.fanout_idle_secs);
+    // With --fanout, an idle window before connecting is the baseline of the
+    // idle CPU figures.
+    let baseline = procs.mark().await;
+    if args.fanout.is_some() {
+        tokio::time::sleep(idle).await;
+    }
+    let before = procs.mark().await;
+    let started = subscribers::start(
+        &args.api_url,
+        specs,
+        &sinks,
+        origins,
+        outcomes.clone(),
+        opts,
+        go.clone(),
+        stop.clone(),
+    )
+    .await?;
+    if started.subs.is_empty() && args.fanout.is_some() {
+        bail!(
+            "no fan-out subscriber could connect: {:?}",
+            outcomes.snapshot()
+        );
+    }
+    tracing::info!(
+        subscribers = started.subs.len(),
+        failed = started.failed,
+        secs = started.took.as_secs_f64(),
+        "bench subscribers connected"
+    );
+    let connected = procs.mark().await;
+    let open = if args.fanout.is_some() {
+        tokio::time::sleep(idle).await;
+        let open = procs.mark().await;
+        go.cancel();
+        open
+    } else {
+        before
+    };
+    let subscribing = Instant::now();
+    let all_subscribed = wait_subscribed(&started, Duration::from_secs(60)).await;
+    let subscribe_secs = subscribing.elapsed().as_secs_f64();
+    if !all_subscribed {
+        tracing::warn!(
+            subscribed = started.subscribed.load(Ordering::Relaxed),
+            of = started.subs.len(),
+            "not every subscriber could send its subscriptions within 60 s"
+        );
+    }
+    let fanout_setup = match args.fanout {
+        Some(n) => {
+            // A second for the server to register what was sent, then idle.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let settled = procs.mark().await;
+            tokio::time::sleep(idle).await;
+            let subscribed = procs.mark().await;
+            let cores = |from, to| {
+                let (_, groups) = procs.window(from, to);
+                let of = |g: usize| groups.get(g).map_or(0.0, |u| u.cores);
+                (of(procstat::TICKGRAPH), of(procstat::BENCH))
+            };
+            let idle_cores = [
+                cores(baseline, before),
+                cores(connected, open),
+                cores(settled, subscribed),
+            ];
+            let rss = [
+                procs.rss_at(before),
+                procs.rss_at(open),
+                procs.rss_at(subscribed),
+            ];
+            let of = |g: usize| (rss[0][g], rss[1][g], rss[2][g]);
+            let setup = FanoutSetup {
+                requested: n as u64,
+                connected: started.subs.len() as u64,
+                failed: started.failed as u64,
+                subscriptions: started.subs.iter().map(|s| s.spec.ops.len() as u64).sum(),
+                concurrency: opts.concurrency,
+                connect_secs: started.took.as_secs_f64(),
+                subscribe_secs,
+                connect: Percentiles::of(&started.connect_us),
+                idle_secs: idle.as_secs_f64(),
+                system_rss_kib: of(procstat::TICKGRAPH),
+                idle_cores,
+                bench_rss_kib: of(procstat::BENCH),
+                bench_nofile,
+                system_nofile,
+            };
+            let m = setup.idle_memory();
+            tracing::info!(
+                per_connection_kib = format!("{:.1}", m.connection),
+                per_subscription_kib = format!("{:.1}", m.subscription),
+                "fan-out subscribers idle"
+            );
+            Some(setup)
+        }
+        None => {
+            tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
+            None
+        }
+    };
+    let subs = started.subs;
+    let sub_tasks = started.tasks;
 
     let ctx = Ctx {
         args: &args,
         pool: &pool,
         conns: &conns,
         subs: &subs,
+        sinks: &sinks,
+        groups: &groups,
+        outcomes: &outcomes,
         tail: &tail,
         procs: &procs,
         instruments: instruments.len(),
@@ -687,6 +960,7 @@ pub async fn run(
             busiest.join(", ")
         ),
         subscribers: subscriber_lines,
+        fanout: fanout_setup,
         ceiling,
         ramp: args.ramp.is_some(),
         p99_limit_ms: args.p99_limit_ms,
@@ -705,12 +979,12 @@ pub async fn run(
 }
 
 fn describe_subscribers(specs: &[SubscriberSpec]) -> Vec<String> {
-    let all = specs.iter().filter(|s| s.instruments.is_none()).count();
+    let all = specs.iter().filter(|s| s.group == 0).count();
     let mut lines = vec![format!(
         "graphql-transport-ws; {all} to every trade and quote (id ts instrument price qty | bid ask)"
     )];
-    for s in specs {
-        if let Some((_, symbols)) = &s.instruments {
+    for s in specs.iter().filter(|s| s.group != 0) {
+        if let Some(Filter::Instruments(symbols)) = s.ops.first().map(|o| &o.filter) {
             lines.push(format!(
                 "{}: trades and quotes of {}",
                 s.name,
@@ -721,9 +995,67 @@ fn describe_subscribers(specs: &[SubscriberSpec]) -> Vec<String> {
     lines
 }
 
+/// Waits until every subscriber still open has sent its subscriptions; false
+/// after `cap`.
+async fn wait_subscribed(started: &subscribers::Started, cap: Duration) -> bool {
+    let t0 = Instant::now();
+    loop {
+        let closed = started
+            .subs
+            .iter()
+            .filter(|s| s.closed.load(Ordering::Relaxed))
+            .count();
+        if started.subscribed.load(Ordering::Relaxed) + closed >= started.subs.len() {
+            return true;
+        }
+        if t0.elapsed() >= cap {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn limit_text(v: Option<u64>) -> String {
+    v.map_or_else(|| "unknown".into(), |v| v.to_string())
+}
+
+/// Whether a WebSocket URL points at this machine's loopback interface.
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.split(':').next().unwrap_or(""),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fan_out_is_for_loopback_only() {
+        for ok in [
+            "ws://127.0.0.1:18180/graphql/ws",
+            "ws://localhost/graphql/ws",
+            "ws://[::1]:8080/graphql/ws",
+            "ws://127.0.0.2:80",
+        ] {
+            assert!(is_loopback_url(ok), "{ok}");
+        }
+        for bad in [
+            "ws://10.0.0.1:8080/graphql/ws",
+            "ws://example.com/graphql/ws",
+            "ws://127.0.0.1.example.com/x",
+            "ws://[2001:db8::1]:80/",
+        ] {
+            assert!(!is_loopback_url(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn a_ramp_runs_from_start_to_max_by_step() {

@@ -10,10 +10,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Which processes a figure sums.
 pub const GROUPS: [&str; 4] = ["tickgraph", "redis-server", "postgres", "bench"];
-const TICKGRAPH: usize = 0;
+pub const TICKGRAPH: usize = 0;
 const REDIS: usize = 1;
 const POSTGRES: usize = 2;
-const BENCH: usize = 3;
+pub const BENCH: usize = 3;
 
 /// One reading of every group.
 #[derive(Debug, Clone, Default)]
@@ -192,6 +192,15 @@ impl ProcStat {
         })
         .await;
         taken.unwrap_or(0)
+    }
+
+    /// The RSS of every group (in [`GROUPS`] order, KiB) at sample `mark`.
+    pub fn rss_at(&self, mark: usize) -> [u64; 4] {
+        let s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.samples.get(mark).map_or([0; 4], |x| x.rss_kib)
     }
 
     /// The seconds between samples `from` and `to`, and every group's use.

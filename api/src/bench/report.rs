@@ -78,6 +78,101 @@ pub struct SubscriberFigures {
     pub errors: Vec<String>,
 }
 
+/// One kind of fan-out subscriber in a step, summed over its subscribers.
+#[derive(Debug, Clone, Default)]
+pub struct KindFigures {
+    pub kind: String,
+    pub subscribers: u64,
+    /// Subscribers whose socket had closed by the end of the step.
+    pub closed: u64,
+    /// Unconflated operations: accepted events they select, and what came.
+    pub expected: u64,
+    pub delivered: u64,
+    /// Summed per subscriber: a surplus of one never hides a loss of another.
+    pub lost: u64,
+    pub extra: u64,
+    /// Subscribers that lost at least one event.
+    pub short: u64,
+    /// Conflated operations: accepted events they select, and what came.
+    pub conflatable: u64,
+    pub conflated: u64,
+    /// Conflated deliveries beyond what their selection held (impossible
+    /// unless an event came twice).
+    pub conflated_extra: u64,
+    /// Subscribers with conflated operations whose selection had events but
+    /// that received none of them.
+    pub silent: u64,
+    /// Deliveries of events sent after the warm-up.
+    pub measured: u64,
+    pub late: u64,
+    pub foreign: u64,
+    pub every: Option<Percentiles>,
+    pub conflated_age: Option<Percentiles>,
+}
+
+/// What the fan-out subscribers got in a step.
+#[derive(Debug, Clone, Default)]
+pub struct FanoutFigures {
+    /// Per kind; every-event latency of all kinds is the step's `latency`.
+    pub kinds: Vec<KindFigures>,
+    /// Conflated operations: the age of each value on arrival.
+    pub conflated_age: Option<Percentiles>,
+    /// How sockets and operations ended, since connecting (cumulative).
+    pub outcomes: Vec<(String, u64)>,
+}
+
+/// How the fan-out subscribers connected, and what idle connections cost.
+#[derive(Debug, Clone, Default)]
+pub struct FanoutSetup {
+    pub requested: u64,
+    pub connected: u64,
+    pub failed: u64,
+    pub subscriptions: u64,
+    pub concurrency: usize,
+    /// From the first connect to the last `connection_ack`.
+    pub connect_secs: f64,
+    /// From the signal to subscribe to the last `subscribe` sent.
+    pub subscribe_secs: f64,
+    /// Connect + init + ack, per connection.
+    pub connect: Option<Percentiles>,
+    pub idle_secs: f64,
+    /// RSS of the system under test (tickgraph) and of the bench, KiB: before
+    /// connecting, with the connections open and idle, and with their
+    /// subscriptions too, idle.
+    pub system_rss_kib: (u64, u64, u64),
+    pub bench_rss_kib: (u64, u64, u64),
+    /// Cores used by tickgraph and the bench over the idle windows: before
+    /// connecting, with the connections open, with their subscriptions too.
+    pub idle_cores: [(f64, f64); 3],
+    /// Soft open-file limits of the bench and the system under test.
+    pub bench_nofile: Option<u64>,
+    pub system_nofile: Option<u64>,
+}
+
+/// Memory of idle fan-out subscribers in the system under test, KiB.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IdleMemory {
+    /// An open connection without subscriptions.
+    pub connection: f64,
+    /// One subscription on an open connection.
+    pub subscription: f64,
+    /// A connection with its subscriptions (both steps over connections).
+    pub subscriber: f64,
+}
+
+impl FanoutSetup {
+    pub fn idle_memory(&self) -> IdleMemory {
+        let (before, open, subscribed) = self.system_rss_kib;
+        let d = |a: u64, b: u64| b as f64 - a as f64;
+        let conns = self.connected.max(1) as f64;
+        IdleMemory {
+            connection: d(before, open) / conns,
+            subscription: d(open, subscribed) / self.subscriptions.max(1) as f64,
+            subscriber: d(before, subscribed) / conns,
+        }
+    }
+}
+
 /// Every count of one step.
 #[derive(Debug, Clone, Default)]
 pub struct StepFigures {
@@ -101,6 +196,10 @@ pub struct StepFigures {
     pub enriched_entries: u64,
     pub loaded: u64,
     pub subscribers: Vec<SubscriberFigures>,
+    /// Instead of `subscribers` with `--fanout`.
+    pub fanout: Option<FanoutFigures>,
+    /// Send to arrival of every subscriber's events (with `--fanout`: of the
+    /// every-event operations only).
     pub latency: Option<Percentiles>,
     /// From the last answer to the end of the drain.
     pub drain_secs: f64,
@@ -144,6 +243,29 @@ pub fn judge(s: &StepFigures, p99_limit_ms: f64) -> Verdict {
             diff(sub.expected, sub.delivered),
         );
     }
+    if let Some(f) = &s.fanout {
+        for k in &f.kinds {
+            if k.lost > 0 {
+                reasons.push(format!(
+                    "{} lost to {} of {} {} subscribers",
+                    k.lost, k.short, k.subscribers, k.kind
+                ));
+            }
+            if k.extra + k.conflated_extra > 0 {
+                reasons.push(format!(
+                    "{} extra to {} subscribers",
+                    k.extra + k.conflated_extra,
+                    k.kind
+                ));
+            }
+            if k.silent > 0 {
+                reasons.push(format!(
+                    "{} conflated {} subscribers received nothing",
+                    k.silent, k.kind
+                ));
+            }
+        }
+    }
     match &s.latency {
         None => reasons.push("no latency measured".into()),
         Some(p) if p.p99 as f64 >= p99_limit_ms * 1000.0 => reasons.push(format!(
@@ -178,6 +300,7 @@ pub struct Report {
     pub system: String,
     pub load: String,
     pub subscribers: Vec<String>,
+    pub fanout: Option<FanoutSetup>,
     pub ceiling: Result<Ceiling, String>,
     pub ramp: bool,
     pub p99_limit_ms: f64,
@@ -287,6 +410,146 @@ fn step(out: &mut String, s: &StepFigures, v: &Verdict, p99_limit_ms: f64) {
         int(s.loaded),
         lost(s.accepted, s.loaded)
     );
+    match &s.fanout {
+        Some(f) => fanout_step(out, s, f),
+        None => subscriber_rows(out, s),
+    }
+    match &s.latency {
+        Some(p) => {
+            let _ = writeln!(
+                out,
+                "  latency      send -> subscriber, {} deliveries{} (warm-up excluded), limit p99 < {p99_limit_ms} ms",
+                int(p.count),
+                if s.fanout.is_some() { " of every-event operations" } else { "" }
+            );
+            let _ = writeln!(out, "               {}", p.line());
+        }
+        None => {
+            let _ = writeln!(out, "  latency      none measured");
+        }
+    }
+    if let Some(p) = s.fanout.as_ref().and_then(|f| f.conflated_age) {
+        let _ = writeln!(
+            out,
+            "  age          send -> subscriber of conflated deliveries, {} (the age of the value on arrival: up to 1/maxRate by design, plus latency)",
+            int(p.count)
+        );
+        let _ = writeln!(out, "               {}", p.line());
+    }
+    let _ = writeln!(
+        out,
+        "  drain        {:.1} s after the last answer ({})",
+        s.drain_secs,
+        if s.drained {
+            "every count reached what was accepted"
+        } else {
+            "stopped moving or timed out before reaching it"
+        }
+    );
+    if let Some(e) = &s.first_error {
+        let _ = writeln!(out, "  first error  {e}");
+        if e.contains("os error 24") {
+            let _ = writeln!(
+                out,
+                "  note         the bench ran out of open files (one per subscriber, one per request in flight): those requests never reached ingest"
+            );
+        }
+    }
+    resources(out, "resources", &s.resources, s.resources_secs);
+}
+
+/// The fan-out summary of a step: a row per kind, then the totals.
+fn fanout_step(out: &mut String, s: &StepFigures, f: &FanoutFigures) {
+    let measured: u64 = f.kinds.iter().map(|k| k.measured).sum();
+    let all: u64 = f.kinds.iter().map(|k| k.delivered + k.conflated).sum();
+    let subscribers: u64 = f.kinds.iter().map(|k| k.subscribers).sum();
+    let _ = writeln!(
+        out,
+        "  fan-out      {} messages to {} subscribers ({} of events sent after the warm-up = {}/s over the {:.0} s measured)",
+        int(all),
+        int(subscribers),
+        int(measured),
+        int((measured as f64 / s.measure_secs.max(1e-9)).round() as u64),
+        s.measure_secs
+    );
+    let per_sec = |n: u64| int((n as f64 / s.measure_secs.max(1e-9)).round() as u64);
+    let _ = writeln!(
+        out,
+        "    kind    subscribers  closed   msgs/s   every-event: delivered / expected  lost (subscribers)   conflated: delivered / selected  silent"
+    );
+    for k in &f.kinds {
+        let lost = if k.extra > 0 {
+            format!("{} +{} extra", int(k.lost), int(k.extra))
+        } else {
+            int(k.lost)
+        };
+        let _ = writeln!(
+            out,
+            "    {:<7} {:>11} {:>7} {:>8}   {:>21} / {:<11} {:>9} ({:>6})   {:>19} / {:<11} {:>6}",
+            k.kind,
+            int(k.subscribers),
+            int(k.closed),
+            per_sec(k.measured),
+            int(k.delivered),
+            int(k.expected),
+            lost,
+            int(k.short),
+            int(k.conflated),
+            int(k.conflatable),
+            int(k.silent),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "    kind    latency ms, every-event: p50 / p90 / p99 / p99.9 / max       age ms, conflated: p50 / p90 / p99 / p99.9 / max"
+    );
+    let five = |p: Option<Percentiles>| match p {
+        Some(p) => format!(
+            "{} / {} / {} / {} / {}",
+            ms(p.p50),
+            ms(p.p90),
+            ms(p.p99),
+            ms(p.p999),
+            ms(p.max)
+        ),
+        None => "-".into(),
+    };
+    for k in &f.kinds {
+        let _ = writeln!(
+            out,
+            "    {:<7} {:>58}       {:>48}",
+            k.kind,
+            five(k.every),
+            five(k.conflated_age)
+        );
+    }
+    let late: u64 = f.kinds.iter().map(|k| k.late).sum();
+    let foreign: u64 = f.kinds.iter().map(|k| k.foreign).sum();
+    if late + foreign > 0 {
+        let _ = writeln!(
+            out,
+            "    ({} events of earlier steps, {} events this run did not send)",
+            int(late),
+            int(foreign)
+        );
+    }
+    if f.outcomes.is_empty() {
+        let _ = writeln!(
+            out,
+            "  closes       none: every socket open, no operation refused, completed or cut off"
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "  closes       since connecting (sockets, refusals, errors):"
+        );
+        for (label, n) in &f.outcomes {
+            let _ = writeln!(out, "    {:>7}  {label}", int(*n));
+        }
+    }
+}
+
+fn subscriber_rows(out: &mut String, s: &StepFigures) {
     let _ = writeln!(
         out,
         "  delivered    {:>12}   {:>12}   (per subscriber: delivered / expected = accepted events its filter selects)",
@@ -307,33 +570,77 @@ fn step(out: &mut String, s: &StepFigures, v: &Verdict, p99_limit_ms: f64) {
             }
         );
     }
-    match &s.latency {
-        Some(p) => {
-            let _ = writeln!(
-                out,
-                "  latency      send -> subscriber, {} deliveries (warm-up excluded), limit p99 < {p99_limit_ms} ms",
-                int(p.count)
-            );
-            let _ = writeln!(out, "               {}", p.line());
-        }
-        None => {
-            let _ = writeln!(out, "  latency      none measured");
-        }
+}
+
+fn limit(v: Option<u64>) -> String {
+    match v {
+        Some(u64::MAX) => "unlimited".into(),
+        Some(v) => int(v),
+        None => "unknown".into(),
     }
+}
+
+fn fanout_setup(out: &mut String, f: &FanoutSetup) {
     let _ = writeln!(
         out,
-        "  drain        {:.1} s after the last answer ({})",
-        s.drain_secs,
-        if s.drained {
-            "every count reached what was accepted"
+        "  fan-out      {} of {} connections open{} in {:.1} s ({} connecting at a time), then {} subscriptions sent in {:.1} s",
+        int(f.connected),
+        int(f.requested),
+        if f.failed > 0 {
+            format!(" ({} failed)", int(f.failed))
         } else {
-            "stopped moving or timed out before reaching it"
-        }
+            String::new()
+        },
+        f.connect_secs,
+        f.concurrency,
+        int(f.subscriptions),
+        f.subscribe_secs,
     );
-    if let Some(e) = &s.first_error {
-        let _ = writeln!(out, "  first error  {e}");
+    if let Some(p) = &f.connect {
+        let _ = writeln!(
+            out,
+            "               per connection (TCP connect, upgrade, init, ack): {}",
+            p.line()
+        );
     }
-    resources(out, "resources", &s.resources, s.resources_secs);
+    let m = f.idle_memory();
+    let (before, open, subscribed) = f.system_rss_kib;
+    let _ = writeln!(
+        out,
+        "  memory       tickgraph RSS {} MiB before connecting, {} MiB with the connections open, {} MiB with their subscriptions (each after {:.0} s idle):",
+        mib(before),
+        mib(open),
+        mib(subscribed),
+        f.idle_secs,
+    );
+    let _ = writeln!(
+        out,
+        "               {:.1} KiB per idle connection, {:.1} KiB per idle subscription; {:.1} KiB per subscriber with its {:.2} subscriptions",
+        m.connection,
+        m.subscription,
+        m.subscriber,
+        f.subscriptions as f64 / f.connected.max(1) as f64
+    );
+    let (b0, _, b2) = f.bench_rss_kib;
+    let _ = writeln!(
+        out,
+        "               bench RSS {} -> {} MiB ({:.1} KiB per subscriber); RSS moves by MiBs as the allocators take and return memory, so these figures mean something only for thousands of connections",
+        mib(b0),
+        mib(b2),
+        (b2 as f64 - b0 as f64) / f.connected.max(1) as f64
+    );
+    let [(t0, b0), (t1, b1), (t2, b2)] = f.idle_cores;
+    let _ = writeln!(
+        out,
+        "  idle CPU     cores of tickgraph / bench over {:.0} s idle: {t0:.2} / {b0:.2} before connecting, {t1:.2} / {b1:.2} with the connections open, {t2:.2} / {b2:.2} with their subscriptions",
+        f.idle_secs
+    );
+    let _ = writeln!(
+        out,
+        "  open files   soft limit: bench {}, tickgraph {}",
+        limit(f.bench_nofile),
+        limit(f.system_nofile)
+    );
 }
 
 /// The whole report as plain text.
@@ -350,6 +657,9 @@ pub fn render(r: &Report) -> String {
     for (i, s) in r.subscribers.iter().enumerate() {
         let label = if i == 0 { "subscribers" } else { "" };
         let _ = writeln!(out, "  {label:<12} {s}");
+    }
+    if let Some(f) = &r.fanout {
+        fanout_setup(&mut out, f);
     }
     match &r.ceiling {
         Ok(c) => {
@@ -529,6 +839,7 @@ mod tests {
             system: String::new(),
             load: String::new(),
             subscribers: Vec::new(),
+            fanout: None,
             history: (0, 0),
             whole: Vec::new(),
             whole_secs: 0.0,
@@ -549,5 +860,90 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("NOT SUSTAINED: 990 lost between ingest and the enriched streams"));
+    }
+
+    #[test]
+    fn a_fan_out_step_is_judged_by_kind_and_reports_idle_memory() {
+        let mut s = clean_step();
+        s.subscribers.clear();
+        s.measure_secs = 10.0;
+        s.first_error = Some("POST x: tcp open error: Too many open files (os error 24)".into());
+        s.fanout = Some(FanoutFigures {
+            kinds: vec![
+                KindFigures {
+                    kind: "watch".into(),
+                    subscribers: 300,
+                    expected: 9_000,
+                    delivered: 8_990,
+                    lost: 12,
+                    extra: 2,
+                    short: 3,
+                    measured: 8_000,
+                    ..KindFigures::default()
+                },
+                KindFigures {
+                    kind: "grid".into(),
+                    subscribers: 500,
+                    conflatable: 50_000,
+                    conflated: 20_000,
+                    silent: 4,
+                    measured: 18_000,
+                    ..KindFigures::default()
+                },
+            ],
+            conflated_age: None,
+            outcomes: vec![("closed by the server: 4008 slow consumer".into(), 3)],
+        });
+        let v = judge(&s, 100.0);
+        assert_eq!(
+            v.reasons,
+            vec![
+                "12 lost to 3 of 300 watch subscribers".to_string(),
+                "2 extra to watch subscribers".to_string(),
+                "4 conflated grid subscribers received nothing".to_string(),
+            ]
+        );
+        let setup = FanoutSetup {
+            requested: 1000,
+            connected: 1000,
+            subscriptions: 1600,
+            system_rss_kib: (40_000, 44_000, 52_000),
+            bench_rss_kib: (20_000, 25_000, 30_000),
+            ..FanoutSetup::default()
+        };
+        assert_eq!(
+            setup.idle_memory(),
+            IdleMemory {
+                connection: 4.0,
+                subscription: 5.0,
+                subscriber: 12.0
+            }
+        );
+        let r = Report {
+            command: "tickgraph bench --fanout 1000".into(),
+            run_id: "t".into(),
+            cores: 2,
+            system: String::new(),
+            load: String::new(),
+            subscribers: Vec::new(),
+            fanout: Some(setup),
+            history: (0, 0),
+            whole: Vec::new(),
+            whole_secs: 0.0,
+            ramp: false,
+            p99_limit_ms: 100.0,
+            ceiling: Err("skipped".into()),
+            steps: vec![(s.clone(), v)],
+        };
+        let text = render(&r);
+        for want in [
+            "4.0 KiB per idle connection, 5.0 KiB per idle subscription; 12.0 KiB per subscriber with its 1.60 subscriptions",
+            "28,990 messages to 800 subscribers (26,000 of events sent after the warm-up = 2,600/s",
+            "      3  closed by the server: 4008 slow consumer",
+            "deliveries of every-event operations",
+            "the bench ran out of open files",
+        ] {
+            assert!(text.contains(want), "{want:?} not in\n{text}");
+        }
     }
 }
