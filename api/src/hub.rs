@@ -465,6 +465,9 @@ struct Inner {
     /// Where resuming subscriptions read what they missed; `None` for a hub
     /// without readers.
     streams: Option<Streams>,
+    /// Readers wait here for their turn to dispatch, asynchronously: waiting on
+    /// `dispatched` itself would block a runtime thread for a whole dispatch.
+    turn: tokio::sync::Mutex<()>,
 }
 
 /// The streams a hub reads, for catching up resumed subscriptions.
@@ -999,6 +1002,7 @@ impl Hub {
                 dispatched: Mutex::new(dispatched),
                 epochs: RwLock::new(Arc::from(epochs)),
                 streams,
+                turn: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -1563,7 +1567,12 @@ impl Reader {
         }
         let end = parse_position(&self.last_id)
             .ok_or_else(|| reply_error(format!("bad entry id {:?}", self.last_id)))?;
-        let stats = self.hub.dispatch(Some((self.shard, end, &base)), &ticks);
+        // Readers take turns without blocking a runtime thread: the dispatch lock
+        // itself is then free when taken, except against a new subscription.
+        let stats = {
+            let _turn = self.hub.turn.lock().await;
+            self.hub.dispatch(Some((self.shard, end, &base)), &ticks)
+        };
         if let Some(error) = first_error {
             tracing::warn!(
                 shard = self.shard,

@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_graphql::{Request, Response};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{BoxStream, SplitSink};
-use futures_util::{SinkExt, Stream, StreamExt};
+use futures_util::{FutureExt, SinkExt, Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
@@ -692,7 +692,20 @@ pub async fn serve(
                 };
                 conn.send(control(kind))
             }
-            Some((id, item)) = conn.ops.next(), if !conn.ops.is_empty() => conn.on_result(&id, item),
+            Some((id, item)) = conn.ops.next(), if !conn.ops.is_empty() => {
+                // Everything else ready too, before the socket and timers are
+                // polled again: a read attempt per event was a syscall each.
+                let mut end = conn.on_result(&id, item);
+                let mut n = 1;
+                while end.is_none() && n < MAX_COALESCED {
+                    match conn.ops.next().now_or_never() {
+                        Some(Some((id, item))) => end = conn.on_result(&id, item),
+                        _ => break,
+                    }
+                    n += 1;
+                }
+                end
+            }
         };
         if let Some(end) = end {
             break end;
