@@ -29,11 +29,11 @@ use async_graphql::{
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 
-use super::fast::{quote_json, trade_json, QUOTE_LEAVES, TRADE_LEAVES};
-use super::live::{filter, hub_error, open_quotes, open_trades};
-use super::types::{AssetClassKind, SideKind};
+use super::fast::{QUOTE_LEAVES, TRADE_LEAVES};
+use super::live::{hub_error, open_with, LiveArgs, LiveKind};
 use super::{Limits, Services};
-use crate::hub::HubError;
+use crate::hub::Filter;
+use crate::tick::{QuoteTick, TradeTick};
 use crate::ws::Gate;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,12 +84,7 @@ pub struct Plan {
 
 #[derive(Default)]
 struct Args {
-    instruments: Option<Vec<String>>,
-    venues: Option<Vec<String>>,
-    asset_classes: Option<Vec<AssetClassKind>>,
-    sides: Option<Vec<SideKind>>,
-    max_rate: Option<f64>,
-    snapshot: bool,
+    live: LiveArgs,
     after: Option<String>,
 }
 
@@ -222,12 +217,12 @@ fn set(args: &mut Args, name: &str, value: Value) -> Option<()> {
         T::parse(Some(v)).ok()
     }
     match name {
-        "instruments" => args.instruments = parse(value)?,
-        "venues" => args.venues = parse(value)?,
-        "assetClasses" => args.asset_classes = parse(value)?,
-        "sides" => args.sides = parse(value)?,
-        "maxRate" => args.max_rate = parse(value)?,
-        "snapshot" => args.snapshot = parse(value)?,
+        "instruments" => args.live.instruments = parse(value)?,
+        "venues" => args.live.venues = parse(value)?,
+        "assetClasses" => args.live.asset_classes = parse(value)?,
+        "sides" => args.live.sides = parse(value)?,
+        "maxRate" => args.live.max_rate = parse(value)?,
+        "snapshot" => args.live.snapshot = parse(value)?,
         "after" => args.after = parse(value)?,
         _ => return None,
     }
@@ -251,58 +246,54 @@ pub fn run(
             args,
             selection,
         } = plan;
-        let Ok(f) = filter(
-            args.instruments,
-            args.venues,
-            args.asset_classes,
-            args.sides,
-            args.max_rate,
-            args.snapshot,
-        ) else {
+        let Ok(f) = args.live.filter() else {
             return fallback();
         };
-        let error = {
-            let key = key.clone();
-            move |e: HubError| {
-                Response::from_errors(vec![hub_error(e)
-                    .into_server_error(pos)
-                    .with_path(vec![PathSegment::Field(key.to_string())])])
+        let opened = match field {
+            Field::Trades => {
+                serve::<TradeTick>(&services, gate, f, args.after, selection, key, pos).await
+            }
+            Field::Quotes => {
+                serve::<QuoteTick>(&services, gate, f, args.after, selection, key, pos).await
             }
         };
-        let object = move |json: Option<bytes::Bytes>| match json {
-            Some(json) => {
-                let mut map = IndexMap::with_capacity(1);
-                map.insert(key.clone(), Value::Binary(json));
-                Response::new(Value::Object(map))
-            }
-            None => Response::from_errors(vec![ServerError::new(
-                "internal error: a planned selection was not plain",
-                Some(pos),
-            )]),
-        };
-        match field {
-            Field::Trades => match open_trades(&services, gate, f, args.after).await {
-                Ok(feed) => feed
-                    .map(move |r| match r {
-                        Ok(t) => object(trade_json(&t, &selection)),
-                        Err(e) => error(e),
-                    })
-                    .boxed(),
-                Err(_) => fallback(),
-            },
-            Field::Quotes => match open_quotes(&services, gate, f, args.after).await {
-                Ok(feed) => feed
-                    .map(move |r| match r {
-                        Ok(q) => object(quote_json(&q, &selection)),
-                        Err(e) => error(e),
-                    })
-                    .boxed(),
-                Err(_) => fallback(),
-            },
-        }
+        opened.unwrap_or_else(fallback)
     })
     .flatten()
     .boxed()
+}
+
+/// Opens the feed and answers each event with its shared JSON under `key`;
+/// `None` when opening fails.
+async fn serve<T: LiveKind>(
+    services: &Services,
+    gate: Option<Arc<Gate>>,
+    filter: Filter,
+    after: Option<String>,
+    selection: Positioned<SelectionSet>,
+    key: Name,
+    pos: Pos,
+) -> Option<BoxStream<'static, Response>> {
+    let feed = open_with::<T>(services, gate, filter, after).await.ok()?;
+    Some(
+        feed.map(move |r| match r {
+            Ok(t) => match t.json(&selection) {
+                Some(json) => {
+                    let mut map = IndexMap::with_capacity(1);
+                    map.insert(key.clone(), Value::Binary(json));
+                    Response::new(Value::Object(map))
+                }
+                None => Response::from_errors(vec![ServerError::new(
+                    "internal error: a planned selection was not plain",
+                    Some(pos),
+                )]),
+            },
+            Err(e) => Response::from_errors(vec![hub_error(e)
+                .into_server_error(pos)
+                .with_path(vec![PathSegment::Field(key.to_string())])]),
+        })
+        .boxed(),
+    )
 }
 
 #[cfg(test)]

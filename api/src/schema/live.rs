@@ -9,7 +9,11 @@ use async_graphql::{Context, ErrorExtensions, Result, Subscription};
 use futures_util::{Stream, StreamExt};
 use sqlx::PgPool;
 
-use super::fast::{LiveQuote, LiveTrade};
+use async_graphql::parser::types::SelectionSet;
+use async_graphql::Positioned;
+use bytes::Bytes;
+
+use super::fast::{quote_json, trade_json, LiveQuote, LiveTrade};
 use super::types::{AssetClassKind, SideKind};
 use super::{internal, Services, MAX_FILTER_VALUES};
 use crate::history;
@@ -32,31 +36,42 @@ fn check_len<T>(arg: &str, values: &Option<Vec<T>>) -> Result<()> {
     }
 }
 
-pub(crate) fn filter(
-    instruments: Option<Vec<String>>,
-    venues: Option<Vec<String>>,
-    asset_classes: Option<Vec<AssetClassKind>>,
-    sides: Option<Vec<SideKind>>,
-    max_rate: Option<f64>,
-    snapshot: bool,
-) -> Result<Filter> {
-    check_len("instruments", &instruments)?;
-    check_len("venues", &venues)?;
-    check_len("assetClasses", &asset_classes)?;
-    check_len("sides", &sides)?;
-    Ok(Filter {
-        instruments,
-        venues,
-        asset_classes: asset_classes.map(|v| v.into_iter().map(Into::into).collect()),
-        sides: sides.map(|v| v.into_iter().map(Into::into).collect()),
-        max_rate: max_rate.map(MaxRate::per_second).transpose()?,
-        snapshot,
-    })
+/// The filter arguments of `trades` and `quotes` as the client gave them.
+#[derive(Default)]
+pub(crate) struct LiveArgs {
+    pub instruments: Option<Vec<String>>,
+    pub venues: Option<Vec<String>>,
+    pub asset_classes: Option<Vec<AssetClassKind>>,
+    /// `trades` only.
+    pub sides: Option<Vec<SideKind>>,
+    pub max_rate: Option<f64>,
+    pub snapshot: bool,
+}
+
+impl LiveArgs {
+    pub(crate) fn filter(self) -> Result<Filter> {
+        check_len("instruments", &self.instruments)?;
+        check_len("venues", &self.venues)?;
+        check_len("assetClasses", &self.asset_classes)?;
+        check_len("sides", &self.sides)?;
+        Ok(Filter {
+            instruments: self.instruments,
+            venues: self.venues,
+            asset_classes: self
+                .asset_classes
+                .map(|v| v.into_iter().map(Into::into).collect()),
+            sides: self.sides.map(|v| v.into_iter().map(Into::into).collect()),
+            max_rate: self.max_rate.map(MaxRate::per_second).transpose()?,
+            snapshot: self.snapshot,
+        })
+    }
 }
 
 /// What the `trades` and `quotes` fields differ in.
-trait LiveKind: TickMeta + Sized + Send + Sync + 'static {
+pub(crate) trait LiveKind: TickMeta + Sized + Send + Sync + 'static {
     type Row;
+    /// The tick's shared JSON for a plain selection (see [`crate::shared_json`]).
+    fn json(&self, set: &Positioned<SelectionSet>) -> Option<Bytes>;
     fn subscribe(hub: &Hub, filter: Filter) -> Result<Feed<Self>, HubError>;
     fn resume(
         hub: &Hub,
@@ -73,6 +88,10 @@ trait LiveKind: TickMeta + Sized + Send + Sync + 'static {
 
 impl LiveKind for TradeTick {
     type Row = TradeRow;
+
+    fn json(&self, set: &Positioned<SelectionSet>) -> Option<Bytes> {
+        trade_json(self, set)
+    }
 
     fn subscribe(hub: &Hub, filter: Filter) -> Result<Feed<Self>, HubError> {
         hub.subscribe_trades(filter)
@@ -100,6 +119,10 @@ impl LiveKind for TradeTick {
 
 impl LiveKind for QuoteTick {
     type Row = QuoteRow;
+
+    fn json(&self, set: &Positioned<SelectionSet>) -> Option<Bytes> {
+        quote_json(self, set)
+    }
 
     fn subscribe(hub: &Hub, filter: Filter) -> Result<Feed<Self>, HubError> {
         hub.subscribe_quotes(filter)
@@ -147,27 +170,8 @@ async fn open<T: LiveKind>(
     open_with(ctx.data::<Services>()?, gate, filter, after).await
 }
 
-/// [`open`] for `trades`, without a GraphQL context.
-pub(crate) async fn open_trades(
-    s: &Services,
-    gate: Option<Arc<Gate>>,
-    filter: Filter,
-    after: Option<String>,
-) -> Result<Resumed<TradeTick>> {
-    open_with(s, gate, filter, after).await
-}
-
-/// [`open`] for `quotes`, without a GraphQL context.
-pub(crate) async fn open_quotes(
-    s: &Services,
-    gate: Option<Arc<Gate>>,
-    filter: Filter,
-    after: Option<String>,
-) -> Result<Resumed<QuoteTick>> {
-    open_with(s, gate, filter, after).await
-}
-
-async fn open_with<T: LiveKind>(
+/// [`open`] without a GraphQL context.
+pub(crate) async fn open_with<T: LiveKind>(
     s: &Services,
     gate: Option<Arc<Gate>>,
     mut filter: Filter,
@@ -277,14 +281,15 @@ impl TradeSubscription {
         #[graphql(default)] snapshot: bool,
         after: Option<String>,
     ) -> Result<impl Stream<Item = Result<LiveTrade>>> {
-        let filter = filter(
+        let filter = LiveArgs {
             instruments,
             venues,
             asset_classes,
             sides,
             max_rate,
             snapshot,
-        )?;
+        }
+        .filter()?;
         let feed = open::<TradeTick>(ctx, filter, after).await?;
         Ok(feed.map(|r| r.map(LiveTrade).map_err(hub_error)))
     }
@@ -331,7 +336,15 @@ impl QuoteSubscription {
         #[graphql(default)] snapshot: bool,
         after: Option<String>,
     ) -> Result<impl Stream<Item = Result<LiveQuote>>> {
-        let filter = filter(instruments, venues, asset_classes, None, max_rate, snapshot)?;
+        let filter = LiveArgs {
+            instruments,
+            venues,
+            asset_classes,
+            sides: None,
+            max_rate,
+            snapshot,
+        }
+        .filter()?;
         let feed = open::<QuoteTick>(ctx, filter, after).await?;
         Ok(feed.map(|r| r.map(LiveQuote).map_err(hub_error)))
     }
