@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_graphql::parser::types::{Selection, SelectionSet};
 use async_graphql::{Name, Positioned, Response, ServerError, Value};
@@ -28,10 +28,39 @@ const MAX_SELECTIONS: usize = 4;
 pub struct JsonCache(Mutex<Vec<Cached>>);
 
 struct Cached {
-    hash: u64,
-    /// (response key, field name) of each selected field, in order.
-    fields: Box<[(Name, Name)]>,
+    key: SelectionKey,
     json: Bytes,
+}
+
+/// What identifies a plain selection: its (response key, field name) pairs in
+/// order, and their hash. Made once per subscription where it can be (a planned
+/// one), else per event.
+#[derive(Debug, Clone)]
+pub struct SelectionKey {
+    hash: u64,
+    fields: Arc<[(Name, Name)]>,
+}
+
+impl SelectionKey {
+    /// The key of `set`; `None` when it holds anything but fields.
+    pub fn of(set: &Positioned<SelectionSet>) -> Option<Self> {
+        let fields: Arc<[(Name, Name)]> =
+            fields(set)?.map(|(k, n)| (k.clone(), n.clone())).collect();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for (key, name) in fields.iter() {
+            key.as_str().hash(&mut h);
+            name.as_str().hash(&mut h);
+        }
+        Some(Self {
+            hash: h.finish(),
+            fields,
+        })
+    }
+
+    fn same(&self, other: &Self) -> bool {
+        self.hash == other.hash
+            && (Arc::ptr_eq(&self.fields, &other.fields) || self.fields == other.fields)
+    }
 }
 
 impl std::fmt::Debug for JsonCache {
@@ -76,15 +105,6 @@ fn fields(set: &Positioned<SelectionSet>) -> Option<impl Iterator<Item = (&Name,
     }))
 }
 
-fn hash_of(set: &Positioned<SelectionSet>) -> Option<u64> {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for (key, name) in fields(set)? {
-        key.as_str().hash(&mut h);
-        name.as_str().hash(&mut h);
-    }
-    Some(h.finish())
-}
-
 impl JsonCache {
     /// The JSON of the object `set` selects, from the cache or made by `make`
     /// (and kept); `None` when `make` gives `None` (not a plain selection).
@@ -93,23 +113,26 @@ impl JsonCache {
         set: &Positioned<SelectionSet>,
         make: impl FnOnce() -> Option<Value>,
     ) -> Option<Bytes> {
-        let hash = hash_of(set)?;
+        self.get_or_make_keyed(&SelectionKey::of(set)?, make)
+    }
+
+    /// [`JsonCache::get_or_make`] with the selection's key made beforehand.
+    pub fn get_or_make_keyed(
+        &self,
+        key: &SelectionKey,
+        make: impl FnOnce() -> Option<Value>,
+    ) -> Option<Bytes> {
         {
             let cached = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-            let hit = cached.iter().find(|c| {
-                c.hash == hash
-                    && fields(set).is_some_and(|f| f.eq(c.fields.iter().map(|(k, n)| (k, n))))
-            });
-            if let Some(c) = hit {
+            if let Some(c) = cached.iter().find(|c| c.key.same(key)) {
                 return Some(c.json.clone());
             }
         }
         let json = Bytes::from(serde_json::to_vec(&make()?).ok()?);
         let mut cached = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if cached.len() < MAX_SELECTIONS && !cached.iter().any(|c| c.hash == hash) {
+        if cached.len() < MAX_SELECTIONS && !cached.iter().any(|c| c.key.same(key)) {
             cached.push(Cached {
-                hash,
-                fields: fields(set)?.map(|(k, n)| (k.clone(), n.clone())).collect(),
+                key: key.clone(),
                 json: json.clone(),
             });
         }
@@ -135,30 +158,41 @@ fn materialize(value: Value) -> Value {
 /// The JSON of a subscription response (what goes in a `next` message's
 /// `payload`), with already-JSON values written as they are.
 pub fn response_json(r: &Response) -> Result<String, serde_json::Error> {
+    let mut out = String::new();
+    write_response_json(r, &mut out)?;
+    Ok(out)
+}
+
+/// [`response_json`], appended to `out`: a transport writes its envelope
+/// around it without copying the payload again.
+pub fn write_response_json(r: &Response, out: &mut String) -> Result<(), serde_json::Error> {
     if r.errors.is_empty() && r.extensions.is_empty() {
         if let Value::Object(map) = &r.data {
             if let (1, Some((key, Value::Binary(b)))) = (map.len(), map.iter().next()) {
                 if let Ok(object) = std::str::from_utf8(b) {
                     let key = serde_json::to_string(key.as_str())?;
-                    let mut out = String::with_capacity(object.len() + key.len() + 12);
+                    out.reserve(object.len() + key.len() + 12);
                     out.push_str("{\"data\":{");
                     out.push_str(&key);
                     out.push(':');
                     out.push_str(object);
                     out.push_str("}}");
-                    return Ok(out);
+                    return Ok(());
                 }
             }
         }
     }
-    if contains_binary(&r.data) {
-        return serde_json::to_string(&View {
+    let json = if contains_binary(&r.data) {
+        serde_json::to_string(&View {
             data: materialize(r.data.clone()),
             extensions: &r.extensions,
             errors: &r.errors,
-        });
-    }
-    serde_json::to_string(r)
+        })?
+    } else {
+        serde_json::to_string(r)?
+    };
+    out.push_str(&json);
+    Ok(())
 }
 
 /// A `Response` as it serializes, with its data replaced.

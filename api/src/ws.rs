@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::schema::{compiled, ApiSchema, Limits, Services};
-use crate::shared_json::response_json;
+use crate::shared_json::write_response_json;
 
 /// WebSocket close codes the server uses; 44xx are graphql-transport-ws's.
 pub mod close {
@@ -210,21 +210,17 @@ fn text<P: Serialize>(kind: &str, id: Option<&str>, payload: Option<P>) -> Messa
 /// A `next` (or legacy `data`) message: the response's JSON, shared parts as
 /// they are ([`crate::shared_json`]), in its envelope.
 fn result(kind: &str, id: &str, response: &Response) -> Message {
-    let payload = match response_json(response) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(error = %e, kind, "cannot serialize a GraphQL response");
-            r#"{"errors":[{"message":"internal error"}]}"#.to_owned()
-        }
-    };
     let id = serde_json::to_string(id).unwrap_or_else(|_| "null".into());
-    let mut out = String::with_capacity(payload.len() + id.len() + kind.len() + 32);
+    let mut out = String::with_capacity(id.len() + kind.len() + 64);
     out.push_str("{\"type\":\"");
     out.push_str(kind);
     out.push_str("\",\"id\":");
     out.push_str(&id);
     out.push_str(",\"payload\":");
-    out.push_str(&payload);
+    if let Err(e) = write_response_json(response, &mut out) {
+        tracing::error!(error = %e, kind, "cannot serialize a GraphQL response");
+        out.push_str(r#"{"errors":[{"message":"internal error"}]}"#);
+    }
     out.push('}');
     Message::Text(Utf8Bytes::from(out))
 }

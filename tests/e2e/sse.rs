@@ -175,15 +175,21 @@ fn post(app: &TestApp, path: &str, accept: &str, body: &Value) -> reqwest::Reque
         .json(body)
 }
 
+/// The answer to `query` posted to `path`, read as an event stream.
+async fn posted(app: &TestApp, path: &str, accept: &str, query: &str) -> Sse {
+    Sse::new(
+        post(app, path, accept, &json!({ "query": query }))
+            .send()
+            .await
+            .expect("api answers"),
+    )
+}
+
 /// Opens a stream with `POST /graphql/stream`. Once its first bytes have
 /// arrived the subscription is registered, so anything posted after it is
 /// delivered.
 async fn open(app: &TestApp, query: &str) -> Sse {
-    let res = post(app, STREAM, "text/event-stream", &json!({ "query": query }))
-        .send()
-        .await
-        .expect("api answers");
-    let mut sse = Sse::new(res);
+    let mut sse = posted(app, STREAM, "text/event-stream", query).await;
     assert_eq!(
         sse.item_within(DEADLINE).await,
         Some(Item::Comment),
@@ -298,17 +304,7 @@ async fn a_query_gets_one_next_then_complete(pool: PgPool) {
     let want = json!({"instruments": {"totalCount": 2, "edges": [
         {"node": {"symbol": "AAPL"}}, {"node": {"symbol": "MSFT"}}]}});
 
-    let mut sse = Sse::new(
-        post(
-            &app,
-            STREAM,
-            "text/event-stream",
-            &json!({ "query": query }),
-        )
-        .send()
-        .await
-        .expect("api answers"),
-    );
+    let mut sse = posted(&app, STREAM, "text/event-stream", query).await;
     assert_eq!(sse.next_data().await, want);
     sse.completes().await;
 
@@ -325,17 +321,13 @@ async fn a_query_gets_one_next_then_complete(pool: PgPool) {
     sse.completes().await;
 
     // `/graphql` serves a stream to a client that ranks it first, JSON to others.
-    let mut sse = Sse::new(
-        post(
-            &app,
-            "/graphql",
-            "text/event-stream, application/json;q=0.5",
-            &json!({ "query": query }),
-        )
-        .send()
-        .await
-        .expect("api answers"),
-    );
+    let mut sse = posted(
+        &app,
+        "/graphql",
+        "text/event-stream, application/json;q=0.5",
+        query,
+    )
+    .await;
     assert_eq!(sse.next_data().await, want);
     sse.completes().await;
     let res = post(
@@ -369,17 +361,7 @@ async fn refused_operations_come_on_the_stream_and_malformed_requests_are_refuse
             "instruments",
         ),
     ] {
-        let mut sse = Sse::new(
-            post(
-                &app,
-                STREAM,
-                "text/event-stream",
-                &json!({ "query": query }),
-            )
-            .send()
-            .await
-            .expect("api answers"),
-        );
+        let mut sse = posted(&app, STREAM, "text/event-stream", query).await;
         match sse.event().await {
             Item::Event(e) if e.event == "next" => {
                 let v: Value = serde_json::from_str(&e.data).expect("JSON data");

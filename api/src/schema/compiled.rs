@@ -33,6 +33,7 @@ use super::fast::{QUOTE_LEAVES, TRADE_LEAVES};
 use super::live::{hub_error, open_with, LiveArgs, LiveKind};
 use super::{Limits, Services};
 use crate::hub::Filter;
+use crate::shared_json::SelectionKey;
 use crate::tick::{QuoteTick, TradeTick};
 use crate::ws::Gate;
 
@@ -79,7 +80,13 @@ pub struct Plan {
     key: Name,
     pos: Pos,
     args: Args,
-    selection: Positioned<SelectionSet>,
+    selection: Plain,
+}
+
+/// The root field's selection, and its cache key made once, not per event.
+struct Plain {
+    set: Positioned<SelectionSet>,
+    key: SelectionKey,
 }
 
 #[derive(Default)]
@@ -202,7 +209,10 @@ pub fn plan(request: &Request, limits: &Limits) -> Option<Plan> {
         key: root.response_key().node.clone(),
         pos: root_pos,
         args,
-        selection: root.selection_set.clone(),
+        selection: Plain {
+            key: SelectionKey::of(&root.selection_set)?,
+            set: root.selection_set.clone(),
+        },
     })
 }
 
@@ -270,14 +280,14 @@ async fn serve<T: LiveKind>(
     gate: Option<Arc<Gate>>,
     filter: Filter,
     after: Option<String>,
-    selection: Positioned<SelectionSet>,
+    selection: Plain,
     key: Name,
     pos: Pos,
 ) -> Option<BoxStream<'static, Response>> {
     let feed = open_with::<T>(services, gate, filter, after).await.ok()?;
     Some(
         feed.map(move |r| match r {
-            Ok(t) => match t.json(&selection) {
+            Ok(t) => match t.json(&selection.key, &selection.set) {
                 Some(json) => {
                     let mut map = IndexMap::with_capacity(1);
                     map.insert(key.clone(), Value::Binary(json));

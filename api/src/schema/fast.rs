@@ -26,7 +26,7 @@ use tickgraph_ingest::event::Header;
 
 use super::types::{AssetClassKind, QuoteNode, SideKind, TradeNode};
 use crate::resume::ResumeBase;
-use crate::shared_json::JsonCache;
+use crate::shared_json::{JsonCache, SelectionKey};
 use crate::tick::{QuoteTick, TradeTick};
 use bytes::Bytes;
 
@@ -172,13 +172,21 @@ pub(crate) const QUOTE_LEAVES: &[&str] = &[
 ];
 
 /// The shared JSON of a trade for a plain selection (see [`crate::shared_json`]).
-pub(crate) fn trade_json(t: &TradeTick, set: &Positioned<SelectionSet>) -> Option<Bytes> {
-    t.json.get_or_make(set, || plain(t, "Trade", set))
+pub(crate) fn trade_json(
+    t: &TradeTick,
+    key: &SelectionKey,
+    set: &Positioned<SelectionSet>,
+) -> Option<Bytes> {
+    t.json.get_or_make_keyed(key, || plain(t, "Trade", set))
 }
 
 /// The shared JSON of a quote for a plain selection (see [`crate::shared_json`]).
-pub(crate) fn quote_json(q: &QuoteTick, set: &Positioned<SelectionSet>) -> Option<Bytes> {
-    q.json.get_or_make(set, || plain(q, "Quote", set))
+pub(crate) fn quote_json(
+    q: &QuoteTick,
+    key: &SelectionKey,
+    set: &Positioned<SelectionSet>,
+) -> Option<Bytes> {
+    q.json.get_or_make_keyed(key, || plain(q, "Quote", set))
 }
 
 /// The object for `set` when it is only plain leaf fields; `None` sends the

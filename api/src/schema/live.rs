@@ -19,6 +19,7 @@ use super::{internal, Services, MAX_FILTER_VALUES};
 use crate::history;
 use crate::hub::{Feed, Filter, HubError, MaxRate, Resumed};
 use crate::resume::ResumeCursor;
+use crate::shared_json::SelectionKey;
 use crate::tick::{QuoteRow, QuoteTick, TickError, TickMeta, TradeRow, TradeTick};
 use crate::ws::{Gate, Gated};
 use crate::Hub;
@@ -71,7 +72,7 @@ impl LiveArgs {
 pub(crate) trait LiveKind: TickMeta + Sized + Send + Sync + 'static {
     type Row;
     /// The tick's shared JSON for a plain selection (see [`crate::shared_json`]).
-    fn json(&self, set: &Positioned<SelectionSet>) -> Option<Bytes>;
+    fn json(&self, key: &SelectionKey, set: &Positioned<SelectionSet>) -> Option<Bytes>;
     fn subscribe(hub: &Hub, filter: Filter) -> Result<Feed<Self>, HubError>;
     fn resume(
         hub: &Hub,
@@ -89,8 +90,8 @@ pub(crate) trait LiveKind: TickMeta + Sized + Send + Sync + 'static {
 impl LiveKind for TradeTick {
     type Row = TradeRow;
 
-    fn json(&self, set: &Positioned<SelectionSet>) -> Option<Bytes> {
-        trade_json(self, set)
+    fn json(&self, key: &SelectionKey, set: &Positioned<SelectionSet>) -> Option<Bytes> {
+        trade_json(self, key, set)
     }
 
     fn subscribe(hub: &Hub, filter: Filter) -> Result<Feed<Self>, HubError> {
@@ -120,8 +121,8 @@ impl LiveKind for TradeTick {
 impl LiveKind for QuoteTick {
     type Row = QuoteRow;
 
-    fn json(&self, set: &Positioned<SelectionSet>) -> Option<Bytes> {
-        quote_json(self, set)
+    fn json(&self, key: &SelectionKey, set: &Positioned<SelectionSet>) -> Option<Bytes> {
+        quote_json(self, key, set)
     }
 
     fn subscribe(hub: &Hub, filter: Filter) -> Result<Feed<Self>, HubError> {
