@@ -213,7 +213,7 @@ enum Outcome {
 
 /// Events per dedupe bitmap: 1 KiB of Redis memory holds 8,192 consecutive seqs
 /// of one source on one shard.
-const SEEN_BLOCK_BITS: u64 = 8192;
+pub(crate) const SEEN_BLOCK_BITS: u64 = 8192;
 
 /// An enriched entry encoded once, with each event's dedupe bit and where its
 /// record ends; the bitmap keys, one per source and block of seqs, named once
@@ -322,6 +322,7 @@ impl BatchHandler for Enricher {
                                     let mut letter =
                                         DeadLetter::new("enrich", e.to_string(), payload);
                                     letter.event_id = Some(raw.event.id());
+                                    letter.ingest_ns = Some(raw.ingest_ns);
                                     letters.push(letter);
                                 }
                             }

@@ -261,6 +261,7 @@ pub fn decode_entry<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<Vec<
 }
 
 /// A dead-lettered event: where it was refused, why, and its original bytes.
+/// `tickgraph-enrich`'s `deadletter` module lists and replays them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
     /// `ingest` or `enrich`.
@@ -270,6 +271,9 @@ pub struct DeadLetter {
     pub payload: Vec<u8>,
     /// The event id `source:seq`, when it was known.
     pub event_id: Option<String>,
+    /// When ingest accepted the event, when it had (enrich): a replay puts the
+    /// event back with it, so its `ingest_ns` stays the original one.
+    pub ingest_ns: Option<i64>,
     pub at_ns: i64,
 }
 
@@ -297,6 +301,7 @@ impl DeadLetter {
             reason,
             payload,
             event_id: None,
+            ingest_ns: None,
             at_ns: now_nanos(),
         }
     }
@@ -311,6 +316,9 @@ impl DeadLetter {
         ];
         if let Some(id) = &self.event_id {
             fields.push(("event_id", id.clone().into_bytes()));
+        }
+        if let Some(ns) = self.ingest_ns {
+            fields.push(("ingest_ns", ns.to_string().into_bytes()));
         }
         fields
     }
