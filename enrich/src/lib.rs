@@ -11,11 +11,14 @@
 //!   then new entries, claiming from dead consumers, retry without loss.
 //! - [`worker`]: the enrich worker: raw streams -> enriched streams + dead letters,
 //!   one XACK-gated Lua commit per batch.
+//! - [`deadletter`]: listing dead letters and replaying those a reference-data
+//!   fix can cure, exactly once.
 //! - [`loader`]: the history loader: enriched streams -> Postgres `trades` and
 //!   `quotes`, idempotent.
 //! - [`demo`]: deterministic, realistic demo reference data and start prices.
 
 pub mod consumer;
+pub mod deadletter;
 pub mod demo;
 pub mod loader;
 pub mod record;
@@ -24,6 +27,7 @@ pub mod retention;
 pub mod transform;
 pub mod worker;
 
+pub use deadletter::{DeadLetterError, DeadLetters};
 pub use demo::{load_demo_data, reference_price, DemoSummary};
 pub use loader::{LoadConfig, LoadError};
 pub use record::{Derived, EnrichedRecord};

@@ -28,6 +28,30 @@ pub enum Unenrichable {
     Overflow(&'static str),
 }
 
+impl Unenrichable {
+    /// Whether adding or fixing reference rows can make the event enrichable
+    /// (an overflow is the event's own values: no reference row changes it).
+    pub fn is_reference_gap(&self) -> bool {
+        !matches!(self, Unenrichable::Overflow(_))
+    }
+
+    /// Whether a dead letter's reason, as this type's `Display` wrote it, is a
+    /// reference gap. Dead letters keep only the text, and reading the text
+    /// also covers letters written before this was asked.
+    pub fn reason_is_reference_gap(reason: &str) -> bool {
+        REFERENCE_GAP_PREFIXES.iter().any(|p| reason.starts_with(p))
+    }
+}
+
+/// How the `Display` of each reference-gap variant begins (a test keeps them
+/// in step with the variants).
+const REFERENCE_GAP_PREFIXES: [&str; 4] = [
+    "unknown instrument ",
+    "unknown venue ",
+    "unknown account ",
+    "no USD FX rate for currency ",
+];
+
 /// Joins `rec` against `refs` and computes the derived fields.
 ///
 /// The event's venue must be a known venue, but need not be the instrument's
@@ -112,6 +136,27 @@ mod tests {
 
     fn dec(s: &str) -> Decimal {
         Decimal::from_str(s).expect("test decimal")
+    }
+
+    #[test]
+    fn reference_gaps_are_recognised_by_their_reason_text() {
+        let all = [
+            Unenrichable::UnknownInstrument("ZZZ".into()),
+            Unenrichable::UnknownVenue("XXXX".into()),
+            Unenrichable::UnknownAccount("A9".into()),
+            Unenrichable::NoFxRate("JPY".into()),
+            Unenrichable::Overflow("notional"),
+        ];
+        for u in all {
+            assert_eq!(
+                Unenrichable::reason_is_reference_gap(&u.to_string()),
+                u.is_reference_gap(),
+                "{u}"
+            );
+        }
+        assert!(!Unenrichable::reason_is_reference_gap(
+            "undecodable raw entry 1-0: boom"
+        ));
     }
 
     fn refs() -> RefData {

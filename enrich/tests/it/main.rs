@@ -4,6 +4,7 @@
 //! test uses a stream prefix of its own.
 
 mod consumer;
+mod deadletters;
 mod decoders;
 mod demo;
 mod helpers;
