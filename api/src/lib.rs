@@ -13,6 +13,7 @@
 //!   `/graphiql`) and [`serve`].
 //! - [`ws`] and [`sse`]: GraphQL over WebSocket (both protocols) and over
 //!   Server-Sent Events (graphql-sse, distinct connections mode).
+//! - [`dlq`]: `tickgraph dlq list|replay`, the operator's command over dead letters.
 //! - [`pipeline`]: every component in one process (`tickgraph all`, end-to-end
 //!   tests).
 //!
@@ -21,6 +22,7 @@
 
 pub mod auth;
 pub mod bench;
+pub mod dlq;
 pub mod history;
 pub mod http;
 pub mod hub;

@@ -121,6 +121,9 @@ enum Command {
     /// Measure a running system: open-loop load, live subscribers, loss at every
     /// stage, latency percentiles, CPU and memory, Redis's XADD ceiling.
     Bench(tickgraph_api::bench::BenchArgs),
+    /// List dead-lettered events with their reasons; replay those a reference-data
+    /// fix can cure.
+    Dlq(tickgraph_api::dlq::DlqArgs),
 }
 
 #[derive(Args, Clone)]
@@ -624,6 +627,15 @@ async fn main() -> anyhow::Result<()> {
                 layout: common.layout(),
             };
             tickgraph_api::bench::run(target, args, shutdown).await?;
+        }
+        Command::Dlq(args) => {
+            let dead = tickgraph_enrich::DeadLetters::new(&common.redis()?, common.layout())?;
+            let counts = tickgraph_api::dlq::run(&args, &dead, &mut std::io::stdout()).await?;
+            anyhow::ensure!(
+                counts.failed == 0,
+                "{} dead letters failed to replay (Redis errors; they are unchanged, run again)",
+                counts.failed
+            );
         }
     }
     Ok(())
