@@ -94,6 +94,8 @@ impl Default for ApiConfig {
 pub enum ApiError {
     #[error("cannot start the subscription hub on Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("dead letters: {0}")]
+    DeadLetters(#[from] tickgraph_enrich::DeadLetterError),
 }
 
 /// A running API: the hub's readers are live, the schema is built.
@@ -122,6 +124,7 @@ impl Api {
         shutdown: CancellationToken,
     ) -> Result<Api, ApiError> {
         let tasks = TaskTracker::new();
+        let dead_letters = tickgraph_enrich::DeadLetters::new(&client, cfg.layout.clone())?;
         let hub = Hub::start(
             client,
             &cfg.layout,
@@ -141,6 +144,7 @@ impl Api {
             refs,
             hub: hub.clone(),
             shards: cfg.layout.shards(),
+            dead_letters,
         };
         // In dev mode every request runs as the dev user unless the edge says
         // otherwise; with JWTs a request the edge did not authenticate has no

@@ -1,12 +1,14 @@
 //! The GraphQL schema, split by domain and merged: reference data
 //! ([`refdata`]), latest values ([`latest`]), history pages ([`history`]),
-//! snapshots ([`snapshot`]) and live subscriptions ([`live`]); the shared output
-//! types live in [`types`].
+//! snapshots ([`snapshot`]), live subscriptions ([`live`]) and, for admins, dead
+//! letters ([`deadletters`]: the only mutation); the shared output types live in
+//! [`types`].
 //!
 //! [`build`] is the one place the schema is assembled, for the server, the tests
 //! and the SDL export alike.
 
 pub mod compiled;
+pub mod deadletters;
 mod fast;
 pub mod history;
 pub mod latest;
@@ -15,11 +17,10 @@ pub mod refdata;
 pub mod snapshot;
 pub mod types;
 
-use async_graphql::{
-    EmptyMutation, ErrorExtensions, MergedObject, MergedSubscription, Schema, SchemaBuilder,
-};
+use async_graphql::{ErrorExtensions, MergedObject, MergedSubscription, Schema, SchemaBuilder};
 use sqlx::PgPool;
 use tickgraph_enrich::refdata::RefCache;
+use tickgraph_enrich::DeadLetters;
 
 use crate::auth::Principal;
 use crate::hub::Hub;
@@ -37,12 +38,16 @@ pub struct Query(
     latest::LatestQuery,
     history::HistoryQuery,
     snapshot::SnapshotQuery,
+    deadletters::DeadLetterQuery,
 );
+
+#[derive(MergedObject, Default)]
+pub struct Mutation(deadletters::DeadLetterMutation);
 
 #[derive(MergedSubscription, Default)]
 pub struct Subscription(live::TradeSubscription, live::QuoteSubscription);
 
-pub type ApiSchema = Schema<Query, EmptyMutation, Subscription>;
+pub type ApiSchema = Schema<Query, Mutation, Subscription>;
 
 /// What resolvers reach through the context.
 #[derive(Clone)]
@@ -52,6 +57,8 @@ pub struct Services {
     pub hub: Hub,
     /// Shard count of the stream layout, to give history rows stream cursors.
     pub shards: u16,
+    /// The deployment's dead-letter streams (admin queries and replay).
+    pub dead_letters: DeadLetters,
 }
 
 /// The limits every request is checked against before it runs.
@@ -62,16 +69,20 @@ pub struct Limits {
     pub introspection: bool,
 }
 
-fn builder() -> SchemaBuilder<Query, EmptyMutation, Subscription> {
-    Schema::build(Query::default(), EmptyMutation, Subscription::default())
-        .override_output_type_description::<chrono::DateTime<chrono::Utc>>(
-            "An instant as an RFC 3339 string with up to nanosecond precision, e.g. \
+fn builder() -> SchemaBuilder<Query, Mutation, Subscription> {
+    Schema::build(
+        Query::default(),
+        Mutation::default(),
+        Subscription::default(),
+    )
+    .override_output_type_description::<chrono::DateTime<chrono::Utc>>(
+        "An instant as an RFC 3339 string with up to nanosecond precision, e.g. \
              `2024-11-25T15:53:20.123456789+00:00`. Any offset is accepted as input.",
-        )
-        .override_output_type_description::<rust_decimal::Decimal>(
-            "An exact decimal number as a string, e.g. `\"101.25\"`; never rounded \
+    )
+    .override_output_type_description::<rust_decimal::Decimal>(
+        "An exact decimal number as a string, e.g. `\"101.25\"`; never rounded \
              through floating point.",
-        )
+    )
 }
 
 /// The schema a server runs.

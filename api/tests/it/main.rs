@@ -2,6 +2,7 @@
 //! (a stream prefix per test) and real Postgres (a database per test; set
 //! DATABASE_URL=postgres://root@127.0.0.1:5432/root).
 
+mod deadletters;
 mod helpers;
 mod history;
 mod http;
