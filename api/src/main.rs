@@ -3,12 +3,13 @@
 //! variables named in `--help`; defaults point at 127.0.0.1.
 
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -77,6 +78,14 @@ struct Common {
     /// api a JWT key.
     #[arg(long, env = "TG_DEV_MODE", global = true)]
     dev_mode: bool,
+    /// Milliseconds any one Postgres statement may run (history COPY, queries).
+    #[arg(
+        long,
+        env = "TG_PG_STATEMENT_TIMEOUT_MS",
+        default_value_t = 30_000,
+        global = true
+    )]
+    pg_statement_timeout_ms: u64,
 }
 
 impl Common {
@@ -89,10 +98,14 @@ impl Common {
     }
 
     async fn pool(&self) -> anyhow::Result<PgPool> {
+        let statement_timeout = format!("{}ms", self.pg_statement_timeout_ms);
+        let options = PgConnectOptions::from_str(&self.database_url)
+            .context("bad --database-url")?
+            .options([("statement_timeout", statement_timeout.as_str())]);
         PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
-            .connect(&self.database_url)
+            .connect_with(options)
             .await
             .context("connecting to Postgres (run `tickgraph migrate` to create the database)")
     }
@@ -491,19 +504,14 @@ async fn run_ingest(
 async fn run_api(
     common: &Common,
     args: &ApiArgs,
+    cfg: ApiConfig,
     pool: PgPool,
     refs: RefCache,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let api = Api::build(
-        args.config(common.layout(), common.dev_mode)?,
-        common.redis()?,
-        pool,
-        refs,
-        shutdown.clone(),
-    )
-    .await
-    .context("starting api")?;
+    let api = Api::build(cfg, common.redis()?, pool, refs, shutdown.clone())
+        .await
+        .context("starting api")?;
     let listener = tokio::net::TcpListener::bind(args.api_listen)
         .await
         .with_context(|| format!("binding api to {}", args.api_listen))?;
@@ -599,9 +607,11 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         }
         Command::Api(args) => {
+            // Configuration errors first, before any connection is tried.
+            let cfg = args.config(common.layout(), common.dev_mode)?;
             let pool = common.pool().await?;
             let refs = refdata(&pool, &shutdown).await?;
-            run_api(&common, &args, pool, refs, shutdown).await?;
+            run_api(&common, &args, cfg, pool, refs, shutdown).await?;
         }
         Command::Feed(args) => {
             let pool = common.pool().await?;
@@ -634,8 +644,6 @@ async fn run_all(
     args: AllArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let pool = common.pool().await?;
-    let refs = refdata(&pool, &shutdown).await?;
     let layout = common.layout();
     let cfg = PipelineConfig {
         ingest: args.ingest.config(layout.clone(), common.dev_mode)?,
@@ -645,6 +653,8 @@ async fn run_all(
         api: args.api.config(layout, common.dev_mode)?,
         api_listen: args.api.api_listen,
     };
+    let pool = common.pool().await?;
+    let refs = refdata(&pool, &shutdown).await?;
     let mut pipeline = Pipeline::start(cfg, common.redis()?, pool, refs.clone(), shutdown.clone())
         .await
         .context("starting the pipeline")?;
