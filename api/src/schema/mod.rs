@@ -8,6 +8,7 @@
 
 pub mod compiled;
 mod fast;
+pub mod guard;
 pub mod history;
 pub mod latest;
 pub mod live;
@@ -57,6 +58,8 @@ pub struct Limits {
     pub max_depth: usize,
     pub max_complexity: usize,
     pub introspection: bool,
+    /// Size and shape bounds checked before parsing ([`guard`]).
+    pub guard: guard::GuardLimits,
 }
 
 fn builder() -> SchemaBuilder<Query, EmptyMutation, Subscription> {
@@ -75,6 +78,9 @@ fn builder() -> SchemaBuilder<Query, EmptyMutation, Subscription> {
 pub fn build(limits: Limits, services: Services) -> ApiSchema {
     let b = builder()
         .data(services)
+        // First, so that nothing parses or visits a document it would refuse.
+        .extension(guard::Guard(limits.guard))
+        .limit_recursive_depth(limits.guard.max_nesting)
         .limit_depth(limits.max_depth)
         .limit_complexity(limits.max_complexity);
     if limits.introspection {
