@@ -7,8 +7,8 @@
 //! was passed, the server must answer a normal query afterwards, and the
 //! process's memory must stay bounded.
 //!
-//! `TG_FUZZ_CASES` sets the number of generated documents (default 300) and
-//! `TG_FUZZ_SEED` the seed (default: random, printed, so a failure can be
+//! `TG_HOSTILE_CASES` sets the number of generated documents (default 300) and
+//! `TG_HOSTILE_SEED` the seed (default: random, printed, so a failure can be
 //! replayed).
 
 use std::sync::mpsc;
@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{spawn_app, TestApp, PATIENCE};
+use crate::helpers::{spawn_app, TestApp, Ws, PATIENCE};
 
 /// The defaults of `GuardLimits`, which these tests hold the server to.
 const MAX_TOKENS: usize = 10_000;
@@ -433,18 +433,31 @@ async fn still_serves(app: &TestApp) {
     assert_eq!(data["venues"][0]["mic"], "XLON", "{data}");
 }
 
-fn cases_and_seed() -> (Vec<Case>, u64) {
-    let n: usize = std::env::var("TG_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
-    let seed = std::env::var("TG_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    eprintln!("hostile documents: TG_FUZZ_SEED={seed} TG_FUZZ_CASES={n}");
-    let mut rng = StdRng::seed_from_u64(seed);
-    ((0..n).map(|_| generate(&mut rng)).collect(), seed)
+/// The generated documents, one at a time: held all at once, thousands of
+/// them would weigh on the memory this process measures.
+struct Cases {
+    seed: u64,
+    n: usize,
+}
+
+impl Cases {
+    fn from_env() -> Self {
+        let n = std::env::var("TG_HOSTILE_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300);
+        let seed = std::env::var("TG_HOSTILE_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(rand::random::<u64>);
+        eprintln!("hostile documents: TG_HOSTILE_SEED={seed} TG_HOSTILE_CASES={n}");
+        Cases { seed, n }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = Case> {
+        let mut rng = StdRng::seed_from_u64(self.seed);
+        (0..self.n).map(move |_| generate(&mut rng))
+    }
 }
 
 /// Generated hostile documents over HTTP, one by one and in batches, with the
@@ -452,20 +465,23 @@ fn cases_and_seed() -> (Vec<Case>, u64) {
 #[sqlx::test(migrations = "../migrations")]
 async fn hostile_documents_over_http_get_clear_errors_in_bounded_memory(pool: PgPool) {
     let app = spawn_app(pool).await;
-    let (cases, seed) = cases_and_seed();
+    let cases = Cases::from_env();
+    let seed = cases.seed;
     // Warm up, so that what the first requests allocate for good is not counted.
     for c in cases.iter().take(20) {
-        post_query(&app, c).await;
+        post_query(&app, &c).await;
     }
     let (rss, peak) = (memory_kib("VmRSS:"), memory_kib("VmHWM:"));
     let watchdog = Watchdog::start();
-    for c in &cases {
+    for c in cases.iter() {
         watchdog.case(&c.what);
-        let (status, body) = post_query(&app, c).await;
-        check_http(c, status, &body);
+        let (status, body) = post_query(&app, &c).await;
+        check_http(&c, status, &body);
     }
     // Ten at a time, as one batch: each answered on its own.
-    for chunk in cases.chunks(10) {
+    let mut all = cases.iter().peekable();
+    while all.peek().is_some() {
+        let chunk: Vec<Case> = all.by_ref().take(10).collect();
         watchdog.case(&format!("a batch with {}", chunk[0].what));
         let ops: Vec<Value> = chunk.iter().map(|c| json!({ "query": c.query })).collect();
         let batch = serde_json::to_vec(&ops).expect("JSON");
@@ -501,19 +517,31 @@ async fn hostile_documents_over_http_get_clear_errors_in_bounded_memory(pool: Pg
     app.stop().await;
 }
 
+/// The next message that is not the server's keep-alive `ping`.
+async fn next_answer(ws: &mut Ws) -> Option<Value> {
+    loop {
+        let msg = ws.recv().await?;
+        if msg["type"] != "ping" {
+            return Some(msg);
+        }
+    }
+}
+
 /// The same generated documents over graphql-transport-ws: each answered with
 /// `error` (refused) or `next` and `complete`, on a socket that stays open and
 /// serves a normal query afterwards.
 #[sqlx::test(migrations = "../migrations")]
 async fn hostile_documents_over_websocket_get_clear_errors(pool: PgPool) {
     let app = spawn_app(pool).await;
-    let (cases, seed) = cases_and_seed();
+    let cases = Cases::from_env();
+    let seed = cases.seed;
     let (mut ws, _) = app.ws("graphql-transport-ws").await;
     ws.send(json!({"type": "connection_init"})).await;
     assert_eq!(ws.expect().await["type"], "connection_ack");
     let mut sent = 0;
     let watchdog = Watchdog::start();
     for (i, c) in cases.iter().enumerate() {
+        let c = &c;
         watchdog.case(&c.what);
         let msg = json!({"id": i.to_string(), "type": "subscribe", "payload": {"query": c.query}});
         // Larger messages close the socket by design (see subscriptions.rs).
@@ -522,8 +550,7 @@ async fn hostile_documents_over_websocket_get_clear_errors(pool: PgPool) {
         }
         sent += 1;
         ws.send(msg).await;
-        let answer = ws
-            .recv()
+        let answer = next_answer(&mut ws)
             .await
             .unwrap_or_else(|| panic!("seed {seed}: {}: the socket closed", c.what));
         assert_eq!(answer["id"], i.to_string(), "{}: {answer}", c.what);
@@ -535,13 +562,18 @@ async fn hostile_documents_over_websocket_get_clear_errors(pool: PgPool) {
                     Some(errors) => check_errors(c, errors, payload.get("data")),
                     None => assert!(matches!(c.expect, Expect::Answer), "{}", c.what),
                 }
-                let done = ws.expect().await;
-                assert_eq!(done["type"], "complete", "{}: {done}", c.what);
+                let done = next_answer(&mut ws).await;
+                assert_eq!(
+                    done.as_ref().map(|d| &d["type"]),
+                    Some(&json!("complete")),
+                    "{}: {done:?}",
+                    c.what
+                );
             }
             _ => panic!("seed {seed}: {}: {answer}", c.what),
         }
     }
-    assert!(sent > cases.len() / 2, "most documents fit a message");
+    assert!(sent > cases.n / 2, "most documents fit a message");
     ws.send(json!({"id": "last", "type": "subscribe", "payload": {"query": "{ venues { mic } }"}}))
         .await;
     let answer = ws.expect().await;
