@@ -1,7 +1,8 @@
 //! The GraphQL schema, split by domain and merged: reference data
 //! ([`refdata`]), latest values ([`latest`]), history pages ([`history`]),
 //! snapshots ([`snapshot`]) and live subscriptions ([`live`]); the shared output
-//! types live in [`types`].
+//! types live in [`types`]. [`guard`] bounds a document's size and shape
+//! before async-graphql parses it.
 //!
 //! [`build`] is the one place the schema is assembled, for the server, the tests
 //! and the SDL export alike.
