@@ -283,6 +283,7 @@ fn live(refs: &RefData, queries: &[String], trade_ratio: f64) -> Live {
             hub: hub.clone(),
             shards: SHARDS,
         },
+        Some(tickgraph_api::auth::Principal::dev()),
     );
     let mut streams: Vec<_> = queries
         .iter()

@@ -12,6 +12,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use tickgraph_api::auth::{Authenticator, JwtConfig, UserLimits};
 use tickgraph_api::pipeline::{Pipeline, PipelineConfig};
 use tickgraph_api::{Api, ApiConfig};
 use tickgraph_enrich::demo::{feed_accounts, feed_instruments};
@@ -19,6 +20,7 @@ use tickgraph_enrich::loader::LoadConfig;
 use tickgraph_enrich::refdata::RefCache;
 use tickgraph_enrich::worker::EnrichConfig;
 use tickgraph_ingest::feed::FeedConfig;
+use tickgraph_ingest::producers::Producers;
 use tickgraph_ingest::server::{Ingest, IngestConfig};
 use tickgraph_ingest::{StreamLayout, Trim};
 
@@ -69,6 +71,12 @@ struct Common {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "TG_LOG_JSON", global = true)]
     log_json: bool,
+    /// No authentication at all: anyone may send events (any source) and read
+    /// every event as the `dev` user, an administrator. For demos and local
+    /// development only; without it ingest needs `--producer-tokens` and the
+    /// api a JWT key.
+    #[arg(long, env = "TG_DEV_MODE", global = true)]
+    dev_mode: bool,
 }
 
 impl Common {
@@ -101,7 +109,7 @@ enum Command {
     /// Serve GraphQL queries, subscriptions and GraphiQL.
     Api(ApiArgs),
     /// Run ingest, enrich, load and api in one process (and the demo feed if asked).
-    All(AllArgs),
+    All(Box<AllArgs>),
     /// Create the database if missing and apply migrations.
     Migrate,
     /// Load the demo reference data set (idempotent).
@@ -154,6 +162,10 @@ struct IngestArgs {
     /// Milliseconds a Redis round trip may take before its round is spooled.
     #[arg(long, env = "TG_INGEST_REDIS_TIMEOUT_MS", default_value_t = 2000)]
     ingest_redis_timeout_ms: u64,
+    /// JSON file of the producers: per producer the SHA-256 of its bearer
+    /// token, the sources it may claim, and optionally its events per second.
+    #[arg(long, env = "TG_PRODUCER_TOKENS")]
+    producer_tokens: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -253,6 +265,38 @@ struct ApiArgs {
     /// is closed as a slow consumer (4008).
     #[arg(long, env = "TG_WS_MAX_QUEUED_BYTES", default_value_t = 16 << 20)]
     ws_max_queued_bytes: usize,
+    /// Operations one WebSocket connection may run at once.
+    #[arg(
+        long,
+        env = "TG_MAX_SUBSCRIPTIONS_PER_CONNECTION",
+        default_value_t = 100
+    )]
+    max_subscriptions_per_connection: usize,
+    /// WebSocket and SSE connections one user may hold at once.
+    #[arg(long, env = "TG_MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
+    max_connections_per_user: usize,
+    /// GraphQL operations (queries, and subscriptions started) per second per
+    /// user, with a burst of as many; 0: no limit.
+    #[arg(long, env = "TG_USER_REQUESTS_PER_SEC", default_value_t = 100.0)]
+    user_requests_per_sec: f64,
+    /// File holding the HS256 secret that signs user JWTs (at least 32 bytes).
+    #[arg(long, env = "TG_JWT_HS256_SECRET_FILE")]
+    jwt_hs256_secret_file: Option<std::path::PathBuf>,
+    /// File holding the RS256 public key (PEM) that verifies user JWTs.
+    #[arg(long, env = "TG_JWT_RS256_PUBLIC_KEY_FILE")]
+    jwt_rs256_public_key_file: Option<std::path::PathBuf>,
+    /// File holding a JWK Set of RS256 public keys, picked by the token's `kid`.
+    #[arg(long, env = "TG_JWT_JWKS_FILE")]
+    jwt_jwks_file: Option<std::path::PathBuf>,
+    /// Required `iss` claim.
+    #[arg(long, env = "TG_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "TG_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`, seconds.
+    #[arg(long, env = "TG_JWT_LEEWAY_SECS", default_value_t = 30)]
+    jwt_leeway_secs: u64,
 }
 
 #[derive(Args, Clone)]
@@ -268,6 +312,9 @@ struct AllArgs {
     /// Also run the demo feed at this many events/s (0: off).
     #[arg(long, env = "TG_FEED_RATE", default_value_t = 0.0)]
     feed_rate: f64,
+    /// The demo feed's producer token, when ingest requires tokens.
+    #[arg(long, env = "TG_FEED_TOKEN", hide_env_values = true)]
+    feed_token: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -289,6 +336,9 @@ struct FeedArgs {
     /// Producer id the events carry.
     #[arg(long, env = "TG_FEED_SOURCE", default_value = "demo-feed")]
     source: String,
+    /// The producer's bearer token, when ingest requires tokens.
+    #[arg(long, env = "TG_FEED_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 /// The default consumer name is the host's and the role's, stable across restarts,
@@ -308,8 +358,22 @@ fn consumer_name(given: &Option<String>, role: &str) -> String {
 }
 
 impl IngestArgs {
-    fn config(&self, layout: StreamLayout) -> IngestConfig {
+    fn config(&self, layout: StreamLayout, dev_mode: bool) -> anyhow::Result<IngestConfig> {
         let mut c = IngestConfig::new(layout);
+        c.producers = match (&self.producer_tokens, dev_mode) {
+            (Some(_), true) => {
+                anyhow::bail!("--dev-mode and --producer-tokens both given: choose one")
+            }
+            (Some(path), false) => Producers::load(path)?,
+            (None, true) => {
+                tracing::warn!("dev mode: ingest accepts events from anyone, for any source");
+                Producers::Open
+            }
+            (None, false) => anyhow::bail!(
+                "ingest needs --producer-tokens FILE (see the README's Security section), \
+                 or --dev-mode to accept events from anyone"
+            ),
+        };
         c.max_batch_events = self.max_batch_events;
         c.max_body_bytes = self.max_body_bytes;
         let w = &mut c.writer;
@@ -320,7 +384,7 @@ impl IngestArgs {
         w.spool.dir = self.spool_dir.clone();
         w.spool.max_bytes = self.spool_max_bytes;
         w.spool.fsync = self.spool_fsync;
-        c
+        Ok(c)
     }
 }
 
@@ -348,8 +412,35 @@ impl LoadArgs {
 }
 
 impl ApiArgs {
-    fn config(&self, layout: StreamLayout) -> ApiConfig {
+    fn config(&self, layout: StreamLayout, dev_mode: bool) -> anyhow::Result<ApiConfig> {
         let mut c = ApiConfig::new(layout);
+        let jwt = JwtConfig {
+            hs256_secret_file: self.jwt_hs256_secret_file.clone(),
+            rs256_public_key_file: self.jwt_rs256_public_key_file.clone(),
+            jwks_file: self.jwt_jwks_file.clone(),
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            leeway: Duration::from_secs(self.jwt_leeway_secs),
+        };
+        c.auth = match (jwt.is_configured(), dev_mode) {
+            (true, true) => anyhow::bail!("--dev-mode and a JWT key both given: choose one"),
+            (true, false) => Authenticator::jwt(&jwt)?,
+            (false, true) => {
+                tracing::warn!(
+                    "dev mode: the api serves everyone as the `dev` user, unauthenticated"
+                );
+                Authenticator::Dev
+            }
+            (false, false) => anyhow::bail!(
+                "the api needs a JWT key (--jwt-hs256-secret-file, --jwt-rs256-public-key-file \
+                 or --jwt-jwks-file; see the README's Security section), or --dev-mode"
+            ),
+        };
+        c.users = UserLimits {
+            max_connections: self.max_connections_per_user,
+            requests_per_sec: self.user_requests_per_sec,
+        };
+        c.ws.max_subscriptions = self.max_subscriptions_per_connection;
         c.max_depth = self.max_depth;
         c.max_complexity = self.max_complexity;
         c.introspection = !self.no_introspection;
@@ -361,7 +452,7 @@ impl ApiArgs {
         c.ws.keepalive =
             (self.ws_keepalive_secs > 0).then(|| Duration::from_secs(self.ws_keepalive_secs));
         c.ws.max_queued_bytes = self.ws_max_queued_bytes;
-        c
+        Ok(c)
     }
 }
 
@@ -395,7 +486,7 @@ async fn run_ingest(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let ingest = Ingest::build(
-        args.config(common.layout()),
+        args.config(common.layout(), common.dev_mode)?,
         common.redis()?,
         shutdown.clone(),
     )
@@ -418,7 +509,7 @@ async fn run_api(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let api = Api::build(
-        args.config(common.layout()),
+        args.config(common.layout(), common.dev_mode)?,
         common.redis()?,
         pool,
         refs,
@@ -533,11 +624,12 @@ async fn main() -> anyhow::Result<()> {
             cfg.batch = args.batch;
             cfg.msgpack = args.msgpack;
             cfg.source = args.source;
+            cfg.token = args.token;
             cfg.duration = args.duration_secs.map(Duration::from_secs);
             cfg.accounts = feed_accounts(&refs.read());
             run_feed_against(cfg, &refs, shutdown).await?;
         }
-        Command::All(args) => run_all(&common, args, shutdown).await?,
+        Command::All(args) => run_all(&common, *args, shutdown).await?,
         Command::Bench(args) => {
             let target = tickgraph_api::bench::Target {
                 redis_url: common.redis_url.clone(),
@@ -559,11 +651,11 @@ async fn run_all(
     let refs = refdata(&pool, &shutdown).await?;
     let layout = common.layout();
     let cfg = PipelineConfig {
-        ingest: args.ingest.config(layout.clone()),
+        ingest: args.ingest.config(layout.clone(), common.dev_mode)?,
         ingest_listen: args.ingest.ingest_listen,
         enrich: args.enrich.config(layout.clone()),
         load: args.load.config(layout.clone()),
-        api: args.api.config(layout),
+        api: args.api.config(layout, common.dev_mode)?,
         api_listen: args.api.api_listen,
     };
     let mut pipeline = Pipeline::start(cfg, common.redis()?, pool, refs.clone(), shutdown.clone())
@@ -577,6 +669,7 @@ async fn run_all(
     if args.feed_rate > 0.0 {
         let mut cfg = FeedConfig::new(format!("http://{}", pipeline.ingest_addr));
         cfg.rate = args.feed_rate;
+        cfg.token = args.feed_token.clone();
         cfg.batch = ((args.feed_rate / 20.0) as usize).clamp(1, 1000);
         cfg.accounts = feed_accounts(&refs.read());
         let instruments = feed_instruments(&refs.read());

@@ -52,6 +52,8 @@ pub enum PipelineError {
 pub struct Pipeline {
     pub ingest_addr: SocketAddr,
     pub api_addr: SocketAddr,
+    /// The api's fan-out hub (to see its subscriptions).
+    pub hub: crate::Hub,
     tasks: JoinSet<Result<(), PipelineError>>,
     shutdown: CancellationToken,
 }
@@ -94,6 +96,7 @@ impl Pipeline {
             ingest.finished().await;
             Ok(())
         });
+        let hub = api.hub().clone();
         let s = shutdown.clone();
         let router = api.router();
         tasks.spawn(async move {
@@ -109,6 +112,7 @@ impl Pipeline {
         Ok(Self {
             ingest_addr,
             api_addr,
+            hub,
             tasks,
             shutdown,
         })

@@ -10,6 +10,8 @@
 //!   one pipelined round trip to Redis.
 //! - [`spool`]: the local disk spool that holds answered rounds while Redis
 //!   cannot take them.
+//! - [`producers`]: who may send events: producer tokens (by their SHA-256),
+//!   the sources each may claim, per-producer rate limits.
 //! - [`server`]: the HTTP edge (`POST /v1/events`), built by [`server::router`].
 //! - [`feed`]: the demo feed, a producer that sends realistic quotes and trades
 //!   through the real HTTP path.
@@ -17,6 +19,7 @@
 pub mod decimal;
 pub mod event;
 pub mod feed;
+pub mod producers;
 pub mod server;
 pub mod spool;
 pub mod stream;

@@ -32,6 +32,7 @@ use futures_util::StreamExt;
 use super::fast::{QUOTE_LEAVES, TRADE_LEAVES};
 use super::live::{hub_error, open_with, LiveArgs, LiveKind};
 use super::{Limits, Services};
+use crate::auth::Principal;
 use crate::hub::Filter;
 use crate::shared_json::SelectionKey;
 use crate::tick::{QuoteTick, TradeTick};
@@ -247,6 +248,7 @@ fn set(args: &mut Args, name: &str, value: Value) -> Option<()> {
 pub fn run(
     plan: Plan,
     services: Arc<Services>,
+    who: Principal,
     gate: Option<Arc<Gate>>,
     fallback: impl FnOnce() -> BoxStream<'static, Response> + Send + 'static,
 ) -> BoxStream<'static, Response> {
@@ -263,10 +265,10 @@ pub fn run(
         };
         let opened = match field {
             Field::Trades => {
-                serve::<TradeTick>(&services, gate, f, args.after, selection, key, pos).await
+                serve::<TradeTick>(&services, &who, gate, f, args.after, selection, key, pos).await
             }
             Field::Quotes => {
-                serve::<QuoteTick>(&services, gate, f, args.after, selection, key, pos).await
+                serve::<QuoteTick>(&services, &who, gate, f, args.after, selection, key, pos).await
             }
         };
         opened.unwrap_or_else(fallback)
@@ -277,8 +279,10 @@ pub fn run(
 
 /// Opens the feed and answers each event with its shared JSON under `key`;
 /// `None` when opening fails.
+#[allow(clippy::too_many_arguments)]
 async fn serve<T: LiveKind>(
     services: &Services,
+    who: &Principal,
     gate: Option<Arc<Gate>>,
     filter: Filter,
     after: Option<String>,
@@ -286,7 +290,9 @@ async fn serve<T: LiveKind>(
     key: Name,
     pos: Pos,
 ) -> Option<BoxStream<'static, Response>> {
-    let feed = open_with::<T>(services, gate, filter, after).await.ok()?;
+    let feed = open_with::<T>(services, who, gate, filter, after)
+        .await
+        .ok()?;
     Some(
         feed.map(move |r| match r {
             Ok(t) => match t.json(&selection.key, &selection.set) {
