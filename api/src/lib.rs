@@ -56,6 +56,9 @@ pub struct ApiConfig {
     pub max_complexity: usize,
     /// Whether clients may introspect the schema (GraphiQL needs it).
     pub introspection: bool,
+    /// Most tokens, nesting and selections (fragments spread) a document may
+    /// have, checked before it is parsed.
+    pub guard: schema::guard::GuardLimits,
     /// Events buffered per subscription before it is closed as too slow.
     pub subscriber_queue: usize,
     /// WebSocket protocol timers and the per-connection outbox limit.
@@ -74,6 +77,7 @@ impl ApiConfig {
             max_depth: 16,
             max_complexity: 10_000,
             introspection: true,
+            guard: schema::guard::GuardLimits::default(),
             subscriber_queue: 50_000,
             ws: ws::WsConfig::default(),
             auth: auth::Authenticator::Dev,
@@ -133,6 +137,7 @@ impl Api {
             max_depth: cfg.max_depth,
             max_complexity: cfg.max_complexity,
             introspection: cfg.introspection,
+            guard: cfg.guard,
         };
         let services = schema::Services {
             pool,

@@ -255,6 +255,16 @@ struct ApiArgs {
     /// Turn off schema introspection (production).
     #[arg(long, env = "TG_NO_INTROSPECTION")]
     no_introspection: bool,
+    /// Most lexical tokens a GraphQL document may hold (variables do not count).
+    #[arg(long, env = "TG_MAX_TOKENS", default_value_t = 10_000)]
+    max_tokens: usize,
+    /// Most levels of brackets, and of selection sets and fragment spreads, in
+    /// a GraphQL document.
+    #[arg(long, env = "TG_MAX_NESTING", default_value_t = 32)]
+    max_nesting: usize,
+    /// Most selections a GraphQL document may hold with its fragments spread.
+    #[arg(long, env = "TG_MAX_SELECTIONS", default_value_t = 10_000)]
+    max_selections: usize,
     /// Events buffered per subscription before it is cut off as too slow.
     #[arg(long, env = "TG_SUBSCRIBER_QUEUE", default_value_t = 50_000)]
     subscriber_queue: usize,
@@ -447,6 +457,9 @@ impl ApiArgs {
         c.max_depth = self.max_depth;
         c.max_complexity = self.max_complexity;
         c.introspection = !self.no_introspection;
+        c.guard.max_tokens = self.max_tokens;
+        c.guard.max_nesting = self.max_nesting;
+        c.guard.max_selections = self.max_selections;
         c.subscriber_queue = self.subscriber_queue;
         c.ws.init_timeout = Duration::from_millis(self.ws_init_timeout_ms);
         c.ws.keepalive =
