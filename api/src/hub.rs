@@ -213,34 +213,25 @@ impl Filter {
     }
 }
 
+/// Whether `venue` is in `list`; `None` allows every venue.
+fn venue_in(list: &Option<Box<[String]>>, venue: &str) -> bool {
+    list.as_ref().is_none_or(|v| v.iter().any(|m| m == venue))
+}
+
+/// Whether `bit` is set in `mask`; `None` allows everything.
+fn bit_in(mask: Option<u8>, bit: u8) -> bool {
+    mask.is_none_or(|m| m & bit != 0)
+}
+
 impl Check {
     fn matches<T: TickMeta>(&self, t: &T) -> bool {
-        if let Some(v) = &self.venues {
-            if !v.iter().any(|m| m == t.venue()) {
-                return false;
-            }
-        }
-        if let Some(mask) = self.asset_classes {
-            if mask & asset_class_bit(t.asset_class()) == 0 {
-                return false;
-            }
-        }
-        if let (Some(mask), Some(side)) = (self.sides, t.side()) {
-            if mask & side_bit(side) == 0 {
-                return false;
-            }
-        }
-        if let Some(v) = &self.entitled_venues {
-            if !v.iter().any(|m| m == t.venue()) {
-                return false;
-            }
-        }
-        if let Some(mask) = self.entitled_classes {
-            if mask & asset_class_bit(t.asset_class()) == 0 {
-                return false;
-            }
-        }
-        true
+        let class = asset_class_bit(t.asset_class());
+        venue_in(&self.venues, t.venue())
+            && bit_in(self.asset_classes, class)
+            && t.side()
+                .is_none_or(|side| bit_in(self.sides, side_bit(side)))
+            && venue_in(&self.entitled_venues, t.venue())
+            && bit_in(self.entitled_classes, class)
     }
 }
 
