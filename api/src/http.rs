@@ -90,7 +90,8 @@ pub fn router(
                 ws.keepalive,
                 shutdown.clone(),
                 hub_tasks.clone(),
-            ),
+            )
+            .counted(direct.services.hub.metrics().clone()),
             schema,
             ws,
             direct,

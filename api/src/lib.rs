@@ -13,6 +13,9 @@
 //!   `/graphiql`) and [`serve`].
 //! - [`ws`] and [`sse`]: GraphQL over WebSocket (both protocols) and over
 //!   Server-Sent Events (graphql-sse, distinct connections mode).
+//! - [`metrics`]: what the hub and the sockets count, and the api's readiness
+//!   (Redis, Postgres, the hub's readers not behind), for
+//!   [`tickgraph_ingest::ops`].
 //! - [`pipeline`]: every component in one process (`tickgraph all`, end-to-end
 //!   tests).
 //!
@@ -23,6 +26,7 @@ pub mod bench;
 pub mod history;
 pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod page;
 pub mod pipeline;
 pub mod resume;

@@ -11,12 +11,19 @@
 //! - [`spool`]: the local disk spool that holds answered rounds while Redis
 //!   cannot take them.
 //! - [`server`]: the HTTP edge (`POST /v1/events`), built by [`server::router`].
+//! - [`ops`]: what every component serves for operators: `/metrics` (one
+//!   prometheus-client registry per process), `/healthz`, `/readyz` and its
+//!   checks, and the per-batch histogram and naming rules the metrics share.
+//! - [`metrics`]: ingest's own counters and readiness (accepting while Redis is
+//!   down, since it spools).
 //! - [`feed`]: the demo feed, a producer that sends realistic quotes and trades
 //!   through the real HTTP path.
 
 pub mod decimal;
 pub mod event;
 pub mod feed;
+pub mod metrics;
+pub mod ops;
 pub mod server;
 pub mod spool;
 pub mod stream;
