@@ -1590,14 +1590,18 @@ impl Reader {
         if streams.iter().all(|(_, list)| list.is_empty()) {
             return Ok(Step::Read);
         }
+        // One span per batch read, decoded and dispatched; never per event.
+        let span = tracing::info_span!("batch", stage = "hub", shard = self.shard);
         let base = Arc::new(ResumeBase::batch(self.hub.epochs(), self.shard));
         let mut decoded = Decoded::default();
-        for (_, list) in streams {
-            if let Some(last) = list.last() {
-                self.last_id.clone_from(&last.id);
+        span.in_scope(|| {
+            for (_, list) in streams {
+                if let Some(last) = list.last() {
+                    self.last_id.clone_from(&last.id);
+                }
+                decoded.add(self.shard, list, &base);
             }
-            decoded.add(self.shard, list, &base);
-        }
+        });
         let Decoded {
             ticks,
             entries,
@@ -1611,10 +1615,13 @@ impl Reader {
             .ok_or_else(|| reply_error(format!("bad entry id {:?}", self.last_id)))?;
         // Readers take turns without blocking a runtime thread: the dispatch lock
         // itself is then free when taken, except against a new subscription.
-        let stats = {
+        let dispatch = async {
             let _turn = self.hub.turn.lock().await;
             self.hub.dispatch(Some((self.shard, end, &base)), &ticks)
         };
+        // Not imported: `Instrument::instrument` would shadow `TickMeta::instrument`.
+        let stats = tracing::Instrument::instrument(dispatch, span.clone()).await;
+        let _in_batch = span.enter();
         if let Some(error) = first_error {
             tracing::warn!(
                 shard = self.shard,

@@ -16,6 +16,8 @@
 //! - [`metrics`]: what the hub and the sockets count, and the api's readiness
 //!   (Redis, Postgres, the hub's readers not behind), for
 //!   [`tickgraph_ingest::ops`].
+//! - [`telemetry`]: logs (text or JSON) and, when configured, span export over
+//!   OTLP/HTTP; one span per batch in every worker.
 //! - [`pipeline`]: every component in one process (`tickgraph all`, end-to-end
 //!   tests).
 //!
@@ -33,6 +35,7 @@ pub mod resume;
 pub mod schema;
 pub mod shared_json;
 pub mod sse;
+pub mod telemetry;
 pub mod tick;
 pub mod ws;
 

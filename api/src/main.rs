@@ -89,6 +89,10 @@ struct Common {
         global = true
     )]
     ready_max_behind_secs: u64,
+    /// Export spans over OTLP/HTTP to this OpenTelemetry collector (its base
+    /// URL; `/v1/traces` is added). Off when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    otlp_endpoint: Option<String>,
 }
 
 impl Common {
@@ -556,17 +560,6 @@ async fn run_feed_against(
     Ok(())
 }
 
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 async fn migrate(url: &str) -> anyhow::Result<()> {
     if !sqlx::Postgres::database_exists(url).await? {
         sqlx::Postgres::create_database(url).await?;
@@ -581,7 +574,9 @@ async fn migrate(url: &str) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.common.log_json);
+    // Held to the end of main: dropping it sends the spans still queued.
+    let _telemetry =
+        tickgraph_api::telemetry::init(cli.common.log_json, cli.common.otlp_endpoint.as_deref())?;
     let common = cli.common;
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());

@@ -29,6 +29,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::event::now_nanos;
 use crate::spool::{Append, Fields, Round, Spool, SpoolConfig, SpoolError};
@@ -344,9 +345,11 @@ impl Writer {
             };
             let Some(first) = first else { break };
             let jobs = self.gather(first, &mut rx).await;
-            let round = self.round(&jobs);
-            let result = self.store(round).await;
             let events: usize = jobs.iter().map(|j| j.entries.len()).sum();
+            // One span per round (many producers' batches), never per event.
+            let span = tracing::info_span!("batch", stage = "ingest", batches = jobs.len(), events);
+            let round = span.in_scope(|| self.round(&jobs));
+            let result = self.store(round).instrument(span).await;
             let counter = match result {
                 Ok(Stored::Stream) => None,
                 Ok(Stored::Spool) => Some(&self.stats.spooled_events),

@@ -9,3 +9,4 @@ mod latest;
 mod limits;
 mod refdata;
 mod subscriptions;
+mod telemetry;
