@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
+use crate::auth::{Entitlements, Scope};
 use crate::tick::{QuoteRow, TradeRow};
 
 const TRADE_COLUMNS: &str = "source, seq, instrument, venue, ts_ns, price, qty, side, \
@@ -36,6 +37,42 @@ pub enum Order {
     Desc,
 }
 
+/// The rows a user may see, by venue and asset class (`None`: any); see
+/// [`crate::auth::Entitlements`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Visible {
+    pub venues: Option<Vec<String>>,
+    pub asset_classes: Option<Vec<String>>,
+}
+
+impl Visible {
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    pub fn of(e: &Entitlements) -> Self {
+        Self {
+            venues: match &e.venues {
+                Scope::All => None,
+                Scope::Only(v) => Some(v.clone()),
+            },
+            asset_classes: match &e.asset_classes {
+                Scope::All => None,
+                Scope::Only(v) => Some(v.iter().map(|a| a.as_str().to_owned()).collect()),
+            },
+        }
+    }
+}
+
+/// The condition [`Visible`] adds, on parameters `$v` and `$v+1`.
+fn visible_sql(v: usize) -> String {
+    format!(
+        " AND (${v}::text[] IS NULL OR venue = ANY(${v})) \
+         AND (${w}::text[] IS NULL OR asset_class = ANY(${w}))",
+        w = v + 1
+    )
+}
+
 /// One page of one instrument's history.
 #[derive(Debug, Clone)]
 pub struct Page {
@@ -48,6 +85,8 @@ pub struct Page {
     pub after: Option<HistoryKey>,
     pub limit: i64,
     pub order: Order,
+    /// Only rows the asking user may see.
+    pub visible: Visible,
 }
 
 enum Table {
@@ -84,13 +123,14 @@ fn page_sql(table: &Table, order: Order, with_cursor: bool) -> String {
     } else {
         String::new()
     };
-    let limit = if with_cursor { "$7" } else { "$4" };
+    let (limit, visible) = if with_cursor { ("$7", 8) } else { ("$4", 5) };
     format!(
         "SELECT {cols} FROM {table} \
-         WHERE instrument = $1 AND ts_ns >= $2 AND ts_ns < $3{cursor} \
+         WHERE instrument = $1 AND ts_ns >= $2 AND ts_ns < $3{cursor}{visible} \
          ORDER BY ts_ns {dir}, source {dir}, seq {dir} LIMIT {limit}",
         cols = table.columns(),
         table = table.name(),
+        visible = visible_sql(visible),
     )
 }
 
@@ -106,7 +146,11 @@ where
     if let Some(k) = &p.after {
         q = q.bind(k.ts_ns).bind(&k.source).bind(k.seq);
     }
-    q.bind(p.limit).fetch_all(pool).await
+    q.bind(p.limit)
+        .bind(&p.visible.venues)
+        .bind(&p.visible.asset_classes)
+        .fetch_all(pool)
+        .await
 }
 
 pub async fn trade_page(pool: &PgPool, p: &Page) -> Result<Vec<TradeRow>, sqlx::Error> {
@@ -125,11 +169,12 @@ fn as_of_sql(table: &Table) -> String {
         "SELECT r.* FROM unnest($1::text[]) AS i(symbol) \
          CROSS JOIN LATERAL ( \
              SELECT {cols} FROM {table} \
-             WHERE instrument = i.symbol AND ts_ns <= $2 \
+             WHERE instrument = i.symbol AND ts_ns <= $2{visible} \
              ORDER BY ts_ns DESC, source DESC, seq DESC LIMIT 1 \
          ) r",
         cols = table.columns(),
         table = table.name(),
+        visible = visible_sql(3),
     )
 }
 
@@ -138,6 +183,7 @@ async fn as_of<R>(
     table: Table,
     instruments: &[String],
     at_ns: i64,
+    visible: &Visible,
 ) -> Result<Vec<R>, sqlx::Error>
 where
     R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
@@ -148,6 +194,8 @@ where
     sqlx::query_as::<_, R>(&as_of_sql(&table))
         .bind(instruments)
         .bind(at_ns)
+        .bind(&visible.venues)
+        .bind(&visible.asset_classes)
         .fetch_all(pool)
         .await
 }
@@ -156,14 +204,16 @@ pub async fn trades_as_of(
     pool: &PgPool,
     instruments: &[String],
     at_ns: i64,
+    visible: &Visible,
 ) -> Result<Vec<TradeRow>, sqlx::Error> {
-    as_of(pool, Table::Trades, instruments, at_ns).await
+    as_of(pool, Table::Trades, instruments, at_ns, visible).await
 }
 
 pub async fn quotes_as_of(
     pool: &PgPool,
     instruments: &[String],
     at_ns: i64,
+    visible: &Visible,
 ) -> Result<Vec<QuoteRow>, sqlx::Error> {
-    as_of(pool, Table::Quotes, instruments, at_ns).await
+    as_of(pool, Table::Quotes, instruments, at_ns, visible).await
 }

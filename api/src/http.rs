@@ -4,6 +4,7 @@
 //! (`GET`/`POST /graphql/stream`, or `/graphql` asking for
 //! `text/event-stream`), the GraphiQL page, and graceful serving.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_graphql::http::GraphiQLSource;
@@ -19,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::auth::{AuthError, Authenticator, LimitError, Users};
 use crate::schema::ApiSchema;
 use crate::sse;
 use crate::ws::{self, Protocol, WsConfig};
@@ -55,6 +57,8 @@ struct AppState {
     /// The hub's tasks: once they have all finished, every feed has ended.
     hub_tasks: TaskTracker,
     sse: sse::Endpoint,
+    auth: Authenticator,
+    users: Arc<Users>,
 }
 
 /// The routes of the API. `hub_tasks` tracks the hub's tasks, so that at
@@ -65,6 +69,8 @@ pub fn router(
     direct: ws::Direct,
     shutdown: CancellationToken,
     hub_tasks: TaskTracker,
+    auth: Authenticator,
+    users: Arc<Users>,
 ) -> Router {
     Router::new()
         .route(
@@ -90,6 +96,8 @@ pub fn router(
                 ws.keepalive,
                 shutdown.clone(),
                 hub_tasks.clone(),
+                auth.clone(),
+                Arc::clone(&users),
             )
             .counted(direct.services.hub.metrics().clone()),
             schema,
@@ -97,6 +105,8 @@ pub fn router(
             direct,
             shutdown,
             hub_tasks,
+            auth,
+            users,
         })
 }
 
@@ -109,16 +119,28 @@ async fn graphql(State(s): State<AppState>, headers: HeaderMap, request: Request
     if sse::prefers_event_stream(&headers) {
         return s.sse.handle(request).await;
     }
+    let who = match s.auth.from_headers(&headers) {
+        Ok(p) => p,
+        Err(e) => return unauthenticated(&e),
+    };
     let req = match <GraphQLBatchRequest>::from_request(request, &s).await {
         Ok(req) => req,
         Err(rejection) => return rejection.into_response(),
     };
+    let mut req = req.into_inner();
+    let ops = req.iter_mut().count();
+    if let Err(e) = s.users.request(&who, ops) {
+        return limited(&e);
+    }
+    for r in req.iter_mut() {
+        r.data.insert(who.clone());
+    }
     let modern = headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains(GRAPHQL_RESPONSE_JSON));
-    let resp = match req.into_inner() {
+    let resp = match req {
         async_graphql::BatchRequest::Batch(ops) if ops.len() > MAX_BATCH => {
             async_graphql::BatchResponse::Single(async_graphql::Response::from_errors(vec![
                 async_graphql::ServerError::new(
@@ -226,11 +248,44 @@ async fn subscriptions(
                     direct: s.direct,
                     protocol,
                     cfg: s.ws,
+                    auth: s.auth,
+                    users: s.users,
                 },
                 s.shutdown,
                 s.hub_tasks,
             )
         })
+}
+
+/// A GraphQL-shaped refusal before any operation ran.
+fn refusal(status: StatusCode, message: String, code: &str) -> Response {
+    let body = serde_json::json!({
+        "errors": [{ "message": message, "extensions": { "code": code } }]
+    });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// `401`: no credentials, or credentials that do not hold.
+pub(crate) fn unauthenticated(e: &AuthError) -> Response {
+    let mut out = refusal(StatusCode::UNAUTHORIZED, e.to_string(), e.code());
+    out.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"tickgraph\""),
+    );
+    out
+}
+
+/// `429` with `Retry-After`: a per-user limit.
+pub(crate) fn limited(e: &LimitError) -> Response {
+    let mut out = refusal(StatusCode::TOO_MANY_REQUESTS, e.to_string(), e.code());
+    out.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(e.retry_after_secs()));
+    out
 }
 
 async fn graphiql() -> Html<String> {

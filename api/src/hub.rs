@@ -46,6 +46,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{Entitlements, Scope};
 use crate::metrics::{ApiMetrics, Dispatched};
 use crate::resume::{
     entry_id, event_position, parse_position, CursorError, Position, ResumeBase, ResumeCursor,
@@ -117,6 +118,9 @@ pub struct Filter {
     /// Start with the latest tick the hub holds of every selected instrument that
     /// matches, then live ticks: none missed and none repeated between the two.
     pub snapshot: bool,
+    /// What the subscriber may see, checked on top of every filter above;
+    /// `None`: everything.
+    pub entitled: Option<Entitlements>,
 }
 
 /// Updates per second per instrument a conflated subscription receives at most.
@@ -151,6 +155,9 @@ struct Check {
     venues: Option<Box<[String]>>,
     asset_classes: Option<u8>,
     sides: Option<u8>,
+    /// The subscriber's entitlements; an empty list lets nothing through.
+    entitled_venues: Option<Box<[String]>>,
+    entitled_classes: Option<u8>,
 }
 
 fn asset_class_bit(a: AssetClass) -> u8 {
@@ -186,6 +193,22 @@ impl Filter {
                 .map(|v| v.into_iter().fold(0, |m, a| m | asset_class_bit(a))),
             sides: non_empty(self.sides, "sides")?
                 .map(|v| v.into_iter().fold(0, |m, s| m | side_bit(s))),
+            entitled_venues: None,
+            entitled_classes: None,
+        };
+        let check = match self.entitled {
+            None => check,
+            Some(e) => Check {
+                entitled_venues: match e.venues {
+                    Scope::All => None,
+                    Scope::Only(v) => Some(v.into_boxed_slice()),
+                },
+                entitled_classes: match e.asset_classes {
+                    Scope::All => None,
+                    Scope::Only(v) => Some(v.into_iter().fold(0, |m, a| m | asset_class_bit(a))),
+                },
+                ..check
+            },
         };
         Ok((instruments, check))
     }
@@ -205,6 +228,16 @@ impl Check {
         }
         if let (Some(mask), Some(side)) = (self.sides, t.side()) {
             if mask & side_bit(side) == 0 {
+                return false;
+            }
+        }
+        if let Some(v) = &self.entitled_venues {
+            if !v.iter().any(|m| m == t.venue()) {
+                return false;
+            }
+        }
+        if let Some(mask) = self.entitled_classes {
+            if mask & asset_class_bit(t.asset_class()) == 0 {
                 return false;
             }
         }

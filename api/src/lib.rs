@@ -24,6 +24,7 @@
 //! [`Api::build`] wires them: it starts the hub and builds the schema;
 //! [`Api::router`] and [`serve`] put it on the network.
 
+pub mod auth;
 pub mod bench;
 pub mod history;
 pub mod http;
@@ -62,10 +63,17 @@ pub struct ApiConfig {
     pub max_complexity: usize,
     /// Whether clients may introspect the schema (GraphiQL needs it).
     pub introspection: bool,
+    /// Most tokens, nesting and selections (fragments spread) a document may
+    /// have, checked before it is parsed.
+    pub guard: schema::guard::GuardLimits,
     /// Events buffered per subscription before it is closed as too slow.
     pub subscriber_queue: usize,
     /// WebSocket protocol timers and the per-connection outbox limit.
     pub ws: ws::WsConfig,
+    /// How users authenticate: JWTs, or the explicit dev mode.
+    pub auth: auth::Authenticator,
+    /// Connections and requests per user.
+    pub users: auth::UserLimits,
 }
 
 impl ApiConfig {
@@ -76,8 +84,11 @@ impl ApiConfig {
             max_depth: 16,
             max_complexity: 10_000,
             introspection: true,
+            guard: schema::guard::GuardLimits::default(),
             subscriber_queue: 50_000,
             ws: ws::WsConfig::default(),
+            auth: auth::Authenticator::Dev,
+            users: auth::UserLimits::default(),
         }
     }
 }
@@ -103,6 +114,8 @@ pub struct Api {
     shutdown: CancellationToken,
     ws: ws::WsConfig,
     direct: ws::Direct,
+    auth: auth::Authenticator,
+    users: Arc<auth::Users>,
 }
 
 impl Api {
@@ -131,6 +144,7 @@ impl Api {
             max_depth: cfg.max_depth,
             max_complexity: cfg.max_complexity,
             introspection: cfg.introspection,
+            guard: cfg.guard,
         };
         let services = schema::Services {
             pool,
@@ -138,7 +152,11 @@ impl Api {
             hub: hub.clone(),
             shards: cfg.layout.shards(),
         };
-        let schema = schema::build(limits, services.clone());
+        // In dev mode every request runs as the dev user unless the edge says
+        // otherwise; with JWTs a request the edge did not authenticate has no
+        // principal and is refused.
+        let default_principal = cfg.auth.is_dev().then(auth::Principal::dev);
+        let schema = schema::build(limits, services.clone(), default_principal);
         let direct = ws::Direct {
             services: Arc::new(services),
             limits,
@@ -147,6 +165,7 @@ impl Api {
             shards = cfg.layout.shards(),
             prefix = cfg.layout.prefix(),
             subscriber_queue = cfg.subscriber_queue,
+            dev_mode = cfg.auth.is_dev(),
             "api hub started"
         );
         Ok(Api {
@@ -156,6 +175,8 @@ impl Api {
             shutdown,
             ws: cfg.ws,
             direct,
+            auth: cfg.auth,
+            users: auth::Users::new(cfg.users),
         })
     }
 
@@ -168,6 +189,8 @@ impl Api {
             self.direct.clone(),
             self.shutdown.clone(),
             self.tasks.clone(),
+            self.auth.clone(),
+            Arc::clone(&self.users),
         )
     }
 

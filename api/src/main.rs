@@ -3,16 +3,18 @@
 //! variables named in `--help`; defaults point at 127.0.0.1.
 
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use tickgraph_api::auth::{Authenticator, JwtConfig, UserLimits};
 use tickgraph_api::pipeline::{Pipeline, PipelineConfig};
 use tickgraph_api::{Api, ApiConfig};
 use tickgraph_enrich::demo::{feed_accounts, feed_instruments};
@@ -21,6 +23,7 @@ use tickgraph_enrich::refdata::RefCache;
 use tickgraph_enrich::worker::EnrichConfig;
 use tickgraph_ingest::feed::FeedConfig;
 use tickgraph_ingest::ops::{Ops, Thresholds};
+use tickgraph_ingest::producers::Producers;
 use tickgraph_ingest::server::{Ingest, IngestConfig};
 use tickgraph_ingest::{StreamLayout, Trim};
 
@@ -93,6 +96,20 @@ struct Common {
     /// URL; `/v1/traces` is added). Off when unset.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
     otlp_endpoint: Option<String>,
+    /// No authentication at all: anyone may send events (any source) and read
+    /// every event as the `dev` user, an administrator. For demos and local
+    /// development only; without it ingest needs `--producer-tokens` and the
+    /// api a JWT key.
+    #[arg(long, env = "TG_DEV_MODE", global = true)]
+    dev_mode: bool,
+    /// Milliseconds any one Postgres statement may run (history COPY, queries).
+    #[arg(
+        long,
+        env = "TG_PG_STATEMENT_TIMEOUT_MS",
+        default_value_t = 30_000,
+        global = true
+    )]
+    pg_statement_timeout_ms: u64,
 }
 
 impl Common {
@@ -112,10 +129,14 @@ impl Common {
     }
 
     async fn pool(&self) -> anyhow::Result<PgPool> {
+        let statement_timeout = format!("{}ms", self.pg_statement_timeout_ms);
+        let options = PgConnectOptions::from_str(&self.database_url)
+            .context("bad --database-url")?
+            .options([("statement_timeout", statement_timeout.as_str())]);
         PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
-            .connect(&self.database_url)
+            .connect_with(options)
             .await
             .context("connecting to Postgres (run `tickgraph migrate` to create the database)")
     }
@@ -132,7 +153,7 @@ enum Command {
     /// Serve GraphQL queries, subscriptions and GraphiQL.
     Api(ApiArgs),
     /// Run ingest, enrich, load and api in one process (and the demo feed if asked).
-    All(AllArgs),
+    All(Box<AllArgs>),
     /// Create the database if missing and apply migrations.
     Migrate,
     /// Load the demo reference data set (idempotent).
@@ -185,6 +206,10 @@ struct IngestArgs {
     /// Milliseconds a Redis round trip may take before its round is spooled.
     #[arg(long, env = "TG_INGEST_REDIS_TIMEOUT_MS", default_value_t = 2000)]
     ingest_redis_timeout_ms: u64,
+    /// JSON file of the producers: per producer the SHA-256 of its bearer
+    /// token, the sources it may claim, and optionally its events per second.
+    #[arg(long, env = "TG_PRODUCER_TOKENS")]
+    producer_tokens: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -291,6 +316,16 @@ struct ApiArgs {
     /// Turn off schema introspection (production).
     #[arg(long, env = "TG_NO_INTROSPECTION")]
     no_introspection: bool,
+    /// Most lexical tokens a GraphQL document may hold (variables do not count).
+    #[arg(long, env = "TG_MAX_TOKENS", default_value_t = 10_000)]
+    max_tokens: usize,
+    /// Most levels of brackets, and of selection sets and fragment spreads, in
+    /// a GraphQL document.
+    #[arg(long, env = "TG_MAX_NESTING", default_value_t = 32)]
+    max_nesting: usize,
+    /// Most selections a GraphQL document may hold with its fragments spread.
+    #[arg(long, env = "TG_MAX_SELECTIONS", default_value_t = 10_000)]
+    max_selections: usize,
     /// Events buffered per subscription before it is cut off as too slow.
     #[arg(long, env = "TG_SUBSCRIBER_QUEUE", default_value_t = 50_000)]
     subscriber_queue: usize,
@@ -304,6 +339,38 @@ struct ApiArgs {
     /// is closed as a slow consumer (4008).
     #[arg(long, env = "TG_WS_MAX_QUEUED_BYTES", default_value_t = 16 << 20)]
     ws_max_queued_bytes: usize,
+    /// Operations one WebSocket connection may run at once.
+    #[arg(
+        long,
+        env = "TG_MAX_SUBSCRIPTIONS_PER_CONNECTION",
+        default_value_t = 100
+    )]
+    max_subscriptions_per_connection: usize,
+    /// WebSocket and SSE connections one user may hold at once.
+    #[arg(long, env = "TG_MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
+    max_connections_per_user: usize,
+    /// GraphQL operations (queries, and subscriptions started) per second per
+    /// user, with a burst of as many; 0: no limit.
+    #[arg(long, env = "TG_USER_REQUESTS_PER_SEC", default_value_t = 100.0)]
+    user_requests_per_sec: f64,
+    /// File holding the HS256 secret that signs user JWTs (at least 32 bytes).
+    #[arg(long, env = "TG_JWT_HS256_SECRET_FILE")]
+    jwt_hs256_secret_file: Option<std::path::PathBuf>,
+    /// File holding the RS256 public key (PEM) that verifies user JWTs.
+    #[arg(long, env = "TG_JWT_RS256_PUBLIC_KEY_FILE")]
+    jwt_rs256_public_key_file: Option<std::path::PathBuf>,
+    /// File holding a JWK Set of RS256 public keys, picked by the token's `kid`.
+    #[arg(long, env = "TG_JWT_JWKS_FILE")]
+    jwt_jwks_file: Option<std::path::PathBuf>,
+    /// Required `iss` claim.
+    #[arg(long, env = "TG_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "TG_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`, seconds.
+    #[arg(long, env = "TG_JWT_LEEWAY_SECS", default_value_t = 30)]
+    jwt_leeway_secs: u64,
 }
 
 #[derive(Args, Clone)]
@@ -319,6 +386,9 @@ struct AllArgs {
     /// Also run the demo feed at this many events/s (0: off).
     #[arg(long, env = "TG_FEED_RATE", default_value_t = 0.0)]
     feed_rate: f64,
+    /// The demo feed's producer token, when ingest requires tokens.
+    #[arg(long, env = "TG_FEED_TOKEN", hide_env_values = true)]
+    feed_token: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -340,6 +410,9 @@ struct FeedArgs {
     /// Producer id the events carry.
     #[arg(long, env = "TG_FEED_SOURCE", default_value = "demo-feed")]
     source: String,
+    /// The producer's bearer token, when ingest requires tokens.
+    #[arg(long, env = "TG_FEED_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 /// The default consumer name is the host's and the role's, stable across restarts,
@@ -359,8 +432,22 @@ fn consumer_name(given: &Option<String>, role: &str) -> String {
 }
 
 impl IngestArgs {
-    fn config(&self, layout: StreamLayout) -> IngestConfig {
+    fn config(&self, layout: StreamLayout, dev_mode: bool) -> anyhow::Result<IngestConfig> {
         let mut c = IngestConfig::new(layout);
+        c.producers = match (&self.producer_tokens, dev_mode) {
+            (Some(_), true) => {
+                anyhow::bail!("--dev-mode and --producer-tokens both given: choose one")
+            }
+            (Some(path), false) => Producers::load(path)?,
+            (None, true) => {
+                tracing::warn!("dev mode: ingest accepts events from anyone, for any source");
+                Producers::Open
+            }
+            (None, false) => anyhow::bail!(
+                "ingest needs --producer-tokens FILE (see the README's Security section), \
+                 or --dev-mode to accept events from anyone"
+            ),
+        };
         c.max_batch_events = self.max_batch_events;
         c.max_body_bytes = self.max_body_bytes;
         let w = &mut c.writer;
@@ -371,7 +458,7 @@ impl IngestArgs {
         w.spool.dir = self.spool_dir.clone();
         w.spool.max_bytes = self.spool_max_bytes;
         w.spool.fsync = self.spool_fsync;
-        c
+        Ok(c)
     }
 }
 
@@ -399,17 +486,47 @@ impl LoadArgs {
 }
 
 impl ApiArgs {
-    fn config(&self, layout: StreamLayout) -> ApiConfig {
+    fn config(&self, layout: StreamLayout, dev_mode: bool) -> anyhow::Result<ApiConfig> {
         let mut c = ApiConfig::new(layout);
+        let jwt = JwtConfig {
+            hs256_secret_file: self.jwt_hs256_secret_file.clone(),
+            rs256_public_key_file: self.jwt_rs256_public_key_file.clone(),
+            jwks_file: self.jwt_jwks_file.clone(),
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            leeway: Duration::from_secs(self.jwt_leeway_secs),
+        };
+        c.auth = match (jwt.is_configured(), dev_mode) {
+            (true, true) => anyhow::bail!("--dev-mode and a JWT key both given: choose one"),
+            (true, false) => Authenticator::jwt(&jwt)?,
+            (false, true) => {
+                tracing::warn!(
+                    "dev mode: the api serves everyone as the `dev` user, unauthenticated"
+                );
+                Authenticator::Dev
+            }
+            (false, false) => anyhow::bail!(
+                "the api needs a JWT key (--jwt-hs256-secret-file, --jwt-rs256-public-key-file \
+                 or --jwt-jwks-file; see the README's Security section), or --dev-mode"
+            ),
+        };
+        c.users = UserLimits {
+            max_connections: self.max_connections_per_user,
+            requests_per_sec: self.user_requests_per_sec,
+        };
+        c.ws.max_subscriptions = self.max_subscriptions_per_connection;
         c.max_depth = self.max_depth;
         c.max_complexity = self.max_complexity;
         c.introspection = !self.no_introspection;
+        c.guard.max_tokens = self.max_tokens;
+        c.guard.max_nesting = self.max_nesting;
+        c.guard.max_selections = self.max_selections;
         c.subscriber_queue = self.subscriber_queue;
         c.ws.init_timeout = Duration::from_millis(self.ws_init_timeout_ms);
         c.ws.keepalive =
             (self.ws_keepalive_secs > 0).then(|| Duration::from_secs(self.ws_keepalive_secs));
         c.ws.max_queued_bytes = self.ws_max_queued_bytes;
-        c
+        Ok(c)
     }
 }
 
@@ -443,7 +560,7 @@ async fn run_ingest(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let ingest = Ingest::build(
-        args.config(common.layout()),
+        args.config(common.layout(), common.dev_mode)?,
         common.redis()?,
         shutdown.clone(),
     )
@@ -464,19 +581,14 @@ async fn run_ingest(
 async fn run_api(
     common: &Common,
     args: &ApiArgs,
+    cfg: ApiConfig,
     pool: PgPool,
     refs: RefCache,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let api = Api::build(
-        args.config(common.layout()),
-        common.redis()?,
-        pool.clone(),
-        refs,
-        shutdown.clone(),
-    )
-    .await
-    .context("starting api")?;
+    let api = Api::build(cfg, common.redis()?, pool.clone(), refs, shutdown.clone())
+        .await
+        .context("starting api")?;
     let mut ops = Ops::new();
     tickgraph_api::metrics::register_ops(
         &mut ops,
@@ -637,9 +749,11 @@ async fn main() -> anyhow::Result<()> {
             result?;
         }
         Command::Api(args) => {
+            // Configuration errors first, before any connection is tried.
+            let cfg = args.config(common.layout(), common.dev_mode)?;
             let pool = common.pool().await?;
             let refs = refdata(&pool, &shutdown).await?;
-            run_api(&common, &args, pool, refs, shutdown).await?;
+            run_api(&common, &args, cfg, pool, refs, shutdown).await?;
         }
         Command::Feed(args) => {
             let pool = common.pool().await?;
@@ -649,11 +763,12 @@ async fn main() -> anyhow::Result<()> {
             cfg.batch = args.batch;
             cfg.msgpack = args.msgpack;
             cfg.source = args.source;
+            cfg.token = args.token;
             cfg.duration = args.duration_secs.map(Duration::from_secs);
             cfg.accounts = feed_accounts(&refs.read());
             run_feed_against(cfg, &refs, shutdown).await?;
         }
-        Command::All(args) => run_all(&common, args, shutdown).await?,
+        Command::All(args) => run_all(&common, *args, shutdown).await?,
         Command::Bench(args) => {
             let target = tickgraph_api::bench::Target {
                 redis_url: common.redis_url.clone(),
@@ -671,18 +786,18 @@ async fn run_all(
     args: AllArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let pool = common.pool().await?;
-    let refs = refdata(&pool, &shutdown).await?;
     let layout = common.layout();
     let cfg = PipelineConfig {
-        ingest: args.ingest.config(layout.clone()),
+        ingest: args.ingest.config(layout.clone(), common.dev_mode)?,
         ingest_listen: args.ingest.ingest_listen,
         enrich: args.enrich.config(layout.clone()),
         load: args.load.config(layout.clone()),
-        api: args.api.config(layout),
+        api: args.api.config(layout, common.dev_mode)?,
         api_listen: args.api.api_listen,
         ready: common.thresholds(),
     };
+    let pool = common.pool().await?;
+    let refs = refdata(&pool, &shutdown).await?;
     let mut pipeline = Pipeline::start(cfg, common.redis()?, pool, refs.clone(), shutdown.clone())
         .await
         .context("starting the pipeline")?;
@@ -694,6 +809,7 @@ async fn run_all(
     if args.feed_rate > 0.0 {
         let mut cfg = FeedConfig::new(format!("http://{}", pipeline.ingest_addr));
         cfg.rate = args.feed_rate;
+        cfg.token = args.feed_token.clone();
         cfg.batch = ((args.feed_rate / 20.0) as usize).clamp(1, 1000);
         cfg.accounts = feed_accounts(&refs.read());
         let instruments = feed_instruments(&refs.read());

@@ -59,6 +59,8 @@ pub struct Pipeline {
     pub api_addr: SocketAddr,
     /// The process's one registry and its checks, served on both listeners.
     pub ops: Arc<Ops>,
+    /// The api's fan-out hub (to see its subscriptions).
+    pub hub: crate::Hub,
     tasks: JoinSet<Result<(), PipelineError>>,
     shutdown: CancellationToken,
 }
@@ -135,6 +137,7 @@ impl Pipeline {
             ingest.finished().await;
             Ok(())
         });
+        let hub = api.hub().clone();
         let s = shutdown.clone();
         let router = api.router().merge(ops.router());
         tasks.spawn(async move {
@@ -151,6 +154,7 @@ impl Pipeline {
             ingest_addr,
             api_addr,
             ops,
+            hub,
             tasks,
             shutdown,
         })

@@ -36,6 +36,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -49,7 +50,9 @@ use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{coded_error, AuthError, Authenticator, ConnectionSlot, Principal, Users};
 use crate::schema::ApiSchema;
+use crate::ws::expiry;
 
 pub const EVENT_STREAM: &str = "text/event-stream";
 /// The response body's first bytes, and the keep-alive: an SSE comment.
@@ -228,6 +231,8 @@ pub struct Endpoint {
     hub_tasks: TaskTracker,
     /// Where open streams are counted.
     metrics: Option<crate::metrics::ApiMetrics>,
+    auth: Authenticator,
+    users: Arc<Users>,
 }
 
 impl Endpoint {
@@ -239,6 +244,8 @@ impl Endpoint {
         keepalive: Option<Duration>,
         shutdown: CancellationToken,
         hub_tasks: TaskTracker,
+        auth: Authenticator,
+        users: Arc<Users>,
     ) -> Self {
         Self {
             schema,
@@ -246,6 +253,8 @@ impl Endpoint {
             shutdown,
             hub_tasks,
             metrics: None,
+            auth,
+            users,
         }
     }
 
@@ -261,13 +270,34 @@ impl Endpoint {
         if !accepts_event_stream(req.headers()) {
             return SseError::NotAcceptable.into_response();
         }
+        let who = match self.auth.from_headers(req.headers()) {
+            Ok(p) => p,
+            Err(e) => return crate::http::unauthenticated(&e),
+        };
+        let slot = match self
+            .users
+            .request(&who, 1)
+            .and_then(|()| self.users.connect(&who))
+        {
+            Ok(slot) => slot,
+            Err(e) => return crate::http::limited(&e),
+        };
         match read_params(req).await.and_then(into_request) {
-            Ok(request) => self.stream(request),
+            Ok(request) => self.stream(request, who, slot),
             Err(e) => e.into_response(),
         }
     }
 
-    fn stream(&self, request: async_graphql::Request) -> Response {
+    fn stream(
+        &self,
+        request: async_graphql::Request,
+        who: Principal,
+        slot: ConnectionSlot,
+    ) -> Response {
+        let expiry = who
+            .expires_in()
+            .map(|left| Box::pin(tokio::time::sleep(left)));
+        let request = request.data(who);
         let keepalive = self.keepalive.map(|every| {
             let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -275,6 +305,8 @@ impl Endpoint {
         });
         let (shutdown, hub_tasks) = (self.shutdown.clone(), self.hub_tasks.clone());
         let pump = Pump {
+            _slot: slot,
+            expiry,
             results: self.schema.execute_stream(request).boxed(),
             early: None,
             phase: Phase::Opening,
@@ -323,6 +355,10 @@ enum Phase {
 /// Turns an operation's results into the event stream, one chunk per poll of
 /// the response body, so nothing waits here for a client that does not read.
 struct Pump {
+    /// The stream's place in its user's connection count.
+    _slot: ConnectionSlot,
+    /// When the token the stream was opened with expires.
+    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
     results: BoxStream<'static, async_graphql::Response>,
     /// What the operation had ready when it started, sent after the opening
     /// comment.
@@ -355,6 +391,14 @@ impl Pump {
                         biased;
                         item = self.results.next() => return Some(self.on_item(item)),
                         () = &mut self.hub_stopped => self.phase = Phase::Draining,
+                        () = expiry(&mut self.expiry) => {
+                            // The operation ends here: its error, then `complete`.
+                            self.results = futures_util::stream::empty().boxed();
+                            let err = AuthError::Expired;
+                            return Some(next_event(&async_graphql::Response::from_errors(
+                                vec![coded_error(err.to_string(), err.code())],
+                            )));
+                        }
                         () = tick(&mut self.keepalive), if !self.shutdown.is_cancelled() => {
                             return Some(Bytes::from_static(COMMENT));
                         }

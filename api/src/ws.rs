@@ -33,6 +33,7 @@ use tokio_stream::StreamMap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{coded_error, Authenticator, ConnectionSlot, Principal, Users};
 use crate::schema::{compiled, ApiSchema, Limits, Services};
 use crate::shared_json::write_response_json;
 
@@ -54,6 +55,10 @@ pub mod close {
     pub const DUPLICATE_ID: u16 = 4409;
     /// A second `connection_init`.
     pub const TOO_MANY_INITS: u16 = 4429;
+    /// `connection_init` without valid credentials, or the token expired.
+    pub const FORBIDDEN: u16 = 4403;
+    /// The user holds the most connections allowed (RFC 6455 policy violation).
+    pub const POLICY: u16 = 1008;
 }
 
 #[derive(Debug, Clone)]
@@ -65,6 +70,8 @@ pub struct WsConfig {
     pub keepalive: Option<Duration>,
     /// Most bytes of messages one connection may have waiting for the client.
     pub max_queued_bytes: usize,
+    /// Most operations running at once on one connection.
+    pub max_subscriptions: usize,
 }
 
 impl Default for WsConfig {
@@ -73,6 +80,7 @@ impl Default for WsConfig {
             init_timeout: Duration::from_secs(3),
             keepalive: Some(Duration::from_secs(15)),
             max_queued_bytes: 16 << 20,
+            max_subscriptions: 100,
         }
     }
 }
@@ -423,13 +431,15 @@ pub struct Direct {
     pub limits: Limits,
 }
 
-/// What a connection serves: the schema, its direct path, the protocol and
-/// the WebSocket settings.
+/// What a connection serves: the schema, its direct path, the protocol, the
+/// WebSocket settings, and who may use it.
 pub struct Handler {
     pub schema: ApiSchema,
     pub direct: Direct,
     pub protocol: Protocol,
     pub cfg: WsConfig,
+    pub auth: Authenticator,
+    pub users: Arc<Users>,
 }
 
 /// One connection's state.
@@ -439,12 +449,27 @@ struct Connection {
     direct: Direct,
     outbox: Outbox,
     ops: StreamMap<String, OpStream>,
-    initialised: bool,
+    auth: Authenticator,
+    users: Arc<Users>,
+    max_subscriptions: usize,
+    /// Set by `connection_init`: who the connection runs as, and its place in
+    /// the user's connection count.
+    session: Option<(Principal, ConnectionSlot)>,
 }
 
 impl Connection {
-    fn start(&mut self, id: String, request: Request) {
+    fn initialised(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// When the connection's token expires.
+    fn expires_in(&self) -> Option<Duration> {
+        self.session.as_ref().and_then(|(p, _)| p.expires_in())
+    }
+
+    fn start(&mut self, id: String, request: Request, who: Principal) {
         let gate = Arc::clone(&self.outbox.gate);
+        let request = request.data(who.clone());
         let results = match compiled::plan(&request, &self.direct.limits) {
             Some(plan) => {
                 let schema = self.schema.clone();
@@ -452,6 +477,7 @@ impl Connection {
                 compiled::run(
                     plan,
                     Arc::clone(&self.direct.services),
+                    who,
                     Some(gate),
                     move || schema.execute_stream(request.data(fallback_gate)),
                 )
@@ -474,13 +500,37 @@ impl Connection {
         };
         match (self.protocol, msg.kind.as_str()) {
             (_, "connection_init") => {
-                if self.initialised {
+                if self.initialised() {
                     return Some(End::Close(close_frame(
                         close::TOO_MANY_INITS,
                         "Too many initialisation requests",
                     )));
                 }
-                self.initialised = true;
+                let payload = match msg
+                    .payload
+                    .as_deref()
+                    .map(|p| serde_json::from_str(p.get()))
+                {
+                    None => None,
+                    Some(Ok(v)) => Some(v),
+                    Some(Err(e)) => {
+                        return Some(bad_request(format!("invalid connection_init payload: {e}")))
+                    }
+                };
+                let who = match self.auth.from_init_payload(payload.as_ref()) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        return Some(End::Close(close_frame(
+                            close::FORBIDDEN,
+                            format!("Forbidden: {e}"),
+                        )))
+                    }
+                };
+                let slot = match self.users.connect(&who) {
+                    Ok(s) => s,
+                    Err(e) => return Some(End::Close(close_frame(close::POLICY, e.to_string()))),
+                };
+                self.session = Some((who, slot));
                 self.send(control("connection_ack"))?;
                 if self.protocol == Protocol::Legacy {
                     self.send(control("ka"))?;
@@ -490,9 +540,10 @@ impl Connection {
             (Protocol::TransportWs, "ping") => self.send(control("pong")),
             (Protocol::TransportWs, "pong") => None,
             (Protocol::TransportWs, "subscribe") | (Protocol::Legacy, "start") => {
-                if !self.initialised {
+                let Some((who, _)) = &self.session else {
                     return Some(End::Close(close_frame(close::UNAUTHORIZED, "Unauthorized")));
-                }
+                };
+                let who = who.clone();
                 let Some(id) = msg.id.filter(|id| !id.is_empty()) else {
                     return Some(bad_request(format!("`{}` without an id", msg.kind)));
                 };
@@ -513,7 +564,29 @@ impl Connection {
                         format!("Subscriber for {id} already exists"),
                     )));
                 }
-                self.start(id, request);
+                // Refused operations get `error` and the connection stays.
+                let refused = if self.ops.len() >= self.max_subscriptions {
+                    Some((
+                        format!(
+                            "at most {} operations at once on one connection",
+                            self.max_subscriptions
+                        ),
+                        "TOO_MANY_SUBSCRIPTIONS",
+                    ))
+                } else {
+                    self.users
+                        .request(&who, 1)
+                        .err()
+                        .map(|e| (e.to_string(), e.code()))
+                };
+                if let Some((message, code)) = refused {
+                    return self.send(text(
+                        "error",
+                        Some(&id),
+                        Some(&[coded_error(message, code)]),
+                    ));
+                }
+                self.start(id, request, who);
                 None
             }
             (Protocol::TransportWs, "complete") => {
@@ -608,6 +681,8 @@ pub async fn serve(
         direct,
         protocol,
         cfg,
+        auth,
+        users,
     } = handler;
     let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -639,7 +714,10 @@ pub async fn serve(
             live,
         },
         ops: StreamMap::new(),
-        initialised: false,
+        auth,
+        users,
+        max_subscriptions: cfg.max_subscriptions,
+        session: None,
     };
     let init_deadline = tokio::time::sleep(cfg.init_timeout);
     let mut init_deadline = std::pin::pin!(init_deadline);
@@ -654,6 +732,7 @@ pub async fn serve(
     };
     let mut hub_stopped = std::pin::pin!(hub_stopped);
     let mut stopping = false;
+    let mut token_expiry = None;
     let end = loop {
         let end = tokio::select! {
             () = abort.cancelled() => Some(End::Gone),
@@ -682,11 +761,14 @@ pub async fn serve(
                 }
                 None => Some(End::Gone),
             },
-            () = &mut init_deadline, if !conn.initialised && !stopping => Some(End::Close(close_frame(
+            () = expiry(&mut token_expiry), if !stopping => Some(End::Close(
+                close_frame(close::FORBIDDEN, "Forbidden: token expired"),
+            )),
+            () = &mut init_deadline, if !conn.initialised() && !stopping => Some(End::Close(close_frame(
                 close::INIT_TIMEOUT,
                 "Connection initialisation timeout",
             ))),
-            () = tick(&mut keepalive), if conn.initialised && !stopping => {
+            () = tick(&mut keepalive), if conn.initialised() && !stopping => {
                 let kind = match protocol {
                     Protocol::TransportWs => "ping",
                     Protocol::Legacy => "ka",
@@ -711,6 +793,11 @@ pub async fn serve(
         if let Some(end) = end {
             break end;
         }
+        if token_expiry.is_none() {
+            token_expiry = conn
+                .expires_in()
+                .map(|left| Box::pin(tokio::time::sleep(left)));
+        }
     };
     match end {
         End::Close(frame) => conn.outbox.close(frame),
@@ -726,6 +813,14 @@ pub async fn serve(
         Ok(Err(e)) => tracing::warn!(error = %e, "websocket writer task failed"),
         // A client that reads nothing cannot hold the connection open.
         Err(_) => writer.abort(),
+    }
+}
+
+/// Resolves when the connection's token expires; never before it has one.
+pub(crate) async fn expiry(timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(t) => t.await,
+        None => std::future::pending().await,
     }
 }
 

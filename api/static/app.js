@@ -4,6 +4,10 @@
 // through textContent and setAttribute.
 
 const GRAPHQL_URL = '/graphql';
+// With authentication on, open the page as /live#token=<JWT>: the fragment
+// never reaches the server's logs or other sites' Referer headers.
+const TOKEN = new URLSearchParams(location.hash.slice(1)).get('token');
+const AUTH = TOKEN ? { authorization: `Bearer ${TOKEN}` } : {};
 const WS_URL = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/graphql/ws`;
 const QUOTE_FIELDS = ['bid', 'ask', 'mid', 'spread', 'bidSize', 'askSize', 'venue', 'ts'];
 const DEFAULT_FIELDS = ['bid', 'ask', 'mid', 'spread', 'ts'];
@@ -42,7 +46,7 @@ class GraphQLSocket {
     const ws = new WebSocket(this.url, 'graphql-transport-ws');
     this.ws = ws;
     this.ready = false;
-    ws.onopen = () => ws.send(JSON.stringify({ type: 'connection_init', payload: {} }));
+    ws.onopen = () => ws.send(JSON.stringify({ type: 'connection_init', payload: AUTH }));
     ws.onmessage = (event) => this.receive(JSON.parse(event.data));
     ws.onclose = (event) => {
       this.ready = false;
@@ -100,7 +104,7 @@ class GraphQLSocket {
 async function graphql(query, variables = {}) {
   const res = await fetch(GRAPHQL_URL, {
     method: 'POST',
-    headers: { 'content-type': 'application/json' },
+    headers: { 'content-type': 'application/json', ...AUTH },
     body: JSON.stringify({ query, variables }),
   });
   const body = await res.json();

@@ -49,6 +49,8 @@ pub struct FeedConfig {
     /// Stop after this long (None: until shutdown).
     pub duration: Option<Duration>,
     pub seed: u64,
+    /// The producer's bearer token (none in dev mode).
+    pub token: Option<String>,
 }
 
 impl FeedConfig {
@@ -64,6 +66,7 @@ impl FeedConfig {
             msgpack: false,
             duration: None,
             seed: 42,
+            token: None,
         }
     }
 }
@@ -83,6 +86,8 @@ pub enum FeedError {
     NoInstruments,
     #[error("building the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    #[error("the producer token cannot be an HTTP header value")]
+    BadToken,
 }
 
 #[derive(Default)]
@@ -302,8 +307,16 @@ pub async fn run(
     if market.is_empty() {
         return Err(FeedError::NoInstruments);
     }
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = &cfg.token {
+        let mut value = reqwest::header::HeaderValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| FeedError::BadToken)?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
+        .default_headers(headers)
         .build()?;
     let url = format!("{}/v1/events", cfg.ingest_url.trim_end_matches('/'));
     let content_type = if cfg.msgpack {

@@ -10,6 +10,8 @@
 //!   one pipelined round trip to Redis.
 //! - [`spool`]: the local disk spool that holds answered rounds while Redis
 //!   cannot take them.
+//! - [`producers`]: who may send events: producer tokens (by their SHA-256),
+//!   the sources each may claim, per-producer rate limits.
 //! - [`server`]: the HTTP edge (`POST /v1/events`), built by [`server::router`].
 //! - [`ops`]: what every component serves for operators: `/metrics` (one
 //!   prometheus-client registry per process), `/healthz`, `/readyz` and its
@@ -24,6 +26,7 @@ pub mod event;
 pub mod feed;
 pub mod metrics;
 pub mod ops;
+pub mod producers;
 pub mod server;
 pub mod spool;
 pub mod stream;

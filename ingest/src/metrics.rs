@@ -37,6 +37,9 @@ pub fn rejection_code(reason: &str) -> &'static str {
         "malformed"
     } else if reason.contains("missing required field") {
         "missing_field"
+    } else if reason.starts_with("source ") && reason.contains("is not one producer") {
+        // See `server::ingest_batch`: the token does not own the source.
+        "unowned_source"
     } else if reason.starts_with("a trade has no field")
         || reason.starts_with("a quote has no field")
     {
@@ -208,6 +211,24 @@ mod tests {
             };
             assert_eq!(rejection_code(&r.0), code, "{}", r.0);
         }
+        let producers = crate::producers::Producers::parse(
+            format!(
+                r#"{{"producers":[{{"name":"p","token_sha256":"{}","sources":["a"]}}]}}"#,
+                crate::producers::token_sha256("t")
+            )
+            .as_bytes(),
+        )
+        .expect("producers");
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            "Bearer t".parse().expect("header"),
+        );
+        let p = producers
+            .authenticate(&headers)
+            .expect("known")
+            .expect("producer");
+        assert_eq!(rejection_code(&p.unowned("b").0), "unowned_source");
     }
 
     #[test]

@@ -2,10 +2,14 @@
 //!
 //! - `POST /v1/events`: one batch per request, format by Content-Type (see
 //!   [`crate::wire::Format`]). 200 with a per-event answer; 400 unreadable body;
-//!   413 too many events or bytes; 415 unknown Content-Type; 503 event store down.
+//!   401 missing or unknown producer token; 413 too many events or bytes; 415
+//!   unknown Content-Type; 429 over the producer's rate (with `Retry-After`,
+//!   nothing of the batch taken); 503 event store down. An event whose `source`
+//!   the token does not own is rejected, with that reason, like any invalid one.
 //! - `GET /v1/stream`: a WebSocket for high-rate producers. Each text message is a
 //!   JSON array or NDJSON batch, each binary message a MessagePack array; each gets
 //!   one answer message, in order, carrying the batch's number on the connection.
+//!   The token goes on the upgrade request (401 before the upgrade).
 //!
 //! `/metrics`, `/healthz` and `/readyz` come from [`crate::ops`], merged in by
 //! whoever serves this router, with what [`Ingest::register_ops`] adds.
@@ -15,7 +19,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
@@ -25,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::event::now_nanos;
 use crate::metrics::IngestMetrics;
+use crate::producers::{Producer, ProducerRefusal, Producers};
 use crate::stream::{DeadLetter, RawRecord, StreamLayout};
 use crate::wire::{decode_batch, BatchError, Format};
 use crate::writer::{RawEntry, StreamWriter, WriteError, WriterConfig};
@@ -38,6 +43,8 @@ pub struct IngestConfig {
     pub max_body_bytes: usize,
     /// The stream writer: linger, spool, Redis timeout, dead-letter trimming.
     pub writer: WriterConfig,
+    /// Who may send: producer tokens, or the open dev mode.
+    pub producers: Producers,
 }
 
 impl IngestConfig {
@@ -47,6 +54,7 @@ impl IngestConfig {
             layout,
             max_batch_events: 10_000,
             max_body_bytes: 16 * 1024 * 1024,
+            producers: Producers::Open,
         }
     }
 }
@@ -152,6 +160,8 @@ enum BatchFailure {
     Body(String),
     #[error(transparent)]
     Write(#[from] WriteError),
+    #[error(transparent)]
+    Refused(#[from] ProducerRefusal),
 }
 
 impl BatchFailure {
@@ -165,6 +175,10 @@ impl BatchFailure {
             }
             BatchFailure::UnsupportedType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BatchFailure::Write(_) => StatusCode::SERVICE_UNAVAILABLE,
+            BatchFailure::Refused(ProducerRefusal::RateLimited { .. }) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            BatchFailure::Refused(_) => StatusCode::UNAUTHORIZED,
         }
     }
 }
@@ -172,7 +186,22 @@ impl BatchFailure {
 impl IntoResponse for BatchFailure {
     fn into_response(self) -> Response {
         let body = Json(serde_json::json!({ "error": self.to_string() }));
-        (self.status(), body).into_response()
+        let mut out = (self.status(), body).into_response();
+        match &self {
+            BatchFailure::Refused(ProducerRefusal::RateLimited { retry_after, .. }) => {
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                out.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            BatchFailure::Refused(_) => {
+                out.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"tickgraph-ingest\""),
+                );
+            }
+            _ => {}
+        }
+        out
     }
 }
 
@@ -180,17 +209,27 @@ impl IntoResponse for BatchFailure {
 /// ones to the dead-letter stream, and answers per event.
 async fn ingest_batch(
     shared: &Shared,
+    producer: Option<&Producer>,
     format: Format,
     body: &[u8],
 ) -> Result<BatchAnswer, BatchFailure> {
     let ingest_ns = now_nanos();
     let items = decode_batch(format, body, shared.cfg.max_batch_events)?;
     let received = items.len();
+    if let Some(p) = producer {
+        p.admit(received)?;
+    }
     let mut entries = Vec::with_capacity(received);
     let mut dead = Vec::new();
     let mut rejected = Vec::new();
     for (index, item) in items.into_iter().enumerate() {
         let outcome = item.outcome.and_then(|event| {
+            if let Some(p) = producer {
+                let source = &event.header().source;
+                if !p.owns(source.as_str()) {
+                    return Err(p.unowned(source.as_str()));
+                }
+            }
             let shard = shared.cfg.layout.shard_of(&event.header().instrument);
             RawRecord { event, ingest_ns }
                 .encode()
@@ -236,6 +275,7 @@ async fn post_events(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    let producer = shared.cfg.producers.authenticate(&headers)?;
     let format =
         Format::from_content_type(ct).ok_or_else(|| BatchFailure::UnsupportedType(ct.into()))?;
     let limit = shared.cfg.max_body_bytes;
@@ -248,19 +288,34 @@ async fn post_events(
             BatchFailure::Body(e.to_string())
         }
     })?;
-    ingest_batch(&shared, format, &bytes).await.map(Json)
+    ingest_batch(&shared, producer.as_deref(), format, &bytes)
+        .await
+        .map(Json)
 }
 
-async fn stream_events(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> Response {
+/// The producer is authenticated once, on the upgrade request.
+async fn stream_events(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let producer = match shared.cfg.producers.authenticate(&headers) {
+        Ok(p) => p,
+        Err(e) => return BatchFailure::from(e).into_response(),
+    };
     let limit = shared.cfg.max_body_bytes;
     ws.max_message_size(limit)
-        .on_upgrade(move |socket| stream_session(shared, socket))
+        .on_upgrade(move |socket| stream_session(shared, producer, socket))
 }
 
 /// One producer's streaming session. Batches are taken one at a time, so a
 /// producer's events keep their order across batches. On shutdown the batch in
 /// hand is finished and answered, then the session closes with 1001 (going away).
-async fn stream_session(shared: Arc<Shared>, mut socket: WebSocket) {
+async fn stream_session(
+    shared: Arc<Shared>,
+    producer: Option<Arc<Producer>>,
+    mut socket: WebSocket,
+) {
     let mut batch = 0u64;
     loop {
         let msg = tokio::select! {
@@ -293,7 +348,7 @@ async fn stream_session(shared: Arc<Shared>, mut socket: WebSocket) {
             Ok(_) => continue,
         };
         batch += 1;
-        let reply = match ingest_batch(&shared, format, &bytes).await {
+        let reply = match ingest_batch(&shared, producer.as_deref(), format, &bytes).await {
             Ok(mut answer) => {
                 answer.batch = Some(batch);
                 serde_json::to_string(&answer)

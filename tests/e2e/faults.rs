@@ -86,6 +86,7 @@ impl Rig {
             .args(["--redis-url", &self.redis.url()])
             .args(["--database-url", &self.db_url])
             .args(["--shards", &SHARDS.to_string()])
+            .arg("--dev-mode")
             .arg(role)
             .args(args)
             .env("RUST_LOG", "info")

@@ -55,6 +55,7 @@ pub struct TestApp {
     pub pool: PgPool,
     pub redis: redis::aio::MultiplexedConnection,
     pub http: reqwest::Client,
+    pub hub: tickgraph_api::Hub,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), PipelineError>>,
 }
@@ -94,6 +95,7 @@ pub async fn spawn_app_with(
         .await
         .expect("pipeline starts");
     let (ingest, api) = (pipeline.ingest_addr, pipeline.api_addr);
+    let hub = pipeline.hub.clone();
     TestApp {
         ingest: format!("http://{ingest}"),
         api: format!("http://{api}"),
@@ -102,6 +104,7 @@ pub async fn spawn_app_with(
         pool,
         redis,
         http: reqwest::Client::new(),
+        hub,
         shutdown,
         task: tokio::spawn(pipeline.wait()),
     }

@@ -3,6 +3,7 @@
 //! real HTTP and WebSocket clients. Each test has its own database
 //! (`#[sqlx::test]`) and its own stream prefix, so tests run in parallel.
 
+mod auth;
 mod bad_input;
 mod faults;
 mod flow;

@@ -32,6 +32,7 @@ use futures_util::StreamExt;
 use super::fast::{QUOTE_LEAVES, TRADE_LEAVES};
 use super::live::{hub_error, open_with, LiveArgs, LiveKind};
 use super::{Limits, Services};
+use crate::auth::Principal;
 use crate::hub::Filter;
 use crate::shared_json::SelectionKey;
 use crate::tick::{QuoteTick, TradeTick};
@@ -104,6 +105,8 @@ fn fits(declared: &Type, expected: &str) -> bool {
 
 /// The plan of `request`, when it is a subscription of the plain shape.
 pub fn plan(request: &Request, limits: &Limits) -> Option<Plan> {
+    // The parser must not see what the guard refuses; the executor refuses it.
+    super::guard::check_text(&request.query, &limits.guard).ok()?;
     let doc = async_graphql::parser::parse_query(&request.query).ok()?;
     if !doc.fragments.is_empty() {
         return None;
@@ -245,6 +248,7 @@ fn set(args: &mut Args, name: &str, value: Value) -> Option<()> {
 pub fn run(
     plan: Plan,
     services: Arc<Services>,
+    who: Principal,
     gate: Option<Arc<Gate>>,
     fallback: impl FnOnce() -> BoxStream<'static, Response> + Send + 'static,
 ) -> BoxStream<'static, Response> {
@@ -261,10 +265,10 @@ pub fn run(
         };
         let opened = match field {
             Field::Trades => {
-                serve::<TradeTick>(&services, gate, f, args.after, selection, key, pos).await
+                serve::<TradeTick>(&services, &who, gate, f, args.after, selection, key, pos).await
             }
             Field::Quotes => {
-                serve::<QuoteTick>(&services, gate, f, args.after, selection, key, pos).await
+                serve::<QuoteTick>(&services, &who, gate, f, args.after, selection, key, pos).await
             }
         };
         opened.unwrap_or_else(fallback)
@@ -275,8 +279,10 @@ pub fn run(
 
 /// Opens the feed and answers each event with its shared JSON under `key`;
 /// `None` when opening fails.
+#[allow(clippy::too_many_arguments)]
 async fn serve<T: LiveKind>(
     services: &Services,
+    who: &Principal,
     gate: Option<Arc<Gate>>,
     filter: Filter,
     after: Option<String>,
@@ -284,7 +290,9 @@ async fn serve<T: LiveKind>(
     key: Name,
     pos: Pos,
 ) -> Option<BoxStream<'static, Response>> {
-    let feed = open_with::<T>(services, gate, filter, after).await.ok()?;
+    let feed = open_with::<T>(services, who, gate, filter, after)
+        .await
+        .ok()?;
     Some(
         feed.map(move |r| match r {
             Ok(t) => match t.json(&selection.key, &selection.set) {
@@ -315,6 +323,7 @@ mod tests {
             max_depth: 16,
             max_complexity: 10_000,
             introspection: true,
+            guard: Default::default(),
         }
     }
 

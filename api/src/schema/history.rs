@@ -8,8 +8,8 @@ use async_graphql::{Context, Object, Result};
 use chrono::{DateTime, Utc};
 
 use super::types::{QuoteNode, SortOrder, TradeNode};
-use super::{internal, page_cost, page_size, Services};
-use crate::history::{self, HistoryKey, Order, Page};
+use super::{internal, page_cost, page_size, principal, Services};
+use crate::history::{self, HistoryKey, Order, Page, Visible};
 use crate::tick::{QuoteRow, TradeRow};
 
 /// The opaque `after` cursor of history pages: a row's (ts, source, seq).
@@ -93,6 +93,7 @@ fn page_request(
             SortOrder::Asc => Order::Asc,
             SortOrder::Desc => Order::Desc,
         },
+        visible: Visible::all(),
     };
     Ok((page, first))
 }
@@ -137,7 +138,8 @@ impl HistoryQuery {
         #[graphql(default)] order: SortOrder,
     ) -> Result<Connection<HistoryCursor, TradeNode>> {
         let s = ctx.data::<Services>()?;
-        let (page, first) = page_request(instrument, from, to, first, after, order)?;
+        let (mut page, first) = page_request(instrument, from, to, first, after, order)?;
+        page.visible = Visible::of(principal(ctx)?.entitlements());
         let rows = history::trade_page(&s.pool, &page)
             .await
             .map_err(|e| internal("history", e))?;
@@ -161,7 +163,8 @@ impl HistoryQuery {
         #[graphql(default)] order: SortOrder,
     ) -> Result<Connection<HistoryCursor, QuoteNode>> {
         let s = ctx.data::<Services>()?;
-        let (page, first) = page_request(instrument, from, to, first, after, order)?;
+        let (mut page, first) = page_request(instrument, from, to, first, after, order)?;
+        page.visible = Visible::of(principal(ctx)?.entitlements());
         let rows = history::quote_page(&s.pool, &page)
             .await
             .map_err(|e| internal("history", e))?;

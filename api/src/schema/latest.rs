@@ -12,8 +12,10 @@ use std::sync::Arc;
 use async_graphql::{Context, Object, Result};
 
 use super::types::{QuoteNode, TradeNode};
-use super::{internal, list_cost, Services, MAX_INSTRUMENTS};
-use crate::history;
+use super::{internal, list_cost, principal, Services, MAX_INSTRUMENTS};
+use crate::auth::Principal;
+use crate::history::{self, Visible};
+use crate::tick::TickMeta;
 
 fn check_len(instruments: &[String]) -> Result<()> {
     if instruments.len() > MAX_INSTRUMENTS {
@@ -63,15 +65,33 @@ where
     Ok(found)
 }
 
-async fn latest_trades(s: &Services, instruments: &[String]) -> Result<Vec<Option<TradeNode>>> {
+/// The hub's ticks that `who` may see; the others are looked up in history,
+/// which answers the newest row `who` may see.
+fn visible_only<T: TickMeta>(found: Vec<Option<Arc<T>>>, who: &Principal) -> Vec<Option<Arc<T>>> {
+    let e = who.entitlements();
+    if e.is_all() {
+        return found;
+    }
+    found
+        .into_iter()
+        .map(|t| t.filter(|t| e.allows(t.venue(), t.asset_class())))
+        .collect()
+}
+
+async fn latest_trades(
+    s: &Services,
+    who: &Principal,
+    instruments: &[String],
+) -> Result<Vec<Option<TradeNode>>> {
     check_len(instruments)?;
-    let found = s.hub.latest_trades(instruments);
+    let found = visible_only(s.hub.latest_trades(instruments), who);
     let pool = s.pool.clone();
+    let visible = Visible::of(who.entitlements());
     let filled = fill_from_history(
         s,
         instruments,
         found,
-        |missing| async move { history::trades_as_of(&pool, &missing, i64::MAX).await },
+        |missing| async move { history::trades_as_of(&pool, &missing, i64::MAX, &visible).await },
         crate::tick::TradeRow::into_tick,
         |r| r.instrument.as_str(),
     )
@@ -79,15 +99,20 @@ async fn latest_trades(s: &Services, instruments: &[String]) -> Result<Vec<Optio
     Ok(filled.into_iter().map(|t| t.map(TradeNode)).collect())
 }
 
-async fn latest_quotes(s: &Services, instruments: &[String]) -> Result<Vec<Option<QuoteNode>>> {
+async fn latest_quotes(
+    s: &Services,
+    who: &Principal,
+    instruments: &[String],
+) -> Result<Vec<Option<QuoteNode>>> {
     check_len(instruments)?;
-    let found = s.hub.latest_quotes(instruments);
+    let found = visible_only(s.hub.latest_quotes(instruments), who);
     let pool = s.pool.clone();
+    let visible = Visible::of(who.entitlements());
     let filled = fill_from_history(
         s,
         instruments,
         found,
-        |missing| async move { history::quotes_as_of(&pool, &missing, i64::MAX).await },
+        |missing| async move { history::quotes_as_of(&pool, &missing, i64::MAX, &visible).await },
         crate::tick::QuoteRow::into_tick,
         |r| r.instrument.as_str(),
     )
@@ -107,7 +132,10 @@ impl LatestQuery {
         instrument: String,
     ) -> Result<Option<QuoteNode>> {
         let s = ctx.data::<Services>()?;
-        Ok(latest_quotes(s, &[instrument]).await?.pop().flatten())
+        Ok(latest_quotes(s, principal(ctx)?, &[instrument])
+            .await?
+            .pop()
+            .flatten())
     }
 
     /// The instrument's newest trade by event time; null when it has none.
@@ -117,7 +145,10 @@ impl LatestQuery {
         instrument: String,
     ) -> Result<Option<TradeNode>> {
         let s = ctx.data::<Services>()?;
-        Ok(latest_trades(s, &[instrument]).await?.pop().flatten())
+        Ok(latest_trades(s, principal(ctx)?, &[instrument])
+            .await?
+            .pop()
+            .flatten())
     }
 
     /// The newest quote of each instrument, in the order asked (at most 1000);
@@ -128,7 +159,7 @@ impl LatestQuery {
         ctx: &Context<'_>,
         instruments: Vec<String>,
     ) -> Result<Vec<Option<QuoteNode>>> {
-        latest_quotes(ctx.data::<Services>()?, &instruments).await
+        latest_quotes(ctx.data::<Services>()?, principal(ctx)?, &instruments).await
     }
 
     /// The newest trade of each instrument, in the order asked (at most 1000);
@@ -139,6 +170,6 @@ impl LatestQuery {
         ctx: &Context<'_>,
         instruments: Vec<String>,
     ) -> Result<Vec<Option<TradeNode>>> {
-        latest_trades(ctx.data::<Services>()?, &instruments).await
+        latest_trades(ctx.data::<Services>()?, principal(ctx)?, &instruments).await
     }
 }

@@ -15,8 +15,9 @@ use bytes::Bytes;
 
 use super::fast::{quote_json, trade_json, LiveQuote, LiveTrade};
 use super::types::{AssetClassKind, SideKind};
-use super::{internal, Services, MAX_FILTER_VALUES};
-use crate::history;
+use super::{internal, principal, Services, MAX_FILTER_VALUES};
+use crate::auth::Principal;
+use crate::history::{self, Visible};
 use crate::hub::{Feed, Filter, HubError, MaxRate, Resumed};
 use crate::resume::ResumeCursor;
 use crate::shared_json::SelectionKey;
@@ -64,6 +65,7 @@ impl LiveArgs {
             sides: self.sides.map(|v| v.into_iter().map(Into::into).collect()),
             max_rate: self.max_rate.map(MaxRate::per_second).transpose()?,
             snapshot: self.snapshot,
+            entitled: None,
         })
     }
 }
@@ -79,10 +81,11 @@ pub(crate) trait LiveKind: TickMeta + Sized + Send + Sync + 'static {
         filter: Filter,
         after: &str,
     ) -> impl Future<Output = Result<Resumed<Self>, HubError>> + Send;
-    /// The newest history row of each of `instruments`.
+    /// The newest history row of each of `instruments` that `visible` lets through.
     fn latest_rows(
         pool: &PgPool,
         instruments: &[String],
+        visible: &Visible,
     ) -> impl Future<Output = Result<Vec<Self::Row>, sqlx::Error>> + Send;
     fn into_tick(row: Self::Row, shards: u16) -> Result<Self, TickError>;
 }
@@ -109,8 +112,9 @@ impl LiveKind for TradeTick {
     fn latest_rows(
         pool: &PgPool,
         instruments: &[String],
+        visible: &Visible,
     ) -> impl Future<Output = Result<Vec<TradeRow>, sqlx::Error>> + Send {
-        history::trades_as_of(pool, instruments, i64::MAX)
+        history::trades_as_of(pool, instruments, i64::MAX, visible)
     }
 
     fn into_tick(row: TradeRow, shards: u16) -> Result<Self, TickError> {
@@ -140,8 +144,9 @@ impl LiveKind for QuoteTick {
     fn latest_rows(
         pool: &PgPool,
         instruments: &[String],
+        visible: &Visible,
     ) -> impl Future<Output = Result<Vec<QuoteRow>, sqlx::Error>> + Send {
-        history::quotes_as_of(pool, instruments, i64::MAX)
+        history::quotes_as_of(pool, instruments, i64::MAX, visible)
     }
 
     fn into_tick(row: QuoteRow, shards: u16) -> Result<Self, TickError> {
@@ -168,16 +173,22 @@ async fn open<T: LiveKind>(
     after: Option<String>,
 ) -> Result<Resumed<T>> {
     let gate = ctx.data_opt::<Arc<Gate>>().cloned();
-    open_with(ctx.data::<Services>()?, gate, filter, after).await
+    let who = principal(ctx)?;
+    open_with(ctx.data::<Services>()?, who, gate, filter, after).await
 }
 
-/// [`open`] without a GraphQL context.
+/// [`open`] without a GraphQL context. The feed carries only what `who` is
+/// entitled to, whatever the filter asks for.
 pub(crate) async fn open_with<T: LiveKind>(
     s: &Services,
+    who: &Principal,
     gate: Option<Arc<Gate>>,
     mut filter: Filter,
     after: Option<String>,
 ) -> Result<Resumed<T>> {
+    let e = who.entitlements();
+    filter.entitled = (!e.is_all()).then(|| e.clone());
+    let visible = Visible::of(e);
     match after {
         Some(_) if filter.snapshot => Err(
             "`after` and `snapshot` cannot be combined: `after` resumes exactly where the \
@@ -189,10 +200,10 @@ pub(crate) async fn open_with<T: LiveKind>(
         Some(after) if filter.max_rate.is_some() => {
             ResumeCursor::parse(&after, s.shards).map_err(|e| hub_error(e.into()))?;
             filter.snapshot = true;
-            from_now(s, gate, filter).await
+            from_now(s, gate, filter, &visible).await
         }
         Some(after) => T::resume(&s.hub, filter, &after).await.map_err(hub_error),
-        None => from_now(s, gate, filter).await,
+        None => from_now(s, gate, filter, &visible).await,
     }
 }
 
@@ -204,6 +215,7 @@ async fn from_now<T: LiveKind>(
     s: &Services,
     gate: Option<Arc<Gate>>,
     filter: Filter,
+    visible: &Visible,
 ) -> Result<Resumed<T>> {
     let gate = gate.filter(|_| filter.max_rate.is_some());
     // A snapshot of every instrument holds what this process has seen; the
@@ -227,7 +239,7 @@ async fn from_now<T: LiveKind>(
         feed.complete_from(known);
     }
     if !feed.not_in_snapshot().is_empty() {
-        let rows = T::latest_rows(&s.pool, feed.not_in_snapshot())
+        let rows = T::latest_rows(&s.pool, feed.not_in_snapshot(), visible)
             .await
             .map_err(|e| internal("history", e))?;
         let ticks = rows

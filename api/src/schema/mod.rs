@@ -1,13 +1,15 @@
 //! The GraphQL schema, split by domain and merged: reference data
 //! ([`refdata`]), latest values ([`latest`]), history pages ([`history`]),
 //! snapshots ([`snapshot`]) and live subscriptions ([`live`]); the shared output
-//! types live in [`types`].
+//! types live in [`types`]. [`guard`] bounds a document's size and shape
+//! before async-graphql parses it.
 //!
 //! [`build`] is the one place the schema is assembled, for the server, the tests
 //! and the SDL export alike.
 
 pub mod compiled;
 mod fast;
+pub mod guard;
 pub mod history;
 pub mod latest;
 pub mod live;
@@ -15,10 +17,13 @@ pub mod refdata;
 pub mod snapshot;
 pub mod types;
 
-use async_graphql::{EmptyMutation, MergedObject, MergedSubscription, Schema, SchemaBuilder};
+use async_graphql::{
+    EmptyMutation, ErrorExtensions, MergedObject, MergedSubscription, Schema, SchemaBuilder,
+};
 use sqlx::PgPool;
 use tickgraph_enrich::refdata::RefCache;
 
+use crate::auth::Principal;
 use crate::hub::Hub;
 
 /// Most items one page may hold.
@@ -57,6 +62,8 @@ pub struct Limits {
     pub max_depth: usize,
     pub max_complexity: usize,
     pub introspection: bool,
+    /// Size and shape bounds checked before parsing ([`guard`]).
+    pub guard: guard::GuardLimits,
 }
 
 fn builder() -> SchemaBuilder<Query, EmptyMutation, Subscription> {
@@ -72,9 +79,15 @@ fn builder() -> SchemaBuilder<Query, EmptyMutation, Subscription> {
 }
 
 /// The schema a server runs.
-pub fn build(limits: Limits, services: Services) -> ApiSchema {
-    let b = builder()
-        .data(services)
+pub fn build(limits: Limits, services: Services, default: Option<Principal>) -> ApiSchema {
+    let mut b = builder().data(services);
+    if let Some(p) = default {
+        b = b.data(p);
+    }
+    let b = b
+        // First, so that nothing parses or visits a document it would refuse.
+        .extension(guard::Guard(limits.guard))
+        .limit_recursive_depth(limits.guard.max_nesting)
         .limit_depth(limits.max_depth)
         .limit_complexity(limits.max_complexity);
     if limits.introspection {
@@ -120,6 +133,18 @@ pub(crate) fn page_size(first: i32) -> async_graphql::Result<usize> {
         .ok()
         .filter(|f| *f <= MAX_PAGE)
         .ok_or_else(|| format!("`first` must be between 0 and {MAX_PAGE}, got {first}").into())
+}
+
+/// The principal the request runs as: the request's own (authenticated at
+/// the edge), else the schema's (dev mode). None at all is refused, so a
+/// forgotten edge can never serve data unauthenticated.
+pub(crate) fn principal<'a>(
+    ctx: &async_graphql::Context<'a>,
+) -> async_graphql::Result<&'a Principal> {
+    ctx.data_opt::<Principal>().ok_or_else(|| {
+        async_graphql::Error::new(crate::auth::AuthError::Missing.to_string())
+            .extend_with(|_, e| e.set("code", "UNAUTHENTICATED"))
+    })
 }
 
 /// A failure the client cannot fix: logged here in full, reported to the client

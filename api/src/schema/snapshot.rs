@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 
 use super::history::nanos;
 use super::types::{InstrumentNode, QuoteNode, TradeNode};
-use super::{internal, list_cost, Services, MAX_INSTRUMENTS};
-use crate::history;
+use super::{internal, list_cost, principal, Services, MAX_INSTRUMENTS};
+use crate::history::{self, Visible};
 
 /// GraphQL `InstrumentSnapshot`.
 pub struct InstrumentSnapshot {
@@ -69,10 +69,11 @@ impl SnapshotQuery {
             .into());
         }
         let s = ctx.data::<Services>()?;
+        let visible = Visible::of(principal(ctx)?.entitlements());
         let at_ns = nanos(at, "at")?;
         let (trades, quotes) = tokio::try_join!(
-            history::trades_as_of(&s.pool, &instruments, at_ns),
-            history::quotes_as_of(&s.pool, &instruments, at_ns),
+            history::trades_as_of(&s.pool, &instruments, at_ns, &visible),
+            history::quotes_as_of(&s.pool, &instruments, at_ns, &visible),
         )
         .map_err(|e| internal("history", e))?;
         let trades: HashMap<String, TradeNode> = trades

@@ -4,6 +4,7 @@
 
 mod helpers;
 mod history;
+mod hostile;
 mod http;
 mod latest;
 mod limits;
