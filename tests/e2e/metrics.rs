@@ -223,7 +223,7 @@ impl Drop for Proc {
 
 fn start(role: &str, redis_url: &str, db_url: &str, args: &[&str]) -> Proc {
     let child = Command::new(BIN)
-        .args(["--redis-url", redis_url, "--database-url", db_url, role])
+        .args(["--redis-url", redis_url, "--database-url", db_url, "--dev-mode", role])
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
