@@ -13,6 +13,11 @@
 //!   `/graphiql`) and [`serve`].
 //! - [`ws`] and [`sse`]: GraphQL over WebSocket (both protocols) and over
 //!   Server-Sent Events (graphql-sse, distinct connections mode).
+//! - [`metrics`]: what the hub and the sockets count, and the api's readiness
+//!   (Redis, Postgres, the hub's readers not behind), for
+//!   [`tickgraph_ingest::ops`].
+//! - [`telemetry`]: logs (text or JSON) and, when configured, span export over
+//!   OTLP/HTTP; one span per batch in every worker.
 //! - [`pipeline`]: every component in one process (`tickgraph all`, end-to-end
 //!   tests).
 //!
@@ -24,12 +29,14 @@ pub mod bench;
 pub mod history;
 pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod page;
 pub mod pipeline;
 pub mod resume;
 pub mod schema;
 pub mod shared_json;
 pub mod sse;
+pub mod telemetry;
 pub mod tick;
 pub mod ws;
 

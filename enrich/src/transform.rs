@@ -28,6 +28,20 @@ pub enum Unenrichable {
     Overflow(&'static str),
 }
 
+impl Unenrichable {
+    /// The reason as a short code, for the dead-letter metric's label (the text
+    /// names the missing key, so it cannot be one).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Unenrichable::UnknownInstrument(_) => "unknown_instrument",
+            Unenrichable::UnknownVenue(_) => "unknown_venue",
+            Unenrichable::UnknownAccount(_) => "unknown_account",
+            Unenrichable::NoFxRate(_) => "no_fx_rate",
+            Unenrichable::Overflow(_) => "overflow",
+        }
+    }
+}
+
 /// Joins `rec` against `refs` and computes the derived fields.
 ///
 /// The event's venue must be a known venue, but need not be the instrument's

@@ -10,3 +10,4 @@ mod latest;
 mod limits;
 mod refdata;
 mod subscriptions;
+mod telemetry;
