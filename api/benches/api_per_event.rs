@@ -275,6 +275,7 @@ fn live(refs: &RefData, queries: &[String], trade_ratio: f64) -> Live {
             max_depth: defaults.max_depth,
             max_complexity: defaults.max_complexity,
             introspection: defaults.introspection,
+            guard: defaults.guard,
         },
         Services {
             pool,

@@ -98,7 +98,8 @@ pub fn router(
                 hub_tasks.clone(),
                 auth.clone(),
                 Arc::clone(&users),
-            ),
+            )
+            .counted(direct.services.hub.metrics().clone()),
             schema,
             ws,
             direct,

@@ -47,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Entitlements, Scope};
+use crate::metrics::{ApiMetrics, Dispatched};
 use crate::resume::{
     entry_id, event_position, parse_position, CursorError, Position, ResumeBase, ResumeCursor,
     WHOLE_ENTRY,
@@ -213,34 +214,25 @@ impl Filter {
     }
 }
 
+/// Whether `venue` is in `list`; `None` allows every venue.
+fn venue_in(list: &Option<Box<[String]>>, venue: &str) -> bool {
+    list.as_ref().is_none_or(|v| v.iter().any(|m| m == venue))
+}
+
+/// Whether `bit` is set in `mask`; `None` allows everything.
+fn bit_in(mask: Option<u8>, bit: u8) -> bool {
+    mask.is_none_or(|m| m & bit != 0)
+}
+
 impl Check {
     fn matches<T: TickMeta>(&self, t: &T) -> bool {
-        if let Some(v) = &self.venues {
-            if !v.iter().any(|m| m == t.venue()) {
-                return false;
-            }
-        }
-        if let Some(mask) = self.asset_classes {
-            if mask & asset_class_bit(t.asset_class()) == 0 {
-                return false;
-            }
-        }
-        if let (Some(mask), Some(side)) = (self.sides, t.side()) {
-            if mask & side_bit(side) == 0 {
-                return false;
-            }
-        }
-        if let Some(v) = &self.entitled_venues {
-            if !v.iter().any(|m| m == t.venue()) {
-                return false;
-            }
-        }
-        if let Some(mask) = self.entitled_classes {
-            if mask & asset_class_bit(t.asset_class()) == 0 {
-                return false;
-            }
-        }
-        true
+        let class = asset_class_bit(t.asset_class());
+        venue_in(&self.venues, t.venue())
+            && bit_in(self.asset_classes, class)
+            && t.side()
+                .is_none_or(|side| bit_in(self.sides, side_bit(side)))
+            && venue_in(&self.entitled_venues, t.venue())
+            && bit_in(self.entitled_classes, class)
     }
 }
 
@@ -291,17 +283,24 @@ impl<T> Conflation<T> {
 struct ConflateTx<T>(Arc<Conflation<T>>);
 
 impl<T: TickMeta> ConflateTx<T> {
-    fn put(&self, t: &Arc<T>) {
-        {
+    /// True when `t` replaced a tick the feed had not taken: that one is
+    /// conflated away.
+    fn put(&self, t: &Arc<T>) -> bool {
+        let replaced = {
             let mut p = self.0.pending();
             match p.latest.get_mut(t.instrument()) {
-                Some(slot) => *slot = Arc::clone(t),
+                Some(slot) => {
+                    *slot = Arc::clone(t);
+                    true
+                }
                 None => {
                     p.latest.insert(t.instrument().to_owned(), Arc::clone(t));
+                    false
                 }
             }
-        }
+        };
         self.0.waker.wake();
+        replaced
     }
 }
 
@@ -312,11 +311,12 @@ impl<T> Drop for ConflateTx<T> {
     }
 }
 
-/// Per-batch dispatch counts, logged once per batch.
+/// Per-batch dispatch counts, logged and counted once per batch.
 #[derive(Debug, Default)]
 struct Stats {
     delivered: usize,
     overflowed: usize,
+    conflated: usize,
 }
 
 impl<T> Subscriber<T>
@@ -331,7 +331,7 @@ where
         let tx = match &self.sink {
             Sink::Queue(tx) => tx,
             Sink::Conflate(c) => {
-                c.put(t);
+                stats.conflated += usize::from(c.put(t));
                 stats.delivered += 1;
                 return true;
             }
@@ -501,6 +501,7 @@ struct Inner {
     /// Readers wait here for their turn to dispatch, asynchronously: waiting on
     /// `dispatched` itself would block a runtime thread for a whole dispatch.
     turn: tokio::sync::Mutex<()>,
+    metrics: ApiMetrics,
 }
 
 /// The streams a hub reads, for catching up resumed subscriptions.
@@ -593,6 +594,12 @@ impl Inner {
                 reg.quotes.remove(id);
             }
         }
+        let counts = Dispatched {
+            delivered: stats.delivered,
+            conflated: stats.conflated,
+            overflowed: stats.overflowed,
+        };
+        self.metrics.dispatched(counts, ticks);
         stats
     }
 
@@ -1036,6 +1043,7 @@ impl Hub {
                 epochs: RwLock::new(Arc::from(epochs)),
                 streams,
                 turn: tokio::sync::Mutex::new(()),
+                metrics: ApiMetrics::default(),
             }),
         }
     }
@@ -1289,8 +1297,30 @@ impl Hub {
 
     /// Live subscriptions, trades and quotes together.
     pub fn subscribers(&self) -> usize {
+        let (trades, quotes) = self.subscriber_counts();
+        trades + quotes
+    }
+
+    /// Live subscriptions: trades, quotes.
+    pub fn subscriber_counts(&self) -> (usize, usize) {
         let reg = self.inner.registry();
-        reg.trades.by_id.len() + reg.quotes.by_id.len()
+        (reg.trades.by_id.len(), reg.quotes.by_id.len())
+    }
+
+    /// What the hub counts (see [`crate::metrics`]).
+    pub fn metrics(&self) -> &ApiMetrics {
+        &self.inner.metrics
+    }
+
+    /// The enriched stream keys the readers read, by shard; `None` for a hub
+    /// without readers.
+    pub fn stream_keys(&self) -> Option<Vec<String>> {
+        self.inner.streams.as_ref().map(|s| s.keys.clone())
+    }
+
+    /// Per shard, the end of the last batch dispatched.
+    pub fn dispatched_positions(&self) -> Vec<Position> {
+        self.inner.dispatched().clone()
     }
 
     pub fn latest_trades(&self, instruments: &[String]) -> Vec<Option<Arc<TradeTick>>> {
@@ -1581,14 +1611,21 @@ impl Reader {
             },
         };
         let streams = parse_read_reply(reply).map_err(reply_error)?;
+        if streams.iter().all(|(_, list)| list.is_empty()) {
+            return Ok(Step::Read);
+        }
+        // One span per batch read, decoded and dispatched; never per event.
+        let span = tracing::info_span!("batch", stage = "hub", shard = self.shard);
         let base = Arc::new(ResumeBase::batch(self.hub.epochs(), self.shard));
         let mut decoded = Decoded::default();
-        for (_, list) in streams {
-            if let Some(last) = list.last() {
-                self.last_id.clone_from(&last.id);
+        span.in_scope(|| {
+            for (_, list) in streams {
+                if let Some(last) = list.last() {
+                    self.last_id.clone_from(&last.id);
+                }
+                decoded.add(self.shard, list, &base);
             }
-            decoded.add(self.shard, list, &base);
-        }
+        });
         let Decoded {
             ticks,
             entries,
@@ -1602,10 +1639,13 @@ impl Reader {
             .ok_or_else(|| reply_error(format!("bad entry id {:?}", self.last_id)))?;
         // Readers take turns without blocking a runtime thread: the dispatch lock
         // itself is then free when taken, except against a new subscription.
-        let stats = {
+        let dispatch = async {
             let _turn = self.hub.turn.lock().await;
             self.hub.dispatch(Some((self.shard, end, &base)), &ticks)
         };
+        // Not imported: `Instrument::instrument` would shadow `TickMeta::instrument`.
+        let stats = tracing::Instrument::instrument(dispatch, span.clone()).await;
+        let _in_batch = span.enter();
         if let Some(error) = first_error {
             tracing::warn!(
                 shard = self.shard,

@@ -14,6 +14,11 @@
 //! - [`ws`] and [`sse`]: GraphQL over WebSocket (both protocols) and over
 //!   Server-Sent Events (graphql-sse, distinct connections mode).
 //! - [`dlq`]: `tickgraph dlq list|replay`, the operator's command over dead letters.
+//! - [`metrics`]: what the hub and the sockets count, and the api's readiness
+//!   (Redis, Postgres, the hub's readers not behind), for
+//!   [`tickgraph_ingest::ops`].
+//! - [`telemetry`]: logs (text or JSON) and, when configured, span export over
+//!   OTLP/HTTP; one span per batch in every worker.
 //! - [`pipeline`]: every component in one process (`tickgraph all`, end-to-end
 //!   tests).
 //!
@@ -26,12 +31,14 @@ pub mod dlq;
 pub mod history;
 pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod page;
 pub mod pipeline;
 pub mod resume;
 pub mod schema;
 pub mod shared_json;
 pub mod sse;
+pub mod telemetry;
 pub mod tick;
 pub mod ws;
 
@@ -58,6 +65,9 @@ pub struct ApiConfig {
     pub max_complexity: usize,
     /// Whether clients may introspect the schema (GraphiQL needs it).
     pub introspection: bool,
+    /// Most tokens, nesting and selections (fragments spread) a document may
+    /// have, checked before it is parsed.
+    pub guard: schema::guard::GuardLimits,
     /// Events buffered per subscription before it is closed as too slow.
     pub subscriber_queue: usize,
     /// WebSocket protocol timers and the per-connection outbox limit.
@@ -76,6 +86,7 @@ impl ApiConfig {
             max_depth: 16,
             max_complexity: 10_000,
             introspection: true,
+            guard: schema::guard::GuardLimits::default(),
             subscriber_queue: 50_000,
             ws: ws::WsConfig::default(),
             auth: auth::Authenticator::Dev,
@@ -138,6 +149,7 @@ impl Api {
             max_depth: cfg.max_depth,
             max_complexity: cfg.max_complexity,
             introspection: cfg.introspection,
+            guard: cfg.guard,
         };
         let services = schema::Services {
             pool,

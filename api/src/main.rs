@@ -3,12 +3,14 @@
 //! variables named in `--help`; defaults point at 127.0.0.1.
 
 use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +22,7 @@ use tickgraph_enrich::loader::LoadConfig;
 use tickgraph_enrich::refdata::RefCache;
 use tickgraph_enrich::worker::EnrichConfig;
 use tickgraph_ingest::feed::FeedConfig;
+use tickgraph_ingest::ops::{Ops, Thresholds};
 use tickgraph_ingest::producers::Producers;
 use tickgraph_ingest::server::{Ingest, IngestConfig};
 use tickgraph_ingest::{StreamLayout, Trim};
@@ -71,15 +74,52 @@ struct Common {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "TG_LOG_JSON", global = true)]
     log_json: bool,
+    /// `/readyz` of enrich and load fails when a shard's stream has more
+    /// entries than this not yet delivered to their group.
+    #[arg(
+        long,
+        env = "TG_READY_MAX_LAG",
+        default_value_t = 10_000,
+        global = true
+    )]
+    ready_max_lag: u64,
+    /// `/readyz` of the api fails when its hub has left an enriched entry
+    /// undispatched for longer than this.
+    #[arg(
+        long,
+        env = "TG_READY_MAX_BEHIND_SECS",
+        default_value_t = 30,
+        global = true
+    )]
+    ready_max_behind_secs: u64,
+    /// Export spans over OTLP/HTTP to this OpenTelemetry collector (its base
+    /// URL; `/v1/traces` is added). Off when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    otlp_endpoint: Option<String>,
     /// No authentication at all: anyone may send events (any source) and read
     /// every event as the `dev` user, an administrator. For demos and local
     /// development only; without it ingest needs `--producer-tokens` and the
     /// api a JWT key.
     #[arg(long, env = "TG_DEV_MODE", global = true)]
     dev_mode: bool,
+    /// Milliseconds any one Postgres statement may run (history COPY, queries).
+    #[arg(
+        long,
+        env = "TG_PG_STATEMENT_TIMEOUT_MS",
+        default_value_t = 30_000,
+        global = true
+    )]
+    pg_statement_timeout_ms: u64,
 }
 
 impl Common {
+    fn thresholds(&self) -> Thresholds {
+        Thresholds {
+            max_lag: self.ready_max_lag,
+            max_hub_behind: Duration::from_secs(self.ready_max_behind_secs),
+        }
+    }
+
     fn layout(&self) -> StreamLayout {
         StreamLayout::new(self.stream_prefix.clone(), self.shards)
     }
@@ -89,10 +129,14 @@ impl Common {
     }
 
     async fn pool(&self) -> anyhow::Result<PgPool> {
+        let statement_timeout = format!("{}ms", self.pg_statement_timeout_ms);
+        let options = PgConnectOptions::from_str(&self.database_url)
+            .context("bad --database-url")?
+            .options([("statement_timeout", statement_timeout.as_str())]);
         PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
-            .connect(&self.database_url)
+            .connect_with(options)
             .await
             .context("connecting to Postgres (run `tickgraph migrate` to create the database)")
     }
@@ -103,9 +147,9 @@ enum Command {
     /// Accept event batches over HTTP and WebSocket and write them to the raw streams.
     Ingest(IngestArgs),
     /// Join raw events with reference data and write the enriched streams.
-    Enrich(EnrichArgs),
+    Enrich(EnrichCmd),
     /// Write enriched events into the Postgres history tables.
-    Load(LoadArgs),
+    Load(LoadCmd),
     /// Serve GraphQL queries, subscriptions and GraphiQL.
     Api(ApiArgs),
     /// Run ingest, enrich, load and api in one process (and the demo feed if asked).
@@ -204,6 +248,36 @@ struct EnrichArgs {
     dedupe_window_secs: u64,
 }
 
+/// `tickgraph enrich`: the worker, and its own listener for `/metrics`,
+/// `/healthz`, `/readyz` (in `all` they are on the ingest and api listeners).
+#[derive(Args, Clone)]
+struct EnrichCmd {
+    #[command(flatten)]
+    enrich: EnrichArgs,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[arg(
+        long = "metrics-listen",
+        env = "TG_ENRICH_METRICS_LISTEN",
+        default_value = "127.0.0.1:8082"
+    )]
+    metrics_listen: SocketAddr,
+}
+
+/// `tickgraph load`: the loader, and its own listener for the operations
+/// endpoints.
+#[derive(Args, Clone)]
+struct LoadCmd {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[arg(
+        long = "metrics-listen",
+        env = "TG_LOAD_METRICS_LISTEN",
+        default_value = "127.0.0.1:8083"
+    )]
+    metrics_listen: SocketAddr,
+}
+
 #[derive(Args, Clone)]
 struct LoadArgs {
     /// Enriched stream retention, applied behind the load group; also bounds how
@@ -245,6 +319,16 @@ struct ApiArgs {
     /// Turn off schema introspection (production).
     #[arg(long, env = "TG_NO_INTROSPECTION")]
     no_introspection: bool,
+    /// Most lexical tokens a GraphQL document may hold (variables do not count).
+    #[arg(long, env = "TG_MAX_TOKENS", default_value_t = 10_000)]
+    max_tokens: usize,
+    /// Most levels of brackets, and of selection sets and fragment spreads, in
+    /// a GraphQL document.
+    #[arg(long, env = "TG_MAX_NESTING", default_value_t = 32)]
+    max_nesting: usize,
+    /// Most selections a GraphQL document may hold with its fragments spread.
+    #[arg(long, env = "TG_MAX_SELECTIONS", default_value_t = 10_000)]
+    max_selections: usize,
     /// Events buffered per subscription before it is cut off as too slow.
     #[arg(long, env = "TG_SUBSCRIBER_QUEUE", default_value_t = 50_000)]
     subscriber_queue: usize,
@@ -437,6 +521,9 @@ impl ApiArgs {
         c.max_depth = self.max_depth;
         c.max_complexity = self.max_complexity;
         c.introspection = !self.no_introspection;
+        c.guard.max_tokens = self.max_tokens;
+        c.guard.max_nesting = self.max_nesting;
+        c.guard.max_selections = self.max_selections;
         c.subscriber_queue = self.subscriber_queue;
         c.ws.init_timeout = Duration::from_millis(self.ws_init_timeout_ms);
         c.ws.keepalive =
@@ -482,11 +569,14 @@ async fn run_ingest(
     )
     .await
     .context("starting ingest")?;
+    let mut ops = Ops::new();
+    ingest.register_ops(&mut ops, common.redis()?);
+    let router = ingest.router().merge(Arc::new(ops).router());
     let listener = tokio::net::TcpListener::bind(args.ingest_listen)
         .await
         .with_context(|| format!("binding ingest to {}", args.ingest_listen))?;
-    tracing::info!(addr = %args.ingest_listen, "ingest listening: POST /v1/events, GET /v1/stream");
-    tickgraph_ingest::server::serve(listener, ingest.router(), shutdown).await?;
+    tracing::info!(addr = %args.ingest_listen, "ingest listening: POST /v1/events, GET /v1/stream, /metrics, /healthz, /readyz");
+    tickgraph_ingest::server::serve(listener, router, shutdown).await?;
     ingest.finished().await;
     Ok(())
 }
@@ -494,19 +584,23 @@ async fn run_ingest(
 async fn run_api(
     common: &Common,
     args: &ApiArgs,
+    cfg: ApiConfig,
     pool: PgPool,
     refs: RefCache,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let api = Api::build(
-        args.config(common.layout(), common.dev_mode)?,
+    let api = Api::build(cfg, common.redis()?, pool.clone(), refs, shutdown.clone())
+        .await
+        .context("starting api")?;
+    let mut ops = Ops::new();
+    tickgraph_api::metrics::register_ops(
+        &mut ops,
+        &api,
         common.redis()?,
         pool,
-        refs,
-        shutdown.clone(),
-    )
-    .await
-    .context("starting api")?;
+        common.thresholds().max_hub_behind,
+    );
+    let router = api.router().merge(Arc::new(ops).router());
     let listener = tokio::net::TcpListener::bind(args.api_listen)
         .await
         .with_context(|| format!("binding api to {}", args.api_listen))?;
@@ -514,8 +608,50 @@ async fn run_api(
         graphiql = %format!("http://{}/graphiql", args.api_listen),
         "api listening: POST /graphql, WebSocket /graphql/ws"
     );
-    tickgraph_api::serve(listener, api.router(), shutdown).await?;
+    tickgraph_api::serve(listener, router, shutdown).await?;
     Ok(())
+}
+
+/// Serves `ops` on `addr` until `stop`; binds before returning, so a port in use
+/// stops the process at start.
+async fn serve_ops(
+    addr: SocketAddr,
+    ops: Ops,
+    stop: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics listener to {addr}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = tickgraph_ingest::ops::serve(listener, Arc::new(ops), stop).await {
+            tracing::error!(error = %e, "the metrics listener failed");
+        }
+    }))
+}
+
+/// A worker's operations endpoints: its group's lag, Redis, Postgres.
+fn worker_ops(
+    common: &Common,
+    name: &'static str,
+    group: &str,
+    streams: Vec<(u16, String)>,
+    pool: &PgPool,
+) -> anyhow::Result<Ops> {
+    let mut ops = Ops::new();
+    let lag = tickgraph_enrich::metrics::GroupLag::new(
+        name,
+        common.redis()?,
+        group,
+        streams,
+        common.thresholds().max_lag,
+    );
+    lag.register(ops.registry_mut());
+    ops.add_check(lag);
+    ops.add_check(tickgraph_ingest::ops::RedisPing::new(common.redis()?));
+    ops.add_check(tickgraph_enrich::metrics::PostgresPing::new(pool.clone()));
+    Ok(ops)
 }
 
 /// Reference data for the workers, kept fresh until shutdown.
@@ -550,21 +686,12 @@ async fn migrate(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.common.log_json);
+    // Held to the end of main: dropping it sends the spans still queued.
+    let _telemetry =
+        tickgraph_api::telemetry::init(cli.common.log_json, cli.common.otlp_endpoint.as_deref())?;
     let common = cli.common;
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
@@ -580,31 +707,56 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(?summary, "demo reference data loaded");
         }
         Command::Ingest(args) => run_ingest(&common, &args, shutdown).await?,
-        Command::Enrich(args) => {
+        Command::Enrich(cmd) => {
             let pool = common.pool().await?;
+            let layout = common.layout();
+            let cfg = cmd.enrich.config(layout.clone());
+            let streams = layout.shard_ids().map(|s| (s, layout.raw(s))).collect();
+            let mut ops = worker_ops(
+                &common,
+                "enrich",
+                tickgraph_ingest::stream::ENRICH_GROUP,
+                streams,
+                &pool,
+            )?;
+            cfg.metrics.register(ops.registry_mut());
+            let stop = shutdown.child_token();
+            let server = serve_ops(cmd.metrics_listen, ops, stop.clone()).await?;
             let refs = refdata(&pool, &shutdown).await?;
-            tickgraph_enrich::worker::run(
-                args.config(common.layout()),
-                common.redis()?,
-                refs,
-                shutdown,
-            )
-            .await?;
+            let result = tickgraph_enrich::worker::run(cfg, common.redis()?, refs, shutdown).await;
+            stop.cancel();
+            let _ = server.await;
+            result?;
         }
-        Command::Load(args) => {
+        Command::Load(cmd) => {
             let pool = common.pool().await?;
-            tickgraph_enrich::loader::run(
-                args.config(common.layout()),
-                common.redis()?,
-                pool,
-                shutdown,
-            )
-            .await?;
+            let layout = common.layout();
+            let cfg = cmd.load.config(layout.clone());
+            let streams = layout
+                .shard_ids()
+                .map(|s| (s, layout.enriched(s)))
+                .collect();
+            let mut ops = worker_ops(
+                &common,
+                "load",
+                tickgraph_ingest::stream::LOAD_GROUP,
+                streams,
+                &pool,
+            )?;
+            cfg.metrics.register(ops.registry_mut());
+            let stop = shutdown.child_token();
+            let server = serve_ops(cmd.metrics_listen, ops, stop.clone()).await?;
+            let result = tickgraph_enrich::loader::run(cfg, common.redis()?, pool, shutdown).await;
+            stop.cancel();
+            let _ = server.await;
+            result?;
         }
         Command::Api(args) => {
+            // Configuration errors first, before any connection is tried.
+            let cfg = args.config(common.layout(), common.dev_mode)?;
             let pool = common.pool().await?;
             let refs = refdata(&pool, &shutdown).await?;
-            run_api(&common, &args, pool, refs, shutdown).await?;
+            run_api(&common, &args, cfg, pool, refs, shutdown).await?;
         }
         Command::Feed(args) => {
             let pool = common.pool().await?;
@@ -646,8 +798,6 @@ async fn run_all(
     args: AllArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let pool = common.pool().await?;
-    let refs = refdata(&pool, &shutdown).await?;
     let layout = common.layout();
     let cfg = PipelineConfig {
         ingest: args.ingest.config(layout.clone(), common.dev_mode)?,
@@ -656,7 +806,10 @@ async fn run_all(
         load: args.load.config(layout.clone()),
         api: args.api.config(layout, common.dev_mode)?,
         api_listen: args.api.api_listen,
+        ready: common.thresholds(),
     };
+    let pool = common.pool().await?;
+    let refs = refdata(&pool, &shutdown).await?;
     let mut pipeline = Pipeline::start(cfg, common.redis()?, pool, refs.clone(), shutdown.clone())
         .await
         .context("starting the pipeline")?;

@@ -3,6 +3,7 @@
 //! production does.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use sqlx::PgPool;
 use tokio::task::JoinSet;
@@ -11,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tickgraph_enrich::loader::{self, LoadConfig};
 use tickgraph_enrich::refdata::RefCache;
 use tickgraph_enrich::worker::{self, EnrichConfig};
+use tickgraph_ingest::ops::{Ops, Thresholds};
 use tickgraph_ingest::server::{Ingest, IngestConfig};
+use tickgraph_ingest::stream::{ENRICH_GROUP, LOAD_GROUP};
 
 use crate::{Api, ApiConfig};
 
@@ -23,6 +26,8 @@ pub struct PipelineConfig {
     pub load: LoadConfig,
     pub api: ApiConfig,
     pub api_listen: SocketAddr,
+    /// When `/readyz` says the workers are behind.
+    pub ready: Thresholds,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +57,8 @@ pub enum PipelineError {
 pub struct Pipeline {
     pub ingest_addr: SocketAddr,
     pub api_addr: SocketAddr,
+    /// The process's one registry and its checks, served on both listeners.
+    pub ops: Arc<Ops>,
     /// The api's fan-out hub (to see its subscriptions).
     pub hub: crate::Hub,
     tasks: JoinSet<Result<(), PipelineError>>,
@@ -89,16 +96,50 @@ impl Pipeline {
         )
         .await?;
 
+        let mut ops = Ops::new();
+        ingest.register_ops(&mut ops, client.clone());
+        crate::metrics::register_ops(
+            &mut ops,
+            &api,
+            client.clone(),
+            pool.clone(),
+            cfg.ready.max_hub_behind,
+        );
+        cfg.enrich.metrics.register(ops.registry_mut());
+        cfg.load.metrics.register(ops.registry_mut());
+        let layout = &cfg.enrich.layout;
+        let raw = layout.shard_ids().map(|s| (s, layout.raw(s))).collect();
+        let enriched = layout
+            .shard_ids()
+            .map(|s| (s, layout.enriched(s)))
+            .collect();
+        for (name, group, streams) in [
+            ("enrich", ENRICH_GROUP, raw),
+            ("load", LOAD_GROUP, enriched),
+        ] {
+            let lag = tickgraph_enrich::metrics::GroupLag::new(
+                name,
+                client.clone(),
+                group,
+                streams,
+                cfg.ready.max_lag,
+            );
+            lag.register(ops.registry_mut());
+            ops.add_check(lag);
+        }
+        let ops = Arc::new(ops);
+
         let mut tasks = JoinSet::new();
         let s = shutdown.clone();
+        let router = ingest.router().merge(ops.router());
         tasks.spawn(async move {
-            tickgraph_ingest::server::serve(ingest_listener, ingest.router(), s).await?;
+            tickgraph_ingest::server::serve(ingest_listener, router, s).await?;
             ingest.finished().await;
             Ok(())
         });
         let hub = api.hub().clone();
         let s = shutdown.clone();
-        let router = api.router();
+        let router = api.router().merge(ops.router());
         tasks.spawn(async move {
             crate::serve(api_listener, router, s).await?;
             drop(api);
@@ -112,6 +153,7 @@ impl Pipeline {
         Ok(Self {
             ingest_addr,
             api_addr,
+            ops,
             hub,
             tasks,
             shutdown,

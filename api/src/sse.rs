@@ -229,6 +229,8 @@ pub struct Endpoint {
     keepalive: Option<Duration>,
     shutdown: CancellationToken,
     hub_tasks: TaskTracker,
+    /// Where open streams are counted.
+    metrics: Option<crate::metrics::ApiMetrics>,
     auth: Authenticator,
     users: Arc<Users>,
 }
@@ -250,9 +252,16 @@ impl Endpoint {
             keepalive,
             shutdown,
             hub_tasks,
+            metrics: None,
             auth,
             users,
         }
+    }
+
+    /// Counts each open stream in `metrics`.
+    pub fn counted(mut self, metrics: crate::metrics::ApiMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Answers one `GET` or `POST`: an event stream with the operation's
@@ -307,6 +316,10 @@ impl Endpoint {
                 shutdown.cancelled().await;
                 hub_tasks.wait().await;
             }),
+            _live: self
+                .metrics
+                .as_ref()
+                .map(|m| m.connection(crate::metrics::Transport::Sse)),
         };
         let chunks = futures_util::stream::unfold(pump, |mut pump| async move {
             let chunk = pump.next_chunk().await?;
@@ -354,6 +367,8 @@ struct Pump {
     keepalive: Option<tokio::time::Interval>,
     shutdown: CancellationToken,
     hub_stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// This stream in the connections gauge, until the response is dropped.
+    _live: Option<crate::metrics::Connection>,
 }
 
 impl Pump {

@@ -278,6 +278,8 @@ struct Outbox {
     abort: CancellationToken,
     abort_frame: Arc<Mutex<Option<Message>>>,
     max: usize,
+    /// This connection in the metrics, until the outbox is dropped.
+    live: crate::metrics::Connection,
 }
 
 /// The outbox passed its limit: the connection has been aborted.
@@ -288,6 +290,7 @@ impl Outbox {
         let len = message_len(&m);
         let queued = self.queued.fetch_add(len, Ordering::AcqRel) + len;
         if queued > self.max {
+            self.live.dropped_slow();
             self.abort(close_frame(
                 close::SLOW_CONSUMER,
                 format!("slow consumer: {queued} bytes waiting, limit {}", self.max),
@@ -696,6 +699,7 @@ pub async fn serve(
         Arc::clone(&abort_frame),
         cfg.max_queued_bytes,
     ));
+    let live = (direct.services.hub.metrics()).connection(crate::metrics::Transport::Ws);
     let mut conn = Connection {
         protocol,
         schema,
@@ -707,6 +711,7 @@ pub async fn serve(
             abort: abort.clone(),
             abort_frame,
             max: cfg.max_queued_bytes,
+            live,
         },
         ops: StreamMap::new(),
         auth,

@@ -338,7 +338,14 @@ impl<H: BatchHandler> ShardReader<H> {
             cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
         }
         cmd.arg("STREAMS").arg(&self.key).arg(from);
-        let reply: redis::Value = cmd.query_async(con).await?;
+        // The connection has no response timeout (a blocking read may wait
+        // `block`), so a Redis that stops answering is caught here.
+        let deadline = block.unwrap_or_default() + WRITE_TIMEOUT;
+        let reply: redis::Value = tokio::time::timeout(deadline, cmd.query_async(con))
+            .await
+            .map_err(|_| {
+                SessionError::Redis(format!("no reply to XREADGROUP within {deadline:?}"))
+            })??;
         let streams = parse_read_reply(reply).map_err(SessionError::Redis)?;
         Ok(streams
             .into_iter()

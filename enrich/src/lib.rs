@@ -15,12 +15,16 @@
 //!   fix can cure, exactly once.
 //! - [`loader`]: the history loader: enriched streams -> Postgres `trades` and
 //!   `quotes`, idempotent.
+//! - [`metrics`]: what both workers count per batch (events, dead letters by
+//!   reason code, freshness), and the readiness checks of both (Postgres, their
+//!   group's lag per shard), for [`tickgraph_ingest::ops`].
 //! - [`demo`]: deterministic, realistic demo reference data and start prices.
 
 pub mod consumer;
 pub mod deadletter;
 pub mod demo;
 pub mod loader;
+pub mod metrics;
 pub mod record;
 pub mod refdata;
 pub mod retention;

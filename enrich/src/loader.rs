@@ -29,6 +29,7 @@ use tickgraph_ingest::{Event, StreamLayout, Trim};
 use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{self, BatchHandler, ConsumerConfig, ConsumerError, Entry};
+use crate::metrics::{add_codes, LoadMetrics, LOAD_DEAD_LETTER_CODES};
 use crate::record::{Derived, EnrichedRecord};
 use crate::retention;
 
@@ -50,6 +51,9 @@ pub struct LoadConfig {
     /// How often each stream's `history_entries` rows that can no longer be
     /// redelivered are deleted.
     pub prune_every: Duration,
+    /// Where the loader counts what it does; clone it before [`run`] to
+    /// register it with a registry (see [`crate::metrics`]).
+    pub metrics: LoadMetrics,
 }
 
 impl LoadConfig {
@@ -66,6 +70,7 @@ impl LoadConfig {
             enriched_retention: Trim::MaxLen(20_000),
             linger: Duration::from_millis(100),
             prune_every: Duration::from_secs(30),
+            metrics: LoadMetrics::default(),
         }
     }
 }
@@ -106,6 +111,7 @@ pub async fn run(
     };
     tracing::info!(consumer = %cfg.consumer, shards = cfg.layout.shards(), "history loader starting");
     let handler = Loader {
+        metrics: cfg.metrics,
         layout: cfg.layout,
         con,
         pool,
@@ -131,6 +137,7 @@ enum BatchError {
 }
 
 struct Loader {
+    metrics: LoadMetrics,
     layout: StreamLayout,
     con: ConnectionManager,
     pool: sqlx::PgPool,
@@ -465,6 +472,13 @@ struct Rows<'a> {
     entries: Vec<EntryId>,
 }
 
+impl Rows<'_> {
+    /// History rows, trades and quotes.
+    fn len(&self) -> usize {
+        self.trades.common.len() + self.quotes.common.len()
+    }
+}
+
 /// The rows of every entry not in `skip`, and a dead letter for each entry or
 /// event that cannot become a row (of every entry: a skipped entry's letters
 /// were not written, since they go out with the ack).
@@ -513,13 +527,13 @@ fn collect<'a>(decoded: &'a [Decoded<'a>], skip: &HashSet<EntryId>) -> (Rows<'a>
 
 impl Loader {
     /// Writes the batch in one transaction; when some of its entries are already
-    /// stored (a redelivery), writes the others.
+    /// stored (a redelivery), writes the others. Returns the rows written.
     async fn store<'a>(
         &self,
         stream: &str,
         decoded: &'a [Decoded<'a>],
         rows: &Rows<'a>,
-    ) -> Result<(), BatchError> {
+    ) -> Result<usize, BatchError> {
         match self.copy(stream, rows).await {
             Err(e) if is_unique_violation(&e) => {
                 let skip = self.loaded(stream, &rows.entries).await?;
@@ -530,9 +544,11 @@ impl Loader {
                     "batch redelivered after its commit; storing the entries not yet loaded"
                 );
                 let (rest, _) = collect(decoded, &skip);
-                Ok(self.copy(stream, &rest).await?)
+                self.copy(stream, &rest).await?;
+                Ok(rest.len())
             }
-            other => Ok(other?),
+            Ok(()) => Ok(rows.len()),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -615,6 +631,20 @@ impl Loader {
     }
 }
 
+impl Loader {
+    /// Adds a committed and acknowledged batch to the metrics: `written` rows;
+    /// `bad` dead letters, which went out with the ack.
+    fn count(&self, written: usize, bad: &[DeadLetter]) {
+        self.metrics.loaded.inc_by(written as u64);
+        let mut codes = [0u64; LOAD_DEAD_LETTER_CODES.len()];
+        for letter in bad {
+            let i = usize::from(letter.reason.starts_with("unloadable enriched event"));
+            codes[i] += 1;
+        }
+        add_codes(&self.metrics.dead_letters, LOAD_DEAD_LETTER_CODES, &codes);
+    }
+}
+
 impl BatchHandler for Loader {
     type Error = BatchError;
 
@@ -636,7 +666,7 @@ impl BatchHandler for Loader {
             })
             .collect::<Result<Vec<_>, BatchError>>()?;
         let (rows, bad) = collect(&decoded, &HashSet::new());
-        self.store(stream, &decoded, &rows).await?;
+        let written = self.store(stream, &decoded, &rows).await?;
         let dlq = self.layout.dlq(shard);
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -651,6 +681,7 @@ impl BatchHandler for Loader {
         pipe.add_command(ack).ignore();
         let mut con = self.con.clone();
         pipe.query_async::<()>(&mut con).await?;
+        self.count(written, &bad);
         let (trades, quotes) = (rows.trades.common.len(), rows.quotes.common.len());
         if bad.is_empty() {
             tracing::debug!(trades, quotes, "batch loaded");

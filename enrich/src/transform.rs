@@ -41,6 +41,18 @@ impl Unenrichable {
     pub fn reason_is_reference_gap(reason: &str) -> bool {
         REFERENCE_GAP_PREFIXES.iter().any(|p| reason.starts_with(p))
     }
+
+    /// The reason as a short code, for the dead-letter metric's label (the text
+    /// names the missing key, so it cannot be one).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Unenrichable::UnknownInstrument(_) => "unknown_instrument",
+            Unenrichable::UnknownVenue(_) => "unknown_venue",
+            Unenrichable::UnknownAccount(_) => "unknown_account",
+            Unenrichable::NoFxRate(_) => "no_fx_rate",
+            Unenrichable::Overflow(_) => "overflow",
+        }
+    }
 }
 
 /// How the `Display` of each reference-gap variant begins (a test keeps them

@@ -17,6 +17,7 @@ use tickgraph_ingest::{StreamLayout, Trim};
 use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{self, BatchHandler, ConsumerConfig, ConsumerError, Entry};
+use crate::metrics::{add_codes, EnrichMetrics, ENRICH_DEAD_LETTER_CODES};
 use crate::record::EnrichedRecord;
 use crate::refdata::RefCache;
 use crate::transform::enrich;
@@ -36,6 +37,9 @@ pub struct EnrichConfig {
     /// re-send within it is dropped before the enriched stream. Zero turns this
     /// off: a re-send then reaches the enriched stream and history again.
     pub dedupe_window: Duration,
+    /// Where the worker counts what it does; clone it before [`run`] to
+    /// register it with a registry (see [`crate::metrics`]).
+    pub metrics: EnrichMetrics,
 }
 
 impl EnrichConfig {
@@ -52,6 +56,7 @@ impl EnrichConfig {
             raw_retention: Trim::MaxLen(10_000),
             dlq_trim: Trim::MaxLen(100_000),
             dedupe_window: Duration::from_secs(600),
+            metrics: EnrichMetrics::default(),
         }
     }
 }
@@ -124,8 +129,8 @@ impl Enricher {
 ///   is dropped here). An entry with no re-send is written as it came.
 ///
 /// The bitmaps share the shard's hash tag. Returns how many raw entries this call
-/// acknowledged (and so wrote the outcomes of), and how many events it dropped
-/// as re-sent.
+/// acknowledged (and so wrote the outcomes of), how many events it dropped as
+/// re-sent, and per raw entry `1` when this call acknowledged it, else `0`.
 const COMMIT_LUA: &str = r#"
 local group = ARGV[1]
 local i = 2
@@ -154,11 +159,13 @@ local function xadd(key, t, fields)
   redis.call('XADD', unpack(args))
 end
 local acked, resent = 0, 0
+local flags = {}
 while i <= #ARGV do
   local id, outcomes = ARGV[i], tonumber(ARGV[i + 1])
   i = i + 2
   local mine = redis.call('XACK', KEYS[1], group, id) == 1
   if mine then acked = acked + 1 end
+  flags[#flags + 1] = mine and '1' or '0'
   for _ = 1, outcomes do
     local kind, n = ARGV[i], tonumber(ARGV[i + 1])
     i = i + 2
@@ -200,7 +207,7 @@ while i <= #ARGV do
     end
   end
 end
-return { acked, resent }
+return { acked, resent, table.concat(flags) }
 "#;
 
 /// An entry's enriched outcome, as the commit script takes it.
@@ -271,6 +278,42 @@ impl Deduped {
 
 static COMMIT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(COMMIT_LUA));
 
+fn count_code(codes: &mut [u64; ENRICH_DEAD_LETTER_CODES.len()], code: &str) {
+    if let Some(i) = ENRICH_DEAD_LETTER_CODES.iter().position(|c| *c == code) {
+        codes[i] += 1;
+    }
+}
+
+impl Enricher {
+    /// Adds a committed batch to the metrics: the entries `flags` says this
+    /// commit acknowledged (another consumer's are theirs to count), minus the
+    /// events dropped as re-sent.
+    fn count(
+        &self,
+        per_entry: &[(u64, [u64; ENRICH_DEAD_LETTER_CODES.len()])],
+        flags: &str,
+        resent: usize,
+        freshness: &tickgraph_ingest::ops::Batch<'_>,
+    ) {
+        let m = &self.cfg.metrics;
+        let mut events = 0u64;
+        let mut codes = [0u64; ENRICH_DEAD_LETTER_CODES.len()];
+        for ((n, letters), flag) in per_entry.iter().zip(flags.bytes()) {
+            if flag == b'1' {
+                events += n;
+                for (total, k) in codes.iter_mut().zip(letters) {
+                    *total += k;
+                }
+            }
+        }
+        let resent = resent as u64;
+        m.enriched.inc_by(events.saturating_sub(resent));
+        m.resent.inc_by(resent);
+        add_codes(&m.dead_letters, ENRICH_DEAD_LETTER_CODES, &codes);
+        m.freshness.add(freshness);
+    }
+}
+
 impl BatchHandler for Enricher {
     type Error = redis::RedisError;
 
@@ -297,6 +340,11 @@ impl BatchHandler for Enricher {
         let mut enriched = 0usize;
         let mut rejected = 0usize;
         let mut first_reason = None;
+        // Per entry, the events it enriched and its dead letters by code: only
+        // the entries this call acknowledges are counted, after the commit.
+        let mut per_entry: Vec<(u64, [u64; ENRICH_DEAD_LETTER_CODES.len()])> =
+            Vec::with_capacity(entries.len());
+        let mut freshness = self.cfg.metrics.freshness.batch();
         {
             let now = now_nanos();
             // Once per batch: the listener's writes wait at most one batch.
@@ -304,17 +352,21 @@ impl BatchHandler for Enricher {
             for entry in &entries {
                 let mut records = Vec::new();
                 let mut letters = Vec::new();
+                let mut codes = [0u64; ENRICH_DEAD_LETTER_CODES.len()];
                 match decode_entry::<RawRecord>(&entry.record) {
                     Err(e) => {
                         let reason = format!("undecodable raw entry {}: {e}", entry.id);
                         letters.push(DeadLetter::new("enrich", reason, entry.record.clone()));
+                        count_code(&mut codes, "undecodable");
                     }
                     Ok(raws) => {
                         records.reserve(raws.len());
                         for raw in &raws {
+                            freshness.observe_ns(now - raw.event.header().ts.nanos());
                             match enrich(raw, &refs, now) {
                                 Ok(rec) => records.push(rec),
                                 Err(e) => {
+                                    count_code(&mut codes, e.code());
                                     // JSON, so that whoever reads the dead letters sees
                                     // the event without a MessagePack decoder.
                                     let payload =
@@ -346,10 +398,12 @@ impl BatchHandler for Enricher {
                         // Cannot happen for records enrich built; kept loud, not lost.
                         let reason = format!("unencodable enriched batch: {e}");
                         letters.push(DeadLetter::new("enrich", reason, entry.record.clone()));
+                        count_code(&mut codes, "unencodable");
                         records.clear();
                         None
                     }
                 };
+                per_entry.push((records.len() as u64, codes));
                 enriched += records.len();
                 rejected += letters.len();
                 if let Some(first) = letters.first() {
@@ -384,7 +438,8 @@ impl BatchHandler for Enricher {
             }
         }
         let mut con = self.con.clone();
-        let (acked, resent): (usize, usize) = commit.invoke_async(&mut con).await?;
+        let (acked, resent, flags): (usize, usize, String) = commit.invoke_async(&mut con).await?;
+        self.count(&per_entry, &flags, resent, &freshness);
         if resent > 0 {
             tracing::info!(
                 resent,

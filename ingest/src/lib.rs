@@ -13,12 +13,19 @@
 //! - [`producers`]: who may send events: producer tokens (by their SHA-256),
 //!   the sources each may claim, per-producer rate limits.
 //! - [`server`]: the HTTP edge (`POST /v1/events`), built by [`server::router`].
+//! - [`ops`]: what every component serves for operators: `/metrics` (one
+//!   prometheus-client registry per process), `/healthz`, `/readyz` and its
+//!   checks, and the per-batch histogram and naming rules the metrics share.
+//! - [`metrics`]: ingest's own counters and readiness (accepting while Redis is
+//!   down, since it spools).
 //! - [`feed`]: the demo feed, a producer that sends realistic quotes and trades
 //!   through the real HTTP path.
 
 pub mod decimal;
 pub mod event;
 pub mod feed;
+pub mod metrics;
+pub mod ops;
 pub mod producers;
 pub mod server;
 pub mod spool;

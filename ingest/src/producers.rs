@@ -114,6 +114,15 @@ impl Producer {
         self.sources.iter().any(|s| s == source)
     }
 
+    /// Why an event claiming `source`, which this producer does not own, is
+    /// rejected.
+    pub fn unowned(&self, source: &str) -> crate::Rejection {
+        crate::Rejection(format!(
+            "source {source:?} is not one producer {:?} may send for",
+            self.name
+        ))
+    }
+
     /// Counts a batch of `n` events against the producer's rate.
     pub fn admit(&self, n: usize) -> Result<(), ProducerRefusal> {
         let Some(rate) = self.max_events_per_sec else {

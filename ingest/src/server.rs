@@ -10,8 +10,9 @@
 //!   JSON array or NDJSON batch, each binary message a MessagePack array; each gets
 //!   one answer message, in order, carrying the batch's number on the connection.
 //!   The token goes on the upgrade request (401 before the upgrade).
-//! - `GET /healthz`: the process is up.
-//! - `GET /metrics`: the spool and the writer's failures, Prometheus text format.
+//!
+//! `/metrics`, `/healthz` and `/readyz` come from [`crate::ops`], merged in by
+//! whoever serves this router, with what [`Ingest::register_ops`] adds.
 
 use std::sync::Arc;
 
@@ -27,6 +28,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::now_nanos;
+use crate::metrics::IngestMetrics;
 use crate::producers::{Producer, ProducerRefusal, Producers};
 use crate::stream::{DeadLetter, RawRecord, StreamLayout};
 use crate::wire::{decode_batch, BatchError, Format};
@@ -66,6 +68,7 @@ pub enum IngestError {
 struct Shared {
     cfg: IngestConfig,
     writer: StreamWriter,
+    metrics: IngestMetrics,
     /// Streaming sessions end on it; HTTP requests are drained by axum.
     shutdown: CancellationToken,
 }
@@ -87,6 +90,7 @@ impl Ingest {
             shared: Arc::new(Shared {
                 cfg,
                 writer,
+                metrics: IngestMetrics::default(),
                 shutdown,
             }),
             writer_task,
@@ -97,11 +101,24 @@ impl Ingest {
         Router::new()
             .route("/v1/events", post(post_events))
             .route("/v1/stream", get(stream_events))
-            .route("/healthz", get(|| async { "ok" }))
-            .route("/metrics", get(metrics))
             // The batch limit is enforced while reading, with our own error body.
             .layer(DefaultBodyLimit::disable())
             .with_state(self.shared.clone())
+    }
+
+    /// Adds ingest's metrics and readiness check to `ops`.
+    pub fn register_ops(&self, ops: &mut crate::ops::Ops, client: redis::Client) {
+        crate::metrics::register_ops(
+            ops,
+            &self.shared.metrics,
+            self.shared.writer.stats_handle(),
+            client,
+            self.shared.cfg.writer.spool.max_bytes,
+        );
+    }
+
+    pub fn metrics(&self) -> &IngestMetrics {
+        &self.shared.metrics
     }
 
     /// Resolves once every accepted batch has been written: after shutdown, when
@@ -110,13 +127,6 @@ impl Ingest {
         drop(self.shared);
         let _ = self.writer_task.await;
     }
-}
-
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        shared.writer.stats().render(),
-    )
 }
 
 /// The answer to one batch.
@@ -217,10 +227,7 @@ async fn ingest_batch(
             if let Some(p) = producer {
                 let source = &event.header().source;
                 if !p.owns(source.as_str()) {
-                    return Err(crate::Rejection(format!(
-                        "source {source:?} is not one producer {:?} may send for",
-                        p.name()
-                    )));
+                    return Err(p.unowned(source.as_str()));
                 }
             }
             let shard = shared.cfg.layout.shard_of(&event.header().instrument);
@@ -238,7 +245,12 @@ async fn ingest_batch(
         }
     }
     let accepted = entries.len();
-    shared.writer.write(entries, dead).await?;
+    if let Err(e) = shared.writer.write(entries, dead).await {
+        shared.metrics.refused_batch(received);
+        return Err(e.into());
+    }
+    let reasons = rejected.iter().map(|r| r.reason.as_str());
+    shared.metrics.stored_batch(received, accepted, reasons);
     if !rejected.is_empty() {
         tracing::debug!(
             received,

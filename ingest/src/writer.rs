@@ -18,13 +18,18 @@
 //! While Redis fails, rounds go to the spool, and keep going there until it has
 //! drained in order, so no round overtakes an older one.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::event::now_nanos;
 use crate::spool::{Append, Fields, Round, Spool, SpoolConfig, SpoolError};
@@ -100,63 +105,56 @@ impl WriterConfig {
     }
 }
 
-/// What the writer has done, for `/metrics`.
+/// What the writer has done, for `/metrics` (see [`crate::metrics`]). The
+/// figures are prometheus-client metrics, shared with the registry.
 #[derive(Debug, Default)]
 pub struct WriterStats {
     /// Rounds in the spool now.
-    pub spool_rounds: AtomicU64,
+    pub spool_rounds: Gauge,
     /// Bytes the spool holds on disk now.
-    pub spool_bytes: AtomicU64,
+    pub spool_bytes: Gauge,
     /// Events answered from the spool (Redis could not take them then).
-    pub spooled_events: AtomicU64,
+    pub spooled_events: Counter,
     /// Events refused because neither Redis nor the spool could take them.
-    pub refused_events: AtomicU64,
+    pub refused_events: Counter,
     /// Round trips to Redis that failed or timed out.
-    pub redis_failures: AtomicU64,
+    pub redis_failures: Counter,
+    /// The last round was refused (spool full or failing), and none stored
+    /// since: ingest cannot take events now, so it is not ready.
+    pub refusing: AtomicBool,
+    /// Whether the last round trip to Redis failed (rounds go to the spool).
+    pub redis_down: AtomicBool,
 }
 
 impl WriterStats {
-    /// The Prometheus text exposition of these figures.
-    pub fn render(&self) -> String {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut out = String::new();
-        for (name, kind, help, value) in [
-            (
-                "tickgraph_ingest_spool_rounds",
-                "gauge",
-                "Writer rounds held in the local spool.",
-                get(&self.spool_rounds),
-            ),
-            (
-                "tickgraph_ingest_spool_bytes",
-                "gauge",
-                "Bytes the local spool holds on disk.",
-                get(&self.spool_bytes),
-            ),
-            (
-                "tickgraph_ingest_spooled_events_total",
-                "counter",
-                "Events answered from the spool while Redis could not take them.",
-                get(&self.spooled_events),
-            ),
-            (
-                "tickgraph_ingest_refused_events_total",
-                "counter",
-                "Events refused with 503: neither Redis nor the spool could take them.",
-                get(&self.refused_events),
-            ),
-            (
-                "tickgraph_ingest_redis_failures_total",
-                "counter",
-                "Round trips to Redis that failed or timed out.",
-                get(&self.redis_failures),
-            ),
-        ] {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            ));
-        }
-        out
+    /// Adds these figures to `registry` (prefixed `tickgraph_` by it).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "ingest_spool_rounds",
+            "Writer rounds held in the local spool",
+            self.spool_rounds.clone(),
+        );
+        registry.register_with_unit(
+            "ingest_spool",
+            "Bytes the local spool holds on disk",
+            Unit::Bytes,
+            self.spool_bytes.clone(),
+        );
+        registry.register(
+            "ingest_spooled_events",
+            "Events answered from the spool while Redis could not take them",
+            self.spooled_events.clone(),
+        );
+        registry.register(
+            "ingest_refused_events",
+            "Events refused with 503: neither Redis nor the spool could take them",
+            self.refused_events.clone(),
+        );
+        registry.register(
+            "ingest_redis_failures",
+            "Round trips to Redis that failed or timed out",
+            self.redis_failures.clone(),
+        );
     }
 }
 
@@ -192,6 +190,10 @@ impl StreamWriter {
 
     pub fn stats(&self) -> &WriterStats {
         &self.stats
+    }
+
+    pub fn stats_handle(&self) -> Arc<WriterStats> {
+        Arc::clone(&self.stats)
     }
 
     /// Appends a batch's valid entries and dead letters; resolves once Redis or
@@ -269,6 +271,11 @@ pub fn writer_marker(stream: &str, writer: &str) -> String {
     }
 }
 
+/// A gauge holds an i64; counts and sizes here are far below its limit.
+fn gauge_value(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 /// Round ids reserved on disk at a time: an hour of microseconds.
 const ID_LEASE_US: u64 = 3_600_000_000;
 
@@ -298,8 +305,8 @@ struct Writer {
 impl Writer {
     fn new(cfg: WriterConfig, client: redis::Client, spool: Spool) -> Self {
         let stats = WriterStats::default();
-        stats.spool_rounds.store(spool.rounds(), Ordering::Relaxed);
-        stats.spool_bytes.store(spool.bytes(), Ordering::Relaxed);
+        stats.spool_rounds.set(gauge_value(spool.rounds()));
+        stats.spool_bytes.set(gauge_value(spool.bytes()));
         Self {
             stats: Arc::new(stats),
             raw_keys: cfg.layout.shard_ids().map(|s| cfg.layout.raw(s)).collect(),
@@ -338,17 +345,22 @@ impl Writer {
             };
             let Some(first) = first else { break };
             let jobs = self.gather(first, &mut rx).await;
-            let round = self.round(&jobs);
-            let result = self.store(round).await;
             let events: usize = jobs.iter().map(|j| j.entries.len()).sum();
+            // One span per round (many producers' batches), never per event.
+            let span = tracing::info_span!("batch", stage = "ingest", batches = jobs.len(), events);
+            let round = span.in_scope(|| self.round(&jobs));
+            let result = self.store(round).instrument(span).await;
             let counter = match result {
                 Ok(Stored::Stream) => None,
                 Ok(Stored::Spool) => Some(&self.stats.spooled_events),
                 Err(_) => Some(&self.stats.refused_events),
             };
             if let Some(c) = counter {
-                c.fetch_add(events as u64, Ordering::Relaxed);
+                c.inc_by(events as u64);
             }
+            self.stats
+                .refusing
+                .store(result.is_err(), Ordering::Relaxed);
             for j in jobs {
                 // The handler may have gone (client hung up); its events are stored.
                 let _ = j.done.send(result.clone());
@@ -483,7 +495,10 @@ impl Writer {
     async fn store(&mut self, mut round: Round) -> Result<Stored, WriteError> {
         if self.spooled == 0 && Instant::now() >= self.retry_at {
             match self.send_fresh(round).await {
-                Ok(()) => return Ok(Stored::Stream),
+                Ok(()) => {
+                    self.stats.redis_down.store(false, Ordering::Relaxed);
+                    return Ok(Stored::Stream);
+                }
                 Err((unsent, e)) => {
                     tracing::error!(error = %e, round = unsent.id, "raw stream write failed; spooling until Redis is back");
                     self.failed();
@@ -500,10 +515,8 @@ impl Writer {
         match appended {
             Ok(Ok(bytes)) => {
                 self.spooled += 1;
-                self.stats
-                    .spool_rounds
-                    .store(self.spooled, Ordering::Relaxed);
-                self.stats.spool_bytes.store(bytes, Ordering::Relaxed);
+                self.stats.spool_rounds.set(gauge_value(self.spooled));
+                self.stats.spool_bytes.set(gauge_value(bytes));
                 Ok(Stored::Spool)
             }
             Ok(Err(e)) => {
@@ -568,8 +581,9 @@ impl Writer {
         match consumed {
             Ok(Ok((left, bytes))) => {
                 self.spooled = left;
-                self.stats.spool_rounds.store(left, Ordering::Relaxed);
-                self.stats.spool_bytes.store(bytes, Ordering::Relaxed);
+                self.stats.spool_rounds.set(gauge_value(left));
+                self.stats.spool_bytes.set(gauge_value(bytes));
+                self.stats.redis_down.store(false, Ordering::Relaxed);
                 self.backoff = BACKOFF_MIN;
                 if left == 0 {
                     tracing::info!("spool drained; writing to Redis directly again");
@@ -588,7 +602,8 @@ impl Writer {
     }
 
     fn failed(&mut self) {
-        self.stats.redis_failures.fetch_add(1, Ordering::Relaxed);
+        self.stats.redis_failures.inc();
+        self.stats.redis_down.store(true, Ordering::Relaxed);
         self.retry_at = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }

@@ -115,7 +115,15 @@ impl Rig {
     }
 
     fn start_enrich(&mut self, consumer: &str) {
-        let args = ["--enrich-consumer", consumer, "--claim-idle-secs", "1"].map(String::from);
+        let args = [
+            "--enrich-consumer",
+            consumer,
+            "--claim-idle-secs",
+            "1",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ]
+        .map(String::from);
         self.spawn(consumer, "enrich", &args);
     }
 
@@ -127,6 +135,8 @@ impl Rig {
             "1",
             "--load-linger-ms",
             "20",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ]
         .map(String::from);
         self.spawn(consumer, "load", &args);
@@ -399,7 +409,7 @@ fn tail(s: &str) -> String {
 
 /// Seeds the reference data into a `#[sqlx::test]` database and returns its URL
 /// for the child processes.
-async fn shared_db(pool: &PgPool) -> String {
+pub(crate) async fn shared_db(pool: &PgPool) -> String {
     seed_refdata(pool).await;
     let base = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/postgres".into());

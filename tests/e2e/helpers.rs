@@ -83,6 +83,7 @@ pub async fn spawn_app_with(
         load,
         api: ApiConfig::new(layout.clone()),
         api_listen: "127.0.0.1:0".parse().expect("addr"),
+        ready: Default::default(),
     };
     tweak(&mut cfg);
     let client = redis::Client::open(redis_url()).expect("redis url");

@@ -9,6 +9,7 @@ mod faults;
 mod flow;
 mod helpers;
 mod history;
+mod metrics;
 mod page;
 mod protocol;
 mod resume;

@@ -481,6 +481,7 @@ async fn planned_subscriptions_answer_exactly_as_the_executor(pool: PgPool) {
         max_depth: 16,
         max_complexity: 10_000,
         introspection: true,
+        guard: Default::default(),
     };
     for (id, query) in &ops {
         let req = async_graphql::Request::new(query.as_str())

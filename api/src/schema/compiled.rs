@@ -105,6 +105,8 @@ fn fits(declared: &Type, expected: &str) -> bool {
 
 /// The plan of `request`, when it is a subscription of the plain shape.
 pub fn plan(request: &Request, limits: &Limits) -> Option<Plan> {
+    // The parser must not see what the guard refuses; the executor refuses it.
+    super::guard::check_text(&request.query, &limits.guard).ok()?;
     let doc = async_graphql::parser::parse_query(&request.query).ok()?;
     if !doc.fragments.is_empty() {
         return None;
@@ -321,6 +323,7 @@ mod tests {
             max_depth: 16,
             max_complexity: 10_000,
             introspection: true,
+            guard: Default::default(),
         }
     }
 

@@ -2,7 +2,8 @@
 //! ([`refdata`]), latest values ([`latest`]), history pages ([`history`]),
 //! snapshots ([`snapshot`]), live subscriptions ([`live`]) and, for admins, dead
 //! letters ([`deadletters`]: the only mutation); the shared output types live in
-//! [`types`].
+//! [`types`]. [`guard`] bounds a document's size and shape before async-graphql
+//! parses it.
 //!
 //! [`build`] is the one place the schema is assembled, for the server, the tests
 //! and the SDL export alike.
@@ -10,6 +11,7 @@
 pub mod compiled;
 pub mod deadletters;
 mod fast;
+pub mod guard;
 pub mod history;
 pub mod latest;
 pub mod live;
@@ -67,6 +69,8 @@ pub struct Limits {
     pub max_depth: usize,
     pub max_complexity: usize,
     pub introspection: bool,
+    /// Size and shape bounds checked before parsing ([`guard`]).
+    pub guard: guard::GuardLimits,
 }
 
 fn builder() -> SchemaBuilder<Query, Mutation, Subscription> {
@@ -92,6 +96,9 @@ pub fn build(limits: Limits, services: Services, default: Option<Principal>) -> 
         b = b.data(p);
     }
     let b = b
+        // First, so that nothing parses or visits a document it would refuse.
+        .extension(guard::Guard(limits.guard))
+        .limit_recursive_depth(limits.guard.max_nesting)
         .limit_depth(limits.max_depth)
         .limit_complexity(limits.max_complexity);
     if limits.introspection {

@@ -71,6 +71,7 @@ impl Rig {
             load,
             api: ApiConfig::new(layout.clone()),
             api_listen: "127.0.0.1:0".parse().expect("addr"),
+            ready: Default::default(),
         };
         let client = redis::Client::open(redis_url()).expect("redis url");
         let pipeline = Pipeline::start(
@@ -89,6 +90,7 @@ impl Rig {
                 max_depth: defaults.max_depth,
                 max_complexity: defaults.max_complexity,
                 introspection: true,
+                guard: defaults.guard,
             },
             Services {
                 pool: pool.clone(),

@@ -336,4 +336,9 @@ impl Ws {
     pub async fn expect(&mut self) -> Value {
         self.recv().await.expect("the server closed the WebSocket")
     }
+
+    /// The socket itself, for messages that are not JSON text.
+    pub fn into_inner(self) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+        self.socket
+    }
 }

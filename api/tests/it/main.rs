@@ -5,8 +5,10 @@
 mod deadletters;
 mod helpers;
 mod history;
+mod hostile;
 mod http;
 mod latest;
 mod limits;
 mod refdata;
 mod subscriptions;
+mod telemetry;
