@@ -123,11 +123,23 @@ async fn graphql(State(s): State<AppState>, headers: HeaderMap, request: Request
         Ok(p) => p,
         Err(e) => return unauthenticated(&e),
     };
+    let get = request.method() == axum::http::Method::GET;
     let req = match <GraphQLBatchRequest>::from_request(request, &s).await {
         Ok(req) => req,
         Err(rejection) => return rejection.into_response(),
     };
     let mut req = req.into_inner();
+    // GET must be safe (a link or a prefetch can send it): no mutations.
+    if get && req.iter_mut().any(|r| mutates(r, &s.direct.limits)) {
+        let mut out = refusal(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "mutations must be sent with POST".into(),
+            "METHOD_NOT_ALLOWED",
+        );
+        out.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return out;
+    }
     let ops = req.iter_mut().count();
     if let Err(e) = s.users.request(&who, ops) {
         return limited(&e);
@@ -255,6 +267,19 @@ async fn subscriptions(
                 s.hub_tasks,
             )
         })
+}
+
+/// Whether `r` holds a mutation. A document the guard refuses is left to the
+/// executor, which refuses it without running anything.
+fn mutates(r: &async_graphql::Request, limits: &crate::schema::Limits) -> bool {
+    if crate::schema::guard::check_text(&r.query, &limits.guard).is_err() {
+        return false;
+    }
+    async_graphql::parser::parse_query(&r.query).is_ok_and(|doc| {
+        doc.operations
+            .iter()
+            .any(|(_, op)| op.node.ty == async_graphql::parser::types::OperationType::Mutation)
+    })
 }
 
 /// A GraphQL-shaped refusal before any operation ran.

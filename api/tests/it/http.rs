@@ -168,3 +168,36 @@ async fn a_batch_of_more_than_ten_operations_is_refused(pool: PgPool) {
     }
     app.stop().await;
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn mutations_are_refused_over_get(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let mutation = "mutation { replayDeadLetters(all: true, dryRun: true) { replayed } }";
+    let res = app
+        .http
+        .get(app.url("/graphql"))
+        .query(&[("query", mutation)])
+        .send()
+        .await
+        .expect("GET /graphql");
+    assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        res.headers().get("allow").and_then(|v| v.to_str().ok()),
+        Some("POST")
+    );
+    let body: Value = res.json().await.expect("JSON");
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"],
+        "METHOD_NOT_ALLOWED"
+    );
+    // A query over GET is still answered.
+    let res = app
+        .http
+        .get(app.url("/graphql"))
+        .query(&[("query", "{ venues { mic } }")])
+        .send()
+        .await
+        .expect("GET /graphql");
+    assert_eq!(res.status(), StatusCode::OK);
+    app.stop().await;
+}
