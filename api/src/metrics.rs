@@ -219,14 +219,7 @@ impl HubReady {
             return Ok(Vec::new());
         };
         let dispatched = self.hub.dispatched_positions();
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(ops::CHECK_TIMEOUT))
-            .set_response_timeout(Some(ops::CHECK_TIMEOUT));
-        let mut con = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(|e| format!("redis unreachable: {e}"))?;
+        let mut con = ops::check_connection(&self.client, ops::CHECK_TIMEOUT).await?;
         let mut pipe = redis::pipe();
         pipe.cmd("TIME");
         for (key, (ms, seq, _)) in keys.iter().zip(&dispatched) {

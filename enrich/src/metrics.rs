@@ -181,14 +181,7 @@ impl GroupLag {
     }
 
     async fn measure(&self) -> Result<Vec<String>, String> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(ops::CHECK_TIMEOUT))
-            .set_response_timeout(Some(ops::CHECK_TIMEOUT));
-        let mut con = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(|e| format!("redis unreachable: {e}"))?;
+        let mut con = ops::check_connection(&self.client, ops::CHECK_TIMEOUT).await?;
         let mut problems = Vec::new();
         for (shard, key) in &self.streams {
             let label = [("shard", shard.to_string())];

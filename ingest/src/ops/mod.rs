@@ -259,18 +259,26 @@ pub async fn serve(
         .await
 }
 
-/// `PING` on a new connection, within `timeout`: a fresh connection, so the
-/// answer says whether Redis can be reached now, not whether an old socket
-/// still looks open.
-pub async fn ping_redis(client: &redis::Client, timeout: Duration) -> Result<(), String> {
+/// A new connection for a check: connecting and every reply bounded by
+/// `timeout`. New, so that it says whether Redis can be reached now, not
+/// whether an old socket still looks open.
+pub async fn check_connection(
+    client: &redis::Client,
+    timeout: Duration,
+) -> Result<redis::aio::MultiplexedConnection, String> {
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| format!("redis unreachable: {e}"))
+}
+
+/// `PING` on a new connection, within `timeout`.
+pub async fn ping_redis(client: &redis::Client, timeout: Duration) -> Result<(), String> {
     let ping = async {
-        let mut con = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut con = check_connection(client, timeout).await?;
         redis::cmd("PING")
             .query_async::<String>(&mut con)
             .await
