@@ -401,7 +401,7 @@ impl JwtVerifier {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
             _ => AuthError::Invalid(e.to_string()),
         })?;
-        Ok(data.claims.into_principal())
+        Ok(data.claims.into_principal(self.leeway))
     }
 }
 
@@ -452,7 +452,9 @@ impl<T> ScopeClaim<T> {
 }
 
 impl Claims {
-    fn into_principal(self) -> Principal {
+    /// The principal, valid as long as `decode` accepts the token: until
+    /// `exp` plus the clock-skew `leeway`.
+    fn into_principal(self, leeway: Duration) -> Principal {
         let admin = self.roles.iter().any(|r| r == ADMIN_ROLE);
         Principal::new(
             self.sub,
@@ -461,7 +463,7 @@ impl Claims {
                 asset_classes: ScopeClaim::scope(self.asset_classes),
             },
             admin,
-            Some(UNIX_EPOCH + Duration::from_secs(self.exp)),
+            Some(UNIX_EPOCH + Duration::from_secs(self.exp) + leeway),
         )
     }
 }
