@@ -271,11 +271,12 @@ async fn subscriptions(
 
 /// Whether `r` holds a mutation. A document the guard refuses is left to the
 /// executor, which refuses it without running anything.
-fn mutates(r: &async_graphql::Request, limits: &crate::schema::Limits) -> bool {
+/// The parse is kept in the request, so the executor does not parse again.
+fn mutates(r: &mut async_graphql::Request, limits: &crate::schema::Limits) -> bool {
     if crate::schema::guard::check_text(&r.query, &limits.guard).is_err() {
         return false;
     }
-    async_graphql::parser::parse_query(&r.query).is_ok_and(|doc| {
+    r.parsed_query().is_ok_and(|doc| {
         doc.operations
             .iter()
             .any(|(_, op)| op.node.ty == async_graphql::parser::types::OperationType::Mutation)

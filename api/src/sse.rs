@@ -52,7 +52,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{coded_error, AuthError, Authenticator, ConnectionSlot, Principal, Users};
 use crate::schema::ApiSchema;
-use crate::ws::expiry;
+use crate::ws::{expiry, tick};
 
 pub const EVENT_STREAM: &str = "text/event-stream";
 /// The response body's first bytes, and the keep-alive: an SSE comment.
@@ -440,15 +440,6 @@ fn next_event(response: &async_graphql::Response) -> Bytes {
     event.extend_from_slice(&json);
     event.extend_from_slice(b"\n\n");
     Bytes::from(event)
-}
-
-async fn tick(keepalive: &mut Option<tokio::time::Interval>) {
-    match keepalive {
-        Some(k) => {
-            k.tick().await;
-        }
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

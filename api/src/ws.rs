@@ -824,7 +824,8 @@ pub(crate) async fn expiry(timer: &mut Option<std::pin::Pin<Box<tokio::time::Sle
     }
 }
 
-async fn tick(keepalive: &mut Option<tokio::time::Interval>) {
+/// The next keep-alive tick; never without keep-alive.
+pub(crate) async fn tick(keepalive: &mut Option<tokio::time::Interval>) {
     match keepalive {
         Some(k) => {
             k.tick().await;
