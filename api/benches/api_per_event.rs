@@ -283,7 +283,8 @@ fn live(refs: &RefData, queries: &[String], trade_ratio: f64) -> Live {
             hub: hub.clone(),
             shards: SHARDS,
             dead_letters: tickgraph_enrich::DeadLetters::new(
-                &redis::Client::open("redis://127.0.0.1:1").expect("redis url"),
+                &tickgraph_ingest::redis_link::RedisTarget::single("redis://127.0.0.1:1")
+                    .expect("redis url"),
                 tickgraph_ingest::StreamLayout::new("bench", SHARDS),
             )
             .expect("lazy dead-letter client"),

@@ -35,9 +35,9 @@ use async_graphql::indexmap::IndexMap;
 use futures_util::stream::BoxStream;
 use futures_util::task::AtomicWaker;
 use futures_util::{Stream, StreamExt};
-use redis::aio::MultiplexedConnection;
 use tickgraph_enrich::record::EnrichedRecord;
 use tickgraph_enrich::refdata::AssetClass;
+use tickgraph_ingest::redis_link::{ConnOpts, RedisConn, RedisTarget};
 use tickgraph_ingest::stream::{
     decode_entry, is_batch, parse_entries, parse_read_reply, StreamEntry, StreamLayout,
 };
@@ -507,7 +507,7 @@ struct Inner {
 /// The streams a hub reads, for catching up resumed subscriptions.
 #[derive(Clone)]
 struct Streams {
-    con: MultiplexedConnection,
+    con: RedisConn,
     keys: Vec<String>,
     epoch_keys: Vec<String>,
 }
@@ -875,7 +875,7 @@ enum Chunk<T> {
 /// A resuming subscription's reads of what it missed.
 struct Catchup<T> {
     hub: Hub,
-    con: MultiplexedConnection,
+    con: RedisConn,
     keys: Vec<String>,
     epochs: Arc<[u64]>,
     /// Per shard, what has been sent.
@@ -1053,18 +1053,18 @@ impl Hub {
     /// anything added after `start` returns is delivered. Readers stop, and every
     /// feed ends, when `shutdown` is cancelled; `tasks` tracks them.
     pub async fn start(
-        client: redis::Client,
+        client: impl Into<RedisTarget>,
         layout: &StreamLayout,
         subscriber_queue: usize,
         shutdown: CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<Self, redis::RedisError> {
+        let client = client.into();
         let mut catchup = client
-            .get_multiplexed_async_connection_with_config(
-                &redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_response_timeout(Some(READ_DEADLINE)),
-            )
+            .connect(ConnOpts {
+                connect_timeout: Some(CONNECT_TIMEOUT),
+                response_timeout: Some(READ_DEADLINE),
+            })
             .await?;
         let mut readers = Vec::new();
         let (mut ends, mut epochs) = (Vec::new(), Vec::new());
@@ -1345,15 +1345,14 @@ pub fn reader_name(prefix: &str, shard: u16) -> String {
     format!("{prefix}-hub-{shard}")
 }
 
-async fn connect(client: &redis::Client, name: &str) -> redis::RedisResult<MultiplexedConnection> {
+async fn connect(client: &RedisTarget, name: &str) -> redis::RedisResult<RedisConn> {
     // A connection of its own with no response timeout: XREAD BLOCK holds it for
     // up to READ_BLOCK_MS, which would stall or trip a shared connection.
     let mut con = client
-        .get_multiplexed_async_connection_with_config(
-            &redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                .set_response_timeout(None),
-        )
+        .connect(ConnOpts {
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            response_timeout: None,
+        })
         .await?;
     // Only a convenience for operators; a server that refuses it still serves XREAD.
     if let Err(e) = redis::cmd("CLIENT")
@@ -1368,7 +1367,7 @@ async fn connect(client: &redis::Client, name: &str) -> redis::RedisResult<Multi
 }
 
 /// The id of the stream's newest entry, or `0-0` when it is empty or missing.
-async fn stream_end(con: &mut MultiplexedConnection, key: &str) -> redis::RedisResult<String> {
+async fn stream_end(con: &mut RedisConn, key: &str) -> redis::RedisResult<String> {
     let reply: redis::Value = redis::cmd("XREVRANGE")
         .arg(key)
         .arg("+")
@@ -1386,11 +1385,7 @@ async fn stream_end(con: &mut MultiplexedConnection, key: &str) -> redis::RedisR
 
 /// Whether the stream still holds every entry after `at`: its first entry is
 /// at or before it, or, when it is empty, nothing was ever added after it.
-async fn holds_after(
-    con: &mut MultiplexedConnection,
-    key: &str,
-    at: Position,
-) -> redis::RedisResult<bool> {
+async fn holds_after(con: &mut RedisConn, key: &str, at: Position) -> redis::RedisResult<bool> {
     let reply: redis::Value = redis::cmd("XRANGE")
         .arg(key)
         .arg("-")
@@ -1448,7 +1443,7 @@ async fn holds_after(
 
 /// The epoch at `key`, made (the current Unix time in milliseconds) when it
 /// is missing; one round trip.
-async fn epoch(con: &mut MultiplexedConnection, key: &str) -> redis::RedisResult<u64> {
+async fn epoch(con: &mut RedisConn, key: &str) -> redis::RedisResult<u64> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_millis() as u64);
@@ -1473,7 +1468,7 @@ fn reply_error(msg: String) -> redis::RedisError {
 /// Reads one enriched shard for the hub.
 struct Reader {
     hub: Arc<Inner>,
-    client: redis::Client,
+    client: RedisTarget,
     shard: u16,
     key: String,
     epoch_key: String,
@@ -1537,14 +1532,14 @@ impl Decoded {
 impl Reader {
     /// A new connection, and the shard's epoch read again: Redis may have
     /// restarted without its data.
-    async fn reconnect(&self) -> redis::RedisResult<MultiplexedConnection> {
+    async fn reconnect(&self) -> redis::RedisResult<RedisConn> {
         let mut c = connect(&self.client, &self.name).await?;
         let e = epoch(&mut c, &self.epoch_key).await?;
         self.hub.set_epoch(self.shard, e);
         Ok(c)
     }
 
-    async fn run(mut self, con: MultiplexedConnection, shutdown: CancellationToken) {
+    async fn run(mut self, con: RedisConn, shutdown: CancellationToken) {
         let mut con = Some(con);
         let mut backoff = BACKOFF_MIN;
         loop {
@@ -1586,7 +1581,7 @@ impl Reader {
     /// One XREAD and the dispatch of what it returned.
     async fn step(
         &mut self,
-        con: &mut MultiplexedConnection,
+        con: &mut RedisConn,
         shutdown: &CancellationToken,
     ) -> redis::RedisResult<Step> {
         let mut cmd = redis::cmd("XREAD");

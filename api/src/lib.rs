@@ -129,12 +129,13 @@ impl Api {
     /// `shutdown` is cancelled.
     pub async fn build(
         cfg: ApiConfig,
-        client: redis::Client,
+        client: impl Into<tickgraph_ingest::redis_link::RedisTarget>,
         pool: PgPool,
         refs: RefCache,
         shutdown: CancellationToken,
     ) -> Result<Api, ApiError> {
         let tasks = TaskTracker::new();
+        let client = client.into();
         let dead_letters = tickgraph_enrich::DeadLetters::new(&client, cfg.layout.clone())?;
         let hub = Hub::start(
             client,

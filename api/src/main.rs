@@ -24,6 +24,7 @@ use tickgraph_enrich::worker::EnrichConfig;
 use tickgraph_ingest::feed::FeedConfig;
 use tickgraph_ingest::ops::{Ops, Thresholds};
 use tickgraph_ingest::producers::Producers;
+use tickgraph_ingest::redis_link::RedisTarget;
 use tickgraph_ingest::server::{Ingest, IngestConfig};
 use tickgraph_ingest::{StreamLayout, Trim};
 
@@ -49,7 +50,8 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct Common {
-    /// Redis holding the streams.
+    /// Redis holding the streams; with --redis-cluster, a comma-separated list
+    /// of seed nodes of a Redis Cluster (any reachable one is enough).
     #[arg(
         long,
         env = "TG_REDIS_URL",
@@ -57,6 +59,21 @@ struct Common {
         global = true
     )]
     redis_url: String,
+    /// Redis is a Redis Cluster: keys are routed by slot, and a failover is
+    /// followed. See the README's "Redis Cluster" section.
+    #[arg(long, env = "TG_REDIS_CLUSTER", global = true)]
+    redis_cluster: bool,
+    /// Replicas that must hold a write before ingest answers a producer, and
+    /// what the loader read before it goes into history (Redis WAIT). Set it to
+    /// 1 with replicated Redis (a cluster's replicas), so that a failover loses
+    /// nothing acknowledged; 0 (no waiting) on a single Redis.
+    #[arg(
+        long,
+        env = "TG_REDIS_WAIT_REPLICAS",
+        default_value_t = 0,
+        global = true
+    )]
+    redis_wait_replicas: u32,
     /// Postgres holding reference data and history.
     #[arg(
         long,
@@ -124,8 +141,8 @@ impl Common {
         StreamLayout::new(self.stream_prefix.clone(), self.shards)
     }
 
-    fn redis(&self) -> anyhow::Result<redis::Client> {
-        redis::Client::open(self.redis_url.as_str()).context("bad --redis-url")
+    fn redis(&self) -> anyhow::Result<RedisTarget> {
+        RedisTarget::parse(&self.redis_url, self.redis_cluster).context("bad --redis-url")
     }
 
     async fn pool(&self) -> anyhow::Result<PgPool> {
@@ -435,9 +452,9 @@ fn consumer_name(given: &Option<String>, role: &str) -> String {
 }
 
 impl IngestArgs {
-    fn config(&self, layout: StreamLayout, dev_mode: bool) -> anyhow::Result<IngestConfig> {
-        let mut c = IngestConfig::new(layout);
-        c.producers = match (&self.producer_tokens, dev_mode) {
+    fn config(&self, common: &Common) -> anyhow::Result<IngestConfig> {
+        let mut c = IngestConfig::new(common.layout());
+        c.producers = match (&self.producer_tokens, common.dev_mode) {
             (Some(_), true) => {
                 anyhow::bail!("--dev-mode and --producer-tokens both given: choose one")
             }
@@ -458,6 +475,7 @@ impl IngestArgs {
         w.linger = Duration::from_millis(self.ingest_linger_ms);
         w.writer_id = consumer_name(&self.ingest_id, "ingest");
         w.redis_timeout = Duration::from_millis(self.ingest_redis_timeout_ms);
+        w.wait_replicas = common.redis_wait_replicas;
         w.spool.dir = self.spool_dir.clone();
         w.spool.max_bytes = self.spool_max_bytes;
         w.spool.fsync = self.spool_fsync;
@@ -478,8 +496,9 @@ impl EnrichArgs {
 }
 
 impl LoadArgs {
-    fn config(&self, layout: StreamLayout) -> LoadConfig {
-        let mut c = LoadConfig::new(layout, consumer_name(&self.load_consumer, "load"));
+    fn config(&self, common: &Common) -> LoadConfig {
+        let mut c = LoadConfig::new(common.layout(), consumer_name(&self.load_consumer, "load"));
+        c.wait_replicas = common.redis_wait_replicas;
         c.batch = self.load_batch;
         c.claim_idle = Duration::from_secs(self.load_claim_idle_secs);
         c.enriched_retention = self.enriched_trim;
@@ -562,13 +581,9 @@ async fn run_ingest(
     args: &IngestArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let ingest = Ingest::build(
-        args.config(common.layout(), common.dev_mode)?,
-        common.redis()?,
-        shutdown.clone(),
-    )
-    .await
-    .context("starting ingest")?;
+    let ingest = Ingest::build(args.config(common)?, common.redis()?, shutdown.clone())
+        .await
+        .context("starting ingest")?;
     let mut ops = Ops::new();
     ingest.register_ops(&mut ops, common.redis()?);
     let router = ingest.router().merge(Arc::new(ops).router());
@@ -731,7 +746,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Load(cmd) => {
             let pool = common.pool().await?;
             let layout = common.layout();
-            let cfg = cmd.load.config(layout.clone());
+            let cfg = cmd.load.config(&common);
             let streams = layout
                 .shard_ids()
                 .map(|s| (s, layout.enriched(s)))
@@ -773,6 +788,12 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::All(args) => run_all(&common, *args, shutdown).await?,
         Command::Bench(args) => {
+            // Its stage counters read every shard in one XREAD, and its ceiling
+            // is one server's: it measures this machine's single Redis.
+            anyhow::ensure!(
+                !common.redis_cluster,
+                "the bench runs against a single Redis, not --redis-cluster"
+            );
             let target = tickgraph_api::bench::Target {
                 redis_url: common.redis_url.clone(),
                 database_url: common.database_url.clone(),
@@ -800,10 +821,10 @@ async fn run_all(
 ) -> anyhow::Result<()> {
     let layout = common.layout();
     let cfg = PipelineConfig {
-        ingest: args.ingest.config(layout.clone(), common.dev_mode)?,
+        ingest: args.ingest.config(common)?,
         ingest_listen: args.ingest.ingest_listen,
         enrich: args.enrich.config(layout.clone()),
-        load: args.load.config(layout.clone()),
+        load: args.load.config(common),
         api: args.api.config(layout, common.dev_mode)?,
         api_listen: args.api.api_listen,
         ready: common.thresholds(),

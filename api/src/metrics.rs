@@ -24,6 +24,7 @@ use sqlx::PgPool;
 use tickgraph_enrich::metrics::PostgresPing;
 use tickgraph_ingest::event::now_nanos;
 use tickgraph_ingest::ops::{self, BatchHistogram, Check, Ops, Outcome, OwnedLabel, StaticLabel};
+use tickgraph_ingest::redis_link::{query_by_slot, RedisTarget};
 use tickgraph_ingest::stream::parse_entries;
 
 use crate::hub::Hub;
@@ -188,16 +189,16 @@ impl Drop for Connection {
 /// The hub's readers not behind; sets the subscription and behind gauges.
 pub struct HubReady {
     hub: Hub,
-    client: redis::Client,
+    client: RedisTarget,
     max_behind: Duration,
     behind: Family<OwnedLabel, Gauge<f64, AtomicU64>>,
 }
 
 impl HubReady {
-    pub fn new(hub: Hub, client: redis::Client, max_behind: Duration) -> Self {
+    pub fn new(hub: Hub, client: impl Into<RedisTarget>, max_behind: Duration) -> Self {
         Self {
             hub,
-            client,
+            client: client.into(),
             max_behind,
             behind: Family::default(),
         }
@@ -212,38 +213,41 @@ impl HubReady {
         );
     }
 
-    /// Per shard, seconds behind: one pipeline of `TIME` and, per shard, the
-    /// first entry after the hub's dispatched position.
+    /// Per shard, seconds behind: `TIME` and the first entry after the hub's
+    /// dispatched position, in one round trip. `TIME` is asked per shard: on a
+    /// cluster each shard's entry ids come from its own node's clock.
     async fn measure(&self) -> Result<Vec<(u16, f64)>, String> {
         let Some(keys) = self.hub.stream_keys() else {
             return Ok(Vec::new());
         };
         let dispatched = self.hub.dispatched_positions();
         let mut con = ops::check_connection(&self.client, ops::CHECK_TIMEOUT).await?;
-        let mut pipe = redis::pipe();
-        pipe.cmd("TIME");
-        for (key, (ms, seq, _)) in keys.iter().zip(&dispatched) {
-            pipe.cmd("XRANGE")
-                .arg(key)
-                .arg(format!("({ms}-{seq}"))
-                .arg("+")
-                .arg("COUNT")
-                .arg(1);
-        }
-        let mut replies: Vec<redis::Value> = pipe
-            .query_async::<Vec<redis::Value>>(&mut con)
+        let groups: Vec<redis::Pipeline> = keys
+            .iter()
+            .zip(&dispatched)
+            .map(|(key, (ms, seq, _))| {
+                let mut pipe = redis::pipe();
+                pipe.cmd("TIME");
+                pipe.cmd("XRANGE")
+                    .arg(key)
+                    .arg(format!("({ms}-{seq}"))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1);
+                pipe
+            })
+            .collect();
+        let replies = query_by_slot::<redis::Value>(&mut con, &groups)
             .await
-            .map_err(|e| format!("reading the enriched streams: {e}"))?
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>();
-        let (secs, micros): (u64, u64) =
-            redis::from_redis_value(replies.pop().ok_or("no reply to TIME")?)
-                .map_err(|e| format!("TIME: {e}"))?;
-        let now_ms = secs * 1000 + micros / 1000;
+            .map_err(|e| format!("reading the enriched streams: {e}"))?;
         let mut out = Vec::new();
-        for shard in 0..keys.len() {
-            let entries = parse_entries(replies.pop().ok_or("no reply to XRANGE")?)?;
+        for (shard, group) in replies.into_iter().enumerate() {
+            let mut group = group.into_iter();
+            let (secs, micros): (u64, u64) =
+                redis::from_redis_value(group.next().ok_or("no reply to TIME")?)
+                    .map_err(|e| format!("TIME: {e}"))?;
+            let now_ms = secs * 1000 + micros / 1000;
+            let entries = parse_entries(group.next().ok_or("no reply to XRANGE")?)?;
             let behind_ms = entries
                 .first()
                 .and_then(|e| e.id.split_once('-'))
@@ -301,7 +305,7 @@ impl Check for HubReady {
 pub fn register_ops(
     ops: &mut Ops,
     api: &Api,
-    client: redis::Client,
+    client: RedisTarget,
     pool: PgPool,
     max_behind: Duration,
 ) {

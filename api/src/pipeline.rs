@@ -13,6 +13,7 @@ use tickgraph_enrich::loader::{self, LoadConfig};
 use tickgraph_enrich::refdata::RefCache;
 use tickgraph_enrich::worker::{self, EnrichConfig};
 use tickgraph_ingest::ops::{Ops, Thresholds};
+use tickgraph_ingest::redis_link::RedisTarget;
 use tickgraph_ingest::server::{Ingest, IngestConfig};
 use tickgraph_ingest::stream::{ENRICH_GROUP, LOAD_GROUP};
 
@@ -76,11 +77,12 @@ impl Pipeline {
     /// already have its listener running (see [`RefCache::spawn_listener`]).
     pub async fn start(
         cfg: PipelineConfig,
-        client: redis::Client,
+        client: impl Into<RedisTarget>,
         pool: PgPool,
         refs: RefCache,
         shutdown: CancellationToken,
     ) -> Result<Self, PipelineError> {
+        let client: RedisTarget = client.into();
         let ingest_listener = bind(cfg.ingest_listen).await?;
         let api_listener = bind(cfg.api_listen).await?;
         let ingest_addr = ingest_listener.local_addr()?;

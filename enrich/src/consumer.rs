@@ -20,8 +20,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::AsyncConnectionConfig;
+use tickgraph_ingest::redis_link::{add_wait, wait_replicas, ConnOpts, RedisConn, RedisTarget};
 use tickgraph_ingest::stream::{
     ensure_group, parse_entries, parse_read_reply, value_string, StreamEntry,
 };
@@ -74,6 +73,11 @@ pub struct ConsumerConfig {
     /// before the next, so that batches grow with the load instead of one small
     /// batch per arrival (zero: read again at once).
     pub linger: Duration,
+    /// Replicas that must hold what a read returned before it is handled (see
+    /// [`tickgraph_ingest::redis_link::add_wait`]); 0 on a single Redis. With 1
+    /// or more, nothing handled can vanish in a failover and come back under a
+    /// new entry id.
+    pub wait_replicas: u32,
 }
 
 impl ConsumerConfig {
@@ -96,6 +100,7 @@ impl ConsumerConfig {
             claim_every: (claim_idle / 2).max(Duration::from_millis(50)),
             retention,
             linger: Duration::ZERO,
+            wait_replicas: 0,
         }
     }
 }
@@ -112,12 +117,13 @@ pub enum ConsumerError {
 /// and trims them behind the group; returns once every task has finished its
 /// in-flight batch.
 pub async fn run<H: BatchHandler>(
-    client: redis::Client,
+    client: impl Into<RedisTarget>,
     cfg: ConsumerConfig,
     streams: Vec<(u16, String)>,
     handler: H,
     shutdown: CancellationToken,
 ) -> Result<(), ConsumerError> {
+    let client = client.into();
     let acker = write_connection(&client)?;
     // A child token, so that a panicked task stops its siblings, not the process.
     let shutdown = shutdown.child_token();
@@ -157,12 +163,11 @@ pub async fn run<H: BatchHandler>(
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The connection workers write and acknowledge through (not the blocking reads).
-pub(crate) fn write_connection(
-    client: &redis::Client,
-) -> redis::RedisResult<redis::aio::ConnectionManager> {
-    client.get_connection_manager_lazy(
-        ConnectionManagerConfig::new().set_response_timeout(Some(WRITE_TIMEOUT)),
-    )
+pub(crate) fn write_connection(client: &RedisTarget) -> redis::RedisResult<RedisConn> {
+    client.lazy(ConnOpts {
+        connect_timeout: None,
+        response_timeout: Some(WRITE_TIMEOUT),
+    })
 }
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -212,8 +217,8 @@ impl From<redis::RedisError> for SessionError {
 }
 
 struct ShardReader<H> {
-    client: redis::Client,
-    acker: ConnectionManager,
+    client: RedisTarget,
+    acker: RedisConn,
     cfg: Arc<ConsumerConfig>,
     handler: Arc<H>,
     shard: u16,
@@ -226,7 +231,7 @@ struct ShardReader<H> {
 impl<H: BatchHandler> ShardReader<H> {
     async fn run(mut self) {
         let mut backoff = Backoff::default();
-        let mut con: Option<MultiplexedConnection> = None;
+        let mut con: Option<RedisConn> = None;
         while !self.shutdown.is_cancelled() {
             let c = match con.as_mut() {
                 Some(c) => c,
@@ -258,15 +263,10 @@ impl<H: BatchHandler> ShardReader<H> {
         tracing::info!(stream = %self.key, group = %self.cfg.group, "consumer stopped");
     }
 
-    async fn connect(&self) -> redis::RedisResult<MultiplexedConnection> {
+    async fn connect(&self) -> redis::RedisResult<RedisConn> {
         // A blocking read may legitimately wait `block`; a response timeout would
         // turn every quiet second into a reconnect.
-        let mut con = self
-            .client
-            .get_multiplexed_async_connection_with_config(
-                &AsyncConnectionConfig::new().set_response_timeout(None),
-            )
-            .await?;
+        let mut con = self.client.connect(ConnOpts::blocking()).await?;
         // On every connect, not once: a Redis restarted without persistence has
         // lost the group, and recreating it is what lets consumption resume.
         ensure_group(&mut con, &self.key, &self.cfg.group).await?;
@@ -276,7 +276,7 @@ impl<H: BatchHandler> ShardReader<H> {
     /// Runs until shutdown (`Ok`) or a failure.
     async fn session(
         &mut self,
-        con: &mut MultiplexedConnection,
+        con: &mut RedisConn,
         backoff: &mut Backoff,
     ) -> Result<(), SessionError> {
         // `Some(cursor)` while draining our own pending list.
@@ -321,9 +321,38 @@ impl<H: BatchHandler> ShardReader<H> {
         }
     }
 
+    /// Runs a read (`XREADGROUP`, `XAUTOCLAIM`) and, with `wait_replicas`, waits
+    /// in the same round trip until that many replicas hold what it returned.
+    async fn replicated(
+        &self,
+        read: redis::Cmd,
+        con: &mut RedisConn,
+    ) -> Result<redis::Value, SessionError> {
+        let replicas = self.cfg.wait_replicas;
+        if replicas == 0 {
+            return Ok(read.query_async(con).await?);
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(read);
+        add_wait(&mut pipe, &self.key, replicas, WRITE_TIMEOUT / 2);
+        let mut replies: Vec<redis::Value> = pipe.query_async(con).await?;
+        let acked = replies
+            .pop()
+            .map(redis::from_redis_value::<i64>)
+            .transpose()
+            .map_err(|e| SessionError::Redis(format!("bad WAIT reply: {e}")))?
+            .unwrap_or(0);
+        // Not handled now: read again from the pending list after a back-off.
+        wait_replicas(acked, replicas)?;
+        replies
+            .into_iter()
+            .next()
+            .ok_or_else(|| SessionError::Redis("no reply to the read".into()))
+    }
+
     async fn read(
         &self,
-        con: &mut MultiplexedConnection,
+        con: &mut RedisConn,
         from: &str,
         block: Option<Duration>,
     ) -> Result<Vec<StreamEntry>, SessionError> {
@@ -341,7 +370,7 @@ impl<H: BatchHandler> ShardReader<H> {
         // The connection has no response timeout (a blocking read may wait
         // `block`), so a Redis that stops answering is caught here.
         let deadline = block.unwrap_or_default() + WRITE_TIMEOUT;
-        let reply: redis::Value = tokio::time::timeout(deadline, cmd.query_async(con))
+        let reply = tokio::time::timeout(deadline, self.replicated(cmd, con))
             .await
             .map_err(|_| {
                 SessionError::Redis(format!("no reply to XREADGROUP within {deadline:?}"))
@@ -356,22 +385,21 @@ impl<H: BatchHandler> ShardReader<H> {
     /// Takes over entries other consumers left idle, and processes them.
     async fn claim(
         &mut self,
-        con: &mut MultiplexedConnection,
+        con: &mut RedisConn,
         backoff: &mut Backoff,
     ) -> Result<(), SessionError> {
         let min_idle = self.cfg.claim_idle.as_millis() as u64;
         let mut start = "0-0".to_string();
         loop {
-            let reply: redis::Value = redis::cmd("XAUTOCLAIM")
-                .arg(&self.key)
+            let mut cmd = redis::cmd("XAUTOCLAIM");
+            cmd.arg(&self.key)
                 .arg(&self.cfg.group)
                 .arg(&self.cfg.consumer)
                 .arg(min_idle)
                 .arg(&start)
                 .arg("COUNT")
-                .arg(self.cfg.batch.max(1))
-                .query_async(con)
-                .await?;
+                .arg(self.cfg.batch.max(1));
+            let reply = self.replicated(cmd, con).await?;
             let (next, entries, deleted) = parse_autoclaim(reply).map_err(SessionError::Redis)?;
             if deleted > 0 {
                 // Redis already dropped these from the pending list.

@@ -59,9 +59,9 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::LazyLock;
 
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 use tickgraph_ingest::event::now_nanos;
+use tickgraph_ingest::redis_link::{RedisConn, RedisTarget};
 use tickgraph_ingest::stream::{encode_batch, value_string, EntryId, RawRecord};
 use tickgraph_ingest::{Event, StreamLayout};
 
@@ -420,12 +420,12 @@ static REPLAY: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(REP
 #[derive(Clone)]
 pub struct DeadLetters {
     layout: StreamLayout,
-    con: ConnectionManager,
+    con: RedisConn,
 }
 
 impl DeadLetters {
     /// Connects lazily, on first use.
-    pub fn new(client: &redis::Client, layout: StreamLayout) -> Result<Self, DeadLetterError> {
+    pub fn new(client: &RedisTarget, layout: StreamLayout) -> Result<Self, DeadLetterError> {
         let con = crate::consumer::write_connection(client)?;
         Ok(Self { layout, con })
     }
@@ -889,11 +889,7 @@ impl StreamScan {
         }
     }
 
-    async fn fetch(
-        &mut self,
-        con: &mut ConnectionManager,
-        count: usize,
-    ) -> Result<(), DeadLetterError> {
+    async fn fetch(&mut self, con: &mut RedisConn, count: usize) -> Result<(), DeadLetterError> {
         let cmd = match self.order {
             Order::NewestFirst => "XREVRANGE",
             Order::OldestFirst => "XRANGE",

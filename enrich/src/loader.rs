@@ -20,8 +20,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
 use rust_decimal::Decimal;
+use tickgraph_ingest::redis_link::{RedisConn, RedisTarget};
 use tickgraph_ingest::stream::{
     decode_entry, is_batch, CodecError, DeadLetter, EntryId, LOAD_GROUP,
 };
@@ -51,6 +51,9 @@ pub struct LoadConfig {
     /// How often each stream's `history_entries` rows that can no longer be
     /// redelivered are deleted.
     pub prune_every: Duration,
+    /// Replicas that must hold the entries read before they are loaded (see
+    /// [`ConsumerConfig::wait_replicas`]); 0 on a single Redis.
+    pub wait_replicas: u32,
     /// Where the loader counts what it does; clone it before [`run`] to
     /// register it with a registry (see [`crate::metrics`]).
     pub metrics: LoadMetrics,
@@ -70,6 +73,7 @@ impl LoadConfig {
             enriched_retention: Trim::MaxLen(20_000),
             linger: Duration::from_millis(100),
             prune_every: Duration::from_secs(30),
+            wait_replicas: 0,
             metrics: LoadMetrics::default(),
         }
     }
@@ -87,10 +91,11 @@ pub enum LoadError {
 /// returns once each shard has committed and acked its in-flight batch.
 pub async fn run(
     cfg: LoadConfig,
-    client: redis::Client,
+    client: impl Into<RedisTarget>,
     pool: sqlx::PgPool,
     shutdown: CancellationToken,
 ) -> Result<(), LoadError> {
+    let client = client.into();
     let con = consumer::write_connection(&client)?;
     let streams = cfg
         .layout
@@ -107,6 +112,7 @@ pub async fn run(
     );
     let consumer_cfg = ConsumerConfig {
         linger: cfg.linger,
+        wait_replicas: cfg.wait_replicas,
         ..consumer_cfg
     };
     tracing::info!(consumer = %cfg.consumer, shards = cfg.layout.shards(), "history loader starting");
@@ -139,7 +145,7 @@ enum BatchError {
 struct Loader {
     metrics: LoadMetrics,
     layout: StreamLayout,
-    con: ConnectionManager,
+    con: RedisConn,
     pool: sqlx::PgPool,
     prune_every: Duration,
     /// When each stream's `history_entries` rows were last pruned.

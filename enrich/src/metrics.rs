@@ -16,6 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 use tickgraph_ingest::ops::{self, BatchHistogram, Check, Outcome, OwnedLabel, StaticLabel};
+use tickgraph_ingest::redis_link::RedisTarget;
 
 /// The enrich worker's counters. Cheap to clone: every field is shared.
 #[derive(Debug, Clone)]
@@ -130,7 +131,7 @@ impl LoadMetrics {
 /// `failed` when the lag of any shard is above a threshold.
 pub struct GroupLag {
     name: &'static str,
-    client: redis::Client,
+    client: RedisTarget,
     group: String,
     streams: Vec<(u16, String)>,
     max_lag: u64,
@@ -145,14 +146,14 @@ impl GroupLag {
     /// which the component is not ready.
     pub fn new(
         name: &'static str,
-        client: redis::Client,
+        client: impl Into<RedisTarget>,
         group: &str,
         streams: Vec<(u16, String)>,
         max_lag: u64,
     ) -> Self {
         Self {
             name,
-            client,
+            client: client.into(),
             group: group.to_owned(),
             streams,
             max_lag,

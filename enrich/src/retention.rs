@@ -137,7 +137,7 @@ pub async fn trim_once<C: ConnectionLike>(
 /// Trims `keys` every [`TRIM_EVERY`] until `shutdown`. Errors are logged and the
 /// next round tries again: a missed trim only costs memory, never data.
 pub fn spawn(
-    client: redis::Client,
+    client: tickgraph_ingest::redis_link::RedisTarget,
     keys: Vec<String>,
     policy: Trim,
     shutdown: CancellationToken,
@@ -155,7 +155,10 @@ pub fn spawn(
                 _ = tick.tick() => {}
             }
             if con.is_none() {
-                match client.get_multiplexed_async_connection().await {
+                match client
+                    .connect(tickgraph_ingest::redis_link::ConnOpts::default())
+                    .await
+                {
                     Ok(c) => con = Some(c),
                     Err(e) => {
                         tracing::warn!(error = %e, "stream trimmer cannot connect; will retry");

@@ -10,8 +10,8 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use tickgraph_ingest::event::now_nanos;
+use tickgraph_ingest::redis_link::{RedisConn, RedisTarget};
 use tickgraph_ingest::stream::{decode_entry, DeadLetter, RawRecord, ENRICH_GROUP, RECORD_FIELD};
 use tickgraph_ingest::{StreamLayout, Trim};
 use tokio_util::sync::CancellationToken;
@@ -73,10 +73,11 @@ pub enum EnrichError {
 /// shard has written and acked its in-flight batch.
 pub async fn run(
     cfg: EnrichConfig,
-    client: redis::Client,
+    client: impl Into<RedisTarget>,
     refs: RefCache,
     shutdown: CancellationToken,
 ) -> Result<(), EnrichError> {
+    let client = client.into();
     let handler = Enricher::new(cfg.clone(), &client, refs)?;
     let streams = cfg
         .layout
@@ -100,14 +101,14 @@ pub async fn run(
 /// The per-batch work of the enrich worker: join, then commit (see [`COMMIT_LUA`]).
 pub struct Enricher {
     cfg: EnrichConfig,
-    con: ConnectionManager,
+    con: RedisConn,
     refs: RefCache,
 }
 
 impl Enricher {
     pub fn new(
         cfg: EnrichConfig,
-        client: &redis::Client,
+        client: &RedisTarget,
         refs: RefCache,
     ) -> Result<Self, EnrichError> {
         let con = consumer::write_connection(client)?;

@@ -27,6 +27,7 @@ pub mod feed;
 pub mod metrics;
 pub mod ops;
 pub mod producers;
+pub mod redis_link;
 pub mod server;
 pub mod spool;
 pub mod stream;

@@ -18,6 +18,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 use crate::ops::{self, Check, Outcome, StaticLabel};
+use crate::redis_link::RedisTarget;
 use crate::writer::WriterStats;
 
 /// The reason codes of rejected (dead-lettered) events, a fixed set.
@@ -128,7 +129,7 @@ pub fn register_ops(
     ops: &mut ops::Ops,
     metrics: &IngestMetrics,
     writer: Arc<WriterStats>,
-    client: redis::Client,
+    client: RedisTarget,
     spool_max_bytes: u64,
 ) {
     metrics.register(ops.registry_mut());
@@ -138,13 +139,13 @@ pub fn register_ops(
 
 /// Ingest's readiness: see the module notes.
 pub struct IngestReady {
-    client: redis::Client,
+    client: RedisTarget,
     stats: Arc<WriterStats>,
     spool_max_bytes: u64,
 }
 
 impl IngestReady {
-    pub fn new(client: redis::Client, stats: Arc<WriterStats>, spool_max_bytes: u64) -> Self {
+    pub fn new(client: RedisTarget, stats: Arc<WriterStats>, spool_max_bytes: u64) -> Self {
         Self {
             client,
             stats,

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::event::now_nanos;
 use crate::metrics::IngestMetrics;
 use crate::producers::{Producer, ProducerRefusal, Producers};
+use crate::redis_link::RedisTarget;
 use crate::stream::{DeadLetter, RawRecord, StreamLayout};
 use crate::wire::{decode_batch, BatchError, Format};
 use crate::writer::{RawEntry, StreamWriter, WriteError, WriterConfig};
@@ -82,7 +83,7 @@ pub struct Ingest {
 impl Ingest {
     pub async fn build(
         cfg: IngestConfig,
-        client: redis::Client,
+        client: impl Into<RedisTarget>,
         shutdown: CancellationToken,
     ) -> Result<Self, IngestError> {
         let (writer, writer_task) = StreamWriter::spawn(cfg.writer.clone(), client)?;
@@ -107,12 +108,12 @@ impl Ingest {
     }
 
     /// Adds ingest's metrics and readiness check to `ops`.
-    pub fn register_ops(&self, ops: &mut crate::ops::Ops, client: redis::Client) {
+    pub fn register_ops(&self, ops: &mut crate::ops::Ops, client: impl Into<RedisTarget>) {
         crate::metrics::register_ops(
             ops,
             &self.shared.metrics,
             self.shared.writer.stats_handle(),
-            client,
+            client.into(),
             self.shared.cfg.writer.spool.max_bytes,
         );
     }

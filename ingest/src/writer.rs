@@ -26,12 +26,14 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::event::now_nanos;
+use crate::redis_link::{
+    add_wait, hash_tag, query_by_slot, wait_replicas, ConnOpts, RedisConn, RedisTarget,
+};
 use crate::spool::{Append, Fields, Round, Spool, SpoolConfig, SpoolError};
 use crate::stream::{encode_batch, DeadLetter, StreamLayout, Trim, RECORD_FIELD};
 
@@ -82,6 +84,9 @@ pub struct WriterConfig {
     pub writer_id: String,
     /// How long a round trip to Redis may take before the round is spooled.
     pub redis_timeout: Duration,
+    /// Replicas that must have a round before it counts as stored (`WAIT`); 0
+    /// on a single Redis. With 1 or more, a failover loses nothing answered.
+    pub wait_replicas: u32,
     pub spool: SpoolConfig,
 }
 
@@ -100,6 +105,7 @@ impl WriterConfig {
             linger: Duration::ZERO,
             writer_id: "ingest".into(),
             redis_timeout: Duration::from_secs(2),
+            wait_replicas: 0,
             spool,
         }
     }
@@ -173,7 +179,7 @@ impl StreamWriter {
     /// graceful shutdown must have their batches stored, not refused.
     pub fn spawn(
         cfg: WriterConfig,
-        client: redis::Client,
+        client: impl Into<RedisTarget>,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), SpoolError> {
         let spool = Spool::open(cfg.spool.clone())?;
         if !spool.is_empty() {
@@ -286,8 +292,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 struct Writer {
     cfg: WriterConfig,
-    client: redis::Client,
-    con: Option<ConnectionManager>,
+    client: RedisTarget,
+    con: Option<RedisConn>,
     spool: Arc<Mutex<Spool>>,
     /// Mirrors the spool's round count, so the loop need not lock it to ask.
     spooled: u64,
@@ -303,7 +309,8 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(cfg: WriterConfig, client: redis::Client, spool: Spool) -> Self {
+    fn new(cfg: WriterConfig, client: impl Into<RedisTarget>, spool: Spool) -> Self {
+        let client = client.into();
         let stats = WriterStats::default();
         stats.spool_rounds.set(gauge_value(spool.rounds()));
         stats.spool_bytes.set(gauge_value(spool.bytes()));
@@ -610,13 +617,36 @@ impl Writer {
 
     /// One pipelined round trip appending `rounds`, in order; `fresh` when they
     /// were never sent before. Returns the script's answer per append, in order.
-    /// Not MULTI: the streams of different shards live in different cluster slots.
+    /// Not MULTI: the streams of different shards live in different cluster
+    /// slots. On a cluster each slot's appends are one pipeline, sent at once.
+    /// With `wait_replicas`, each pipeline ends in a `WAIT`, and a round is only
+    /// stored once that many replicas have it: otherwise it is spooled, and sent
+    /// again later without duplicating (the markers see to that).
     async fn send(&mut self, rounds: &[Round], fresh: bool) -> Result<Vec<i64>, String> {
-        let mut pipe = redis::pipe();
-        // Loaded every time: after a Redis restart the script cache is empty.
-        pipe.load_script(&APPEND).ignore();
+        let cluster = self.client.is_cluster();
+        // Per slot: a key of it, its pipeline, and the replies before its
+        // appends' (the script load) and its appends so far.
+        let mut groups: Vec<(&str, redis::Pipeline, usize, usize)> = Vec::new();
+        // Per append, in order: its group and its place there.
+        let mut order = Vec::new();
         for round in rounds {
             for a in &round.appends {
+                let tag = hash_tag(&a.key);
+                let g = match groups.iter().position(|(k, ..)| hash_tag(k) == tag) {
+                    Some(g) => g,
+                    None => {
+                        let mut pipe = redis::pipe();
+                        // Loaded every time: after a Redis restart (or a failover)
+                        // the script cache is empty. On a single Redis the groups
+                        // are one pipeline, so once is enough.
+                        let load = cluster || groups.is_empty();
+                        if load {
+                            pipe.load_script(&APPEND);
+                        }
+                        groups.push((&a.key, pipe, usize::from(load), 0));
+                        groups.len() - 1
+                    }
+                };
                 let mut inv = APPEND.key(&a.key);
                 inv.key(writer_marker(&a.key, &self.cfg.writer_id))
                     .arg(round.id)
@@ -630,16 +660,54 @@ impl Writer {
                         inv.arg(f).arg(v);
                     }
                 }
+                let (_, pipe, front, n) = &mut groups[g];
                 pipe.invoke_script(&inv);
+                order.push((g, *front + *n));
+                *n += 1;
             }
         }
+        let replicas = self.cfg.wait_replicas;
         let timeout = self.cfg.redis_timeout;
+        let pipes: Vec<redis::Pipeline> = groups
+            .into_iter()
+            .map(|(key, mut pipe, _, _)| {
+                // Half the round trip's budget, so a short WAIT is told apart
+                // from a lost connection.
+                add_wait(&mut pipe, key, replicas, timeout / 2);
+                pipe
+            })
+            .collect();
         let con = self.connection().await?;
-        match tokio::time::timeout(timeout, pipe.query_async::<Vec<i64>>(con)).await {
-            Ok(Ok(answers)) => Ok(answers),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer from Redis within {timeout:?}")),
+        let replies =
+            match tokio::time::timeout(timeout, query_by_slot::<redis::Value>(con, &pipes)).await {
+                Ok(Ok(replies)) => replies,
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err(format!("no answer from Redis within {timeout:?}")),
+            };
+        if replicas > 0 {
+            for group in &replies {
+                let acked = group
+                    .last()
+                    .map(redis::from_redis_value_ref::<i64>)
+                    .transpose()
+                    .map_err(|e| format!("bad WAIT reply: {e}"))?
+                    .unwrap_or(0);
+                wait_replicas(acked, replicas).map_err(|e| e.to_string())?;
+            }
         }
+        order
+            .into_iter()
+            .map(|(g, i)| {
+                replies
+                    .get(g)
+                    .and_then(|r| r.get(i))
+                    .ok_or_else(|| "fewer replies than appends".to_string())
+                    .and_then(|v| {
+                        redis::from_redis_value_ref::<i64>(v)
+                            .map_err(|e| format!("bad append reply: {e}"))
+                    })
+            })
+            .collect()
     }
 
     /// Sends a round never sent before. Appends refused because a marker is
@@ -682,23 +750,11 @@ impl Writer {
 
     /// The connection, made on first use: ingest starts, and answers from the
     /// spool, while Redis is down. Once made it reconnects by itself.
-    async fn connection(&mut self) -> Result<&mut ConnectionManager, String> {
+    async fn connection(&mut self) -> Result<&mut RedisConn, String> {
         if self.con.is_none() {
             let t = self.cfg.redis_timeout;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(t))
-                .set_response_timeout(Some(t))
-                .set_number_of_retries(1);
-            let made = tokio::time::timeout(
-                t,
-                ConnectionManager::new_with_config(self.client.clone(), config),
-            )
-            .await;
-            self.con = Some(match made {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => return Err(e.to_string()),
-                Err(_) => return Err(format!("cannot connect to Redis within {t:?}")),
-            });
+            let made = self.client.managed(ConnOpts::bounded(t)).await;
+            self.con = Some(made.map_err(|e| format!("cannot connect to Redis: {e}"))?);
         }
         self.con.as_mut().ok_or_else(|| "no connection".to_string())
     }
@@ -728,7 +784,9 @@ mod tests {
     #[tokio::test]
     async fn batches_within_the_linger_share_one_entry() {
         let client = redis::Client::open(redis_url()).expect("redis url");
-        let mut con = ConnectionManager::new(client.clone()).await.expect("redis");
+        let mut con = redis::aio::ConnectionManager::new(client.clone())
+            .await
+            .expect("redis");
         for (linger, expected) in [
             (Duration::from_millis(300), vec![3]),
             (Duration::ZERO, vec![1, 1, 1]),

@@ -83,7 +83,7 @@ impl Rig {
         )
         .await
         .expect("pipeline starts");
-        let dead = DeadLetters::new(&client, layout.clone()).expect("dead letters");
+        let dead = DeadLetters::new(&client.clone().into(), layout.clone()).expect("dead letters");
         let defaults = ApiConfig::default();
         let schema = schema::build(
             Limits {

@@ -57,7 +57,8 @@ impl Rig {
         let listener = tokio::spawn(async move {
             let _ = listener.await;
         });
-        let dead = DeadLetters::new(&r.client, r.layout.clone()).expect("dead letters");
+        let dead =
+            DeadLetters::new(&r.client.clone().into(), r.layout.clone()).expect("dead letters");
         Self {
             r,
             pool,
@@ -248,7 +249,9 @@ async fn concurrent_replays_reach_history_once(pool: PgPool, dedupe: Duration) {
     assert_eq!(ids.len(), 20);
 
     // Each on a connection of its own, as separate processes would be.
-    let other = || DeadLetters::new(&rig.r.client, rig.r.layout.clone()).expect("dead letters");
+    let other = || {
+        DeadLetters::new(&rig.r.client.clone().into(), rig.r.layout.clone()).expect("dead letters")
+    };
     let (second, third) = (other(), other());
     let all = Filter::default();
     let (a, b, c) = tokio::join!(

@@ -375,7 +375,7 @@ async fn a_batch_done_twice_is_written_once(pool: PgPool) {
     run_until_drained(&mut r, cfg, refs.clone()).await;
     assert_each_once(&enriched(&mut r).await, &events);
 
-    let slow = Enricher::new(config(&r, "slow"), &r.client, refs).expect("enricher");
+    let slow = Enricher::new(config(&r, "slow"), &r.client.clone().into(), refs).expect("enricher");
     for (shard, key, entries) in held {
         slow.handle(shard, &key, entries)
             .await

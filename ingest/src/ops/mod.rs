@@ -27,6 +27,8 @@ use std::time::Duration;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+
+use crate::redis_link::{ConnOpts, RedisConn, RedisTarget};
 use axum::{Json, Router};
 use futures_util::future::BoxFuture;
 use prometheus_client::registry::Registry;
@@ -263,20 +265,17 @@ pub async fn serve(
 /// `timeout`. New, so that it says whether Redis can be reached now, not
 /// whether an old socket still looks open.
 pub async fn check_connection(
-    client: &redis::Client,
+    client: &RedisTarget,
     timeout: Duration,
-) -> Result<redis::aio::MultiplexedConnection, String> {
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout));
+) -> Result<RedisConn, String> {
     client
-        .get_multiplexed_async_connection_with_config(&config)
+        .connect(ConnOpts::bounded(timeout))
         .await
         .map_err(|e| format!("redis unreachable: {e}"))
 }
 
 /// `PING` on a new connection, within `timeout`.
-pub async fn ping_redis(client: &redis::Client, timeout: Duration) -> Result<(), String> {
+pub async fn ping_redis(client: &RedisTarget, timeout: Duration) -> Result<(), String> {
     let ping = async {
         let mut con = check_connection(client, timeout).await?;
         redis::cmd("PING")
@@ -293,12 +292,14 @@ pub async fn ping_redis(client: &redis::Client, timeout: Duration) -> Result<(),
 
 /// Redis reachable: `failed` when not.
 pub struct RedisPing {
-    client: redis::Client,
+    client: RedisTarget,
 }
 
 impl RedisPing {
-    pub fn new(client: redis::Client) -> Self {
-        Self { client }
+    pub fn new(client: impl Into<RedisTarget>) -> Self {
+        Self {
+            client: client.into(),
+        }
     }
 }
 
