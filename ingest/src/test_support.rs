@@ -445,6 +445,33 @@ impl LocalCluster {
         }
     }
 
+    /// Starts a killed node again, on its port and with its directory. A
+    /// primary whose slots a replica took over comes back as that replica's
+    /// replica; [`LocalCluster::wait_replicated`] waits for it to be in sync.
+    pub fn restart(&mut self, port: u16) -> std::io::Result<()> {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node of this cluster on port {port}"));
+        node.kill();
+        node.spawn()?;
+        node.wait_ping()
+    }
+
+    /// Waits until the cluster is whole (as [`LocalCluster::wait_failover`])
+    /// and every primary has a live replica in sync with it, as after
+    /// [`LocalCluster::start`]. Panics after 60 seconds, saying what was still
+    /// wrong.
+    pub fn wait_replicated(&self) {
+        if let Err(why) = self.wait_until(FORM_TIMEOUT, true) {
+            panic!(
+                "primaries without a replica in sync after {FORM_TIMEOUT:?}: {why} (node logs: {})",
+                self.log_dirs()
+            );
+        }
+    }
+
     fn any_live(&self) -> u16 {
         *self
             .live()
@@ -615,7 +642,8 @@ mod tests {
     use super::*;
 
     /// A key written with `WAIT 1` survives a kill -9 of its primary: its
-    /// replica takes over the slot and answers it.
+    /// replica takes over the slot and answers it; restarted, the old primary
+    /// becomes its replica.
     #[test]
     fn a_replica_takes_over_a_killed_primary_with_its_keys() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -658,5 +686,11 @@ mod tests {
             .expect("connect to the new primary");
         let got: Option<String> = redis::cmd("GET").arg(key).query(&mut con).expect("GET");
         assert_eq!(got.as_deref(), Some("kept"));
+
+        // The old primary comes back as the replica of its successor.
+        cluster.restart(primary).expect("restart");
+        cluster.wait_replicated();
+        assert_eq!(cluster.primary_of_key(key), replica);
+        assert_eq!(cluster.replica_of(replica), Some(primary));
     }
 }
