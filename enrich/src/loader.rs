@@ -21,7 +21,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
-use tickgraph_ingest::redis_link::{RedisConn, RedisTarget};
+use tickgraph_ingest::redis_link::{query_atomic, RedisConn, RedisTarget};
 use tickgraph_ingest::stream::{
     decode_entry, is_batch, CodecError, DeadLetter, EntryId, LOAD_GROUP,
 };
@@ -686,7 +686,7 @@ impl BatchHandler for Loader {
         }
         pipe.add_command(ack).ignore();
         let mut con = self.con.clone();
-        pipe.query_async::<()>(&mut con).await?;
+        query_atomic::<()>(&mut con, &pipe, stream).await?;
         self.count(written, &bad);
         let (trades, quotes) = (rows.trades.common.len(), rows.quotes.common.len());
         if bad.is_empty() {

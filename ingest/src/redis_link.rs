@@ -335,6 +335,37 @@ pub async fn query_by_slot<T: FromRedisValue>(
     Ok(out)
 }
 
+/// Runs `pipe`, a transaction (`atomic()`) whose keys are all in the slot of
+/// `slot_key`.
+///
+/// On a cluster, a transaction sent to a node that no longer serves its slot
+/// (the old primary after a failover, back as a replica) is answered with an
+/// aborted transaction holding `MOVED`. The cluster client (redis 1.8) does not
+/// follow that, nor refresh its slot map, so every retry would go to the same
+/// node. A plain command on the slot is redirected and refreshes the map; the
+/// transaction is then sent once more.
+pub async fn query_atomic<T: FromRedisValue>(
+    con: &mut RedisConn,
+    pipe: &Pipeline,
+    slot_key: &str,
+) -> RedisResult<T> {
+    match pipe.query_async(con).await {
+        Err(e) if con.is_cluster() && moved_in_transaction(&e) => {
+            let _: Value = redis::cmd("EXISTS").arg(slot_key).query_async(con).await?;
+            pipe.query_async(con).await
+        }
+        other => other,
+    }
+}
+
+fn moved_in_transaction(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort)
+        && e.clone().into_server_errors().is_some_and(|errs| {
+            errs.iter()
+                .any(|(_, s)| s.kind() == Some(redis::ServerErrorKind::Moved))
+        })
+}
+
 /// When `replicas > 0`, ends `pipe` with a write to a marker key in the slot of
 /// `slot_key`, then `WAIT replicas timeout`; returns the commands added (0 or 2).
 ///
@@ -407,6 +438,45 @@ mod tests {
             RedisTarget::parse("http://x", true),
             Err(TargetError::Url { .. })
         ));
+    }
+
+    /// After a failover whose old primary is back as a replica, a transaction
+    /// on the same cluster connection reaches the new primary.
+    #[tokio::test]
+    async fn a_transaction_follows_its_slot_to_the_new_primary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cluster = crate::test_support::LocalCluster::start(dir.path()).expect("cluster");
+        let target = RedisTarget::parse(&cluster.url_list(), true).expect("cluster target");
+        let mut con = target
+            .connect(ConnOpts::bounded(Duration::from_secs(5)))
+            .await
+            .expect("connect");
+        let key = "tg:raw:{0}";
+        let mut txn = redis::pipe();
+        txn.atomic().cmd("INCR").arg(key).cmd("INCR").arg(key);
+        let got: (i64, i64) = query_atomic(&mut con, &txn, key).await.expect("txn");
+        assert_eq!(got, (1, 2));
+        // On the replica before the primary dies.
+        let primary = cluster.primary_of_key(key);
+        let mut direct = redis::Client::open(cluster.node_url(primary))
+            .expect("url")
+            .get_connection()
+            .expect("primary");
+        let synced: i64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(5000)
+            .query(&mut direct)
+            .expect("WAIT");
+        assert_eq!(synced, 1);
+
+        cluster.kill_primary_of_key(key);
+        cluster.wait_failover();
+        cluster.restart(primary).expect("restart");
+        cluster.wait_replicated();
+        let got: (i64, i64) = query_atomic(&mut con, &txn, key)
+            .await
+            .expect("the transaction reaches the new primary");
+        assert_eq!(got, (3, 4));
     }
 
     #[test]
