@@ -197,20 +197,20 @@ impl Drop for Rig {
 
 /// What the producer knows about each event it sent.
 #[derive(Default)]
-struct Sent {
-    acked: BTreeSet<u64>,
+pub(crate) struct Sent {
+    pub(crate) acked: BTreeSet<u64>,
     /// Answered with an error: the producer knows they were not taken.
-    refused: BTreeSet<u64>,
+    pub(crate) refused: BTreeSet<u64>,
     /// No connection: never reached ingest.
-    unsent: BTreeSet<u64>,
+    pub(crate) unsent: BTreeSet<u64>,
     /// The request failed after it was sent: taken or not, nobody knows.
-    unknown: BTreeSet<u64>,
-    first_refusal: Option<String>,
+    pub(crate) unknown: BTreeSet<u64>,
+    pub(crate) first_refusal: Option<String>,
 }
 
 /// Sends batches of 20 events every 10 ms (2,000 events/s) until `stop`; with
 /// `resend`, each batch goes twice.
-fn produce(
+pub(crate) fn produce(
     url: String,
     source: String,
     resend: bool,
@@ -278,26 +278,34 @@ fn produce(
 
 /// Seqs of `source` in the enriched streams, duplicates included.
 async fn enriched_seqs(redis_url: &str, layout: &StreamLayout, source: &str) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    for shard in layout.shard_ids() {
+        seqs.extend(stream_seqs(redis_url, &layout.enriched(shard), source).await);
+    }
+    seqs
+}
+
+/// Seqs of `source` in one enriched stream on the Redis at `redis_url`,
+/// duplicates included; nothing while that Redis does not answer.
+pub(crate) async fn stream_seqs(redis_url: &str, key: &str, source: &str) -> Vec<u64> {
     let client = redis::Client::open(redis_url).expect("url");
     let Ok(mut con) = client.get_multiplexed_async_connection().await else {
         return Vec::new();
     };
+    let reply: redis::Value = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut con)
+        .await
+        .expect("XRANGE");
     let mut seqs = Vec::new();
-    for shard in layout.shard_ids() {
-        let reply: redis::Value = redis::cmd("XRANGE")
-            .arg(layout.enriched(shard))
-            .arg("-")
-            .arg("+")
-            .query_async(&mut con)
-            .await
-            .expect("XRANGE");
-        for entry in parse_entries(reply).expect("entries") {
-            let Some(bytes) = &entry.record else { continue };
-            for rec in decode_entry::<EnrichedRecord>(bytes).expect("enriched entry") {
-                let h = rec.event.header();
-                if h.source.as_str() == source {
-                    seqs.push(h.seq);
-                }
+    for entry in parse_entries(reply).expect("entries") {
+        let Some(bytes) = &entry.record else { continue };
+        for rec in decode_entry::<EnrichedRecord>(bytes).expect("enriched entry") {
+            let h = rec.event.header();
+            if h.source.as_str() == source {
+                seqs.push(h.seq);
             }
         }
     }
@@ -305,7 +313,7 @@ async fn enriched_seqs(redis_url: &str, layout: &StreamLayout, source: &str) -> 
 }
 
 /// Seqs of `source` in the history tables, duplicates included.
-async fn loaded_seqs(db_url: &str, source: &str) -> Vec<u64> {
+pub(crate) async fn loaded_seqs(db_url: &str, source: &str) -> Vec<u64> {
     let Ok(pool) = PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(2))
@@ -325,7 +333,7 @@ async fn loaded_seqs(db_url: &str, source: &str) -> Vec<u64> {
     rows.into_iter().map(|s| s as u64).collect()
 }
 
-fn duplicates(seqs: &[u64]) -> usize {
+pub(crate) fn duplicates(seqs: &[u64]) -> usize {
     seqs.len() - seqs.iter().collect::<BTreeSet<_>>().len()
 }
 
@@ -402,7 +410,7 @@ async fn settle_and_check(rig: &Rig, source: &str, sent: Sent) {
     );
 }
 
-fn tail(s: &str) -> String {
+pub(crate) fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
