@@ -216,7 +216,7 @@ class Cli:
                         flags.add("--" + field.replace("_", "-"))
                     env = re.search(r'\benv\s*=\s*"([^"]+)"', a)
                     if env:
-                        d = re.search(r'\bdefault_value_t\s*=\s*([^,]+?)\s*(?:,|\)$)', a) or re.search(
+                        d = re.search(r"\bdefault_value_t\s*=\s*([^,]+?)\s*(?:,|\)$)", a) or re.search(
                             r'\bdefault_value\s*=\s*"([^"]*)"', a
                         )
                         envs[env.group(1)] = {"default": d.group(1).strip() if d else None}
@@ -237,6 +237,7 @@ class Cli:
 
 def rust_int(expr):
     """Value of a default like `30_000`, `1 << 30` or `16 * 1024 * 1024`."""
+
     def ev(node):
         if isinstance(node, ast.Constant) and isinstance(node.value, int):
             return node.value
@@ -320,7 +321,8 @@ def check(root, version):
     """Every problem found in the tree at `root`, as `where: what` lines, and a
     one-line summary."""
     global ROOT, MANIFESTS, K8S_VERSION
-    ROOT, MANIFESTS, K8S_VERSION = os.path.abspath(root), os.path.join(os.path.abspath(root), "api", "deploy", "k8s"), version
+    ROOT = os.path.abspath(root)
+    MANIFESTS, K8S_VERSION = os.path.join(ROOT, "api", "deploy", "k8s"), version
     errors.clear()
     try:
         CLI = Cli()
@@ -337,19 +339,20 @@ def check(root, version):
         CLI = None
 
     ALL_ENVS = set()
-    if CLI:
-        for sub in CLI.subcommands:
-            if CLI.accepts(sub) is not None:
-                try:
-                    ALL_ENVS |= set(CLI.accepts(sub)[0])
-                except KeyError:
-                    pass  # a subcommand whose Args live outside api/src (none used in manifests)
+    for sub in CLI.subcommands if CLI else ():
+        try:
+            ALL_ENVS |= set(CLI.accepts(sub)[0])
+        except KeyError:
+            pass  # a subcommand whose Args are not in api/src; no manifest runs one
 
     PENDING = {}
     with open(os.path.join(ROOT, ".ci/k8s/pending-env.txt")) as f:
         for n, line in enumerate(f, 1):
             line = line.split("#", 1)[0].strip()
             if not line:
+                continue
+            if len(line.split()) < 2:
+                error(f".ci/k8s/pending-env.txt:{n}", "expected NAME SCOPE")
                 continue
             name, scope = line.split()[:2]
             PENDING[name] = "global" if scope == "global" else set(scope.split(","))
@@ -365,16 +368,26 @@ def check(root, version):
     }
     for kind in ("raw", "enriched"):
         if f'format!("{{}}:{kind}:{{{{{{shard}}}}}}", self.prefix)' not in read("ingest/src/stream.rs"):
-            error("ingest/src/stream.rs", f"the {kind} stream key is no longer <prefix>:{kind}:{{<shard>}}; update the ScaledObjects and check.py")
-
+            error(
+                "ingest/src/stream.rs",
+                f"the {kind} stream key is no longer <prefix>:{kind}:{{<shard>}}; update the ScaledObjects and check.py",
+            )
 
     SHUTDOWN = {
-        "drain_grace": secs(code_const("api/src/http.rs", r"DRAIN_GRACE: Duration = Duration::from_secs\((\d+)\)", "DRAIN_GRACE")),
-        "write_timeout": secs(
-            code_const("enrich/src/consumer.rs", r"WRITE_TIMEOUT: Duration = Duration::from_secs\((\d+)\)", "WRITE_TIMEOUT")
+        "drain_grace": secs(
+            code_const("api/src/http.rs", r"DRAIN_GRACE: Duration = Duration::from_secs\((\d+)\)", "DRAIN_GRACE")
         ),
-        "enrich_block": secs(code_const("enrich/src/worker.rs", r"block: Duration::from_secs\((\d+)\)", "enrich's block")),
-        "load_block": secs(code_const("enrich/src/loader.rs", r"block: Duration::from_secs\((\d+)\)", "the loader's block")),
+        "write_timeout": secs(
+            code_const(
+                "enrich/src/consumer.rs", r"WRITE_TIMEOUT: Duration = Duration::from_secs\((\d+)\)", "WRITE_TIMEOUT"
+            )
+        ),
+        "enrich_block": secs(
+            code_const("enrich/src/worker.rs", r"block: Duration::from_secs\((\d+)\)", "enrich's block")
+        ),
+        "load_block": secs(
+            code_const("enrich/src/loader.rs", r"block: Duration::from_secs\((\d+)\)", "the loader's block")
+        ),
     }
 
     # ---------------------------------------------------------------------------
@@ -446,13 +459,11 @@ def check(root, version):
 
     configmaps = {d["metadata"]["name"]: d.get("data") or {} for _, d in by_kind.get("ConfigMap", [])}
 
-
     workloads = []  # (where, kind, doc, pod spec, pod labels)
     for kind in ("Deployment", "StatefulSet", "Job"):
         for where, d in by_kind.get(kind, []):
             tmpl = d.get("spec", {}).get("template", {})
             workloads.append((where, kind, d, tmpl.get("spec", {}), tmpl.get("metadata", {}).get("labels", {})))
-
 
     def container_env(where, c):
         """{name: value or None (from a Secret or the downward API)} as the container sees it."""
@@ -467,7 +478,6 @@ def check(root, version):
         for e in c.get("env", []):
             env[e["name"]] = e.get("value")
         return env
-
 
     images = set()
     container_info = {}  # workload name -> (container, sub, env)
@@ -536,7 +546,9 @@ def check(root, version):
                 if p == "global" or (isinstance(p, set) and sub in p):
                     continue
                 also = sorted(s for s in CLI.subcommands if CLI.accepts(s) and n in CLI.accepts(s)[0])
-                hint = f" (only {', '.join(also)} take it)" if also else " (no subcommand takes it: renamed or removed?)"
+                hint = (
+                    f" (only {', '.join(also)} take it)" if also else " (no subcommand takes it: renamed or removed?)"
+                )
                 error(cw, f"{n} is not an environment variable of `tickgraph {sub}`{hint}")
             for fl in flags:
                 if fl.startswith("--") and fl.split("=", 1)[0] not in acc_flags:
@@ -569,7 +581,10 @@ def check(root, version):
                 spool = setting("TG_SPOOL_DIR")
                 m = mount_of(spool) if spool and spool.startswith("/") else None
                 if m is None:
-                    error(cw, f"the spool ({spool}) must be on a mounted volume: set TG_SPOOL_DIR to an absolute path there")
+                    error(
+                        cw,
+                        f"the spool ({spool}) must be on a mounted volume: set TG_SPOOL_DIR to an absolute path there",
+                    )
                 else:
                     vol = mounts_volumes.get(m["name"], {})
                     if m.get("readOnly"):
@@ -584,7 +599,10 @@ def check(root, version):
                     try:
                         max_bytes = rust_int(str(setting("TG_SPOOL_MAX_BYTES")))
                         if size is not None and max_bytes >= quantity(size):
-                            error(cw, f"TG_SPOOL_MAX_BYTES ({max_bytes}) must be below the claim's {size}, or the disk fills first")
+                            error(
+                                cw,
+                                f"TG_SPOOL_MAX_BYTES ({max_bytes}) must be below the claim's {size}, or the disk fills first",
+                            )
                     except ValueError as e:
                         error(cw, f"cannot read TG_SPOOL_MAX_BYTES or the claim size ({e})")
 
@@ -598,7 +616,10 @@ def check(root, version):
                 value = env.get(var)
                 host, port = host_port(value)
                 if value is None:
-                    error(cw, f"{var} is not set: the default listens on 127.0.0.1, which the kubelet and Services cannot reach")
+                    error(
+                        cw,
+                        f"{var} is not set: the default listens on 127.0.0.1, which the kubelet and Services cannot reach",
+                    )
                     continue
                 if port is None:
                     error(cw, f"{var}={value} is not host:port")
@@ -608,7 +629,11 @@ def check(root, version):
                 if port not in ports.values():
                     error(cw, f"{var} port {port} is not a containerPort ({sorted(ports.values())})")
                 listen_ports.add(port)
-            for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"), ("startupProbe", "/healthz")):
+            for probe, path in (
+                ("livenessProbe", "/healthz"),
+                ("readinessProbe", "/readyz"),
+                ("startupProbe", "/healthz"),
+            ):
                 p = c.get(probe)
                 if p is None:
                     if probe != "startupProbe":
@@ -625,13 +650,21 @@ def check(root, version):
                 if number is None or number not in ports.values():
                     error(cw, f"{probe} port {port} is not a containerPort of the container")
                 elif number not in listen_ports:
-                    error(cw, f"{probe} port {number} is not where tickgraph {sub} serves {path} ({sorted(listen_ports)})")
+                    error(
+                        cw, f"{probe} port {number} is not where tickgraph {sub} serves {path} ({sorted(listen_ports)})"
+                    )
             ann = d["spec"]["template"].get("metadata", {}).get("annotations", {})
             if ann.get("prometheus.io/scrape") == "true":
                 if ann.get("prometheus.io/path", "/metrics") != "/metrics":
                     error(cw, "prometheus.io/path must be /metrics")
-                if not str(ann.get("prometheus.io/port", "")).isdigit() or int(ann["prometheus.io/port"]) not in listen_ports:
-                    error(cw, f"prometheus.io/port {ann.get('prometheus.io/port')} is not a tickgraph listener ({sorted(listen_ports)})")
+                if (
+                    not str(ann.get("prometheus.io/port", "")).isdigit()
+                    or int(ann["prometheus.io/port"]) not in listen_ports
+                ):
+                    error(
+                        cw,
+                        f"prometheus.io/port {ann.get('prometheus.io/port')} is not a tickgraph listener ({sorted(listen_ports)})",
+                    )
             else:
                 error(cw, "no prometheus.io/scrape annotation: its /metrics would not be scraped")
 
@@ -644,7 +677,10 @@ def check(root, version):
             s = SHUTDOWN
             try:
                 if sub == "api":
-                    need, why = pre_stop + s["drain_grace"] + 5, f"preStop {pre_stop} s + DRAIN_GRACE {s['drain_grace']} s + 5"
+                    need, why = (
+                        pre_stop + s["drain_grace"] + 5,
+                        f"preStop {pre_stop} s + DRAIN_GRACE {s['drain_grace']} s + 5",
+                    )
                 elif sub == "enrich":
                     need = s["enrich_block"] + 2 * s["write_timeout"] + 5
                     why = f"block {s['enrich_block']} s + read and commit timeouts 2 x {s['write_timeout']} s + 5"
@@ -707,7 +743,9 @@ def check(root, version):
         if kind == "StatefulSet":
             gov = services.get(d["spec"].get("serviceName"))
             if not gov or gov["spec"].get("clusterIP") != "None":
-                error(where, f"serviceName {d['spec'].get('serviceName')} must be a headless Service among the manifests")
+                error(
+                    where, f"serviceName {d['spec'].get('serviceName')} must be a headless Service among the manifests"
+                )
 
     # KEDA: one trigger per shard stream of the target's consumer group.
     for where, so in by_kind.get("ScaledObject", []):
@@ -720,7 +758,10 @@ def check(root, version):
         if "replicas" in target["spec"]:
             error(where, f"{kind}/{ref.get('name')} sets spec.replicas: every apply would reset what KEDA scaled")
         if so["spec"].get("minReplicaCount", 0) < 1:
-            error(where, "minReplicaCount must be at least 1: the running worker trims its streams and claims a dead one's entries")
+            error(
+                where,
+                "minReplicaCount must be at least 1: the running worker trims its streams and claims a dead one's entries",
+            )
         info = container_info.get(target["metadata"]["name"])
         if not info:
             continue
@@ -755,7 +796,9 @@ def check(root, version):
             if md.get("consumerGroup") != GROUPS[sub]:
                 error(tw, f"consumerGroup must be {GROUPS[sub]!r} (tickgraph {sub}'s group in ingest/src/stream.rs)")
             if "lagCount" not in md:
-                error(tw, "scale on lagCount: tickgraph acks as it commits, so pending entries do not grow with a backlog")
+                error(
+                    tw, "scale on lagCount: tickgraph acks as it commits, so pending entries do not grow with a backlog"
+                )
             for key in ("addressesFromEnv", "addressFromEnv"):
                 var = md.get(key)
                 if var is None:
@@ -768,7 +811,10 @@ def check(root, version):
                     error(tw, f"{var} ({', '.join(addrs)}) is not TG_REDIS_URL's nodes ({', '.join(seeds)})")
             for key in ("addresses", "address", "hosts", "host"):
                 if key in md:
-                    error(tw, f"use addressesFromEnv/addressFromEnv, not {key}, so the Redis nodes are written once (tickgraph-config)")
+                    error(
+                        tw,
+                        f"use addressesFromEnv/addressFromEnv, not {key}, so the Redis nodes are written once (tickgraph-config)",
+                    )
         if sorted(got) != sorted(want) or len(got) != len(set(got)):
             missing, extra = sorted(want - set(got)), sorted(set(got) - want)
             error(
@@ -781,7 +827,10 @@ def check(root, version):
     if errors:
         return list(errors), f"k8s-lint: {len(errors)} error(s) in {objects} objects from {len(files)} files"
     names = ", ".join(sorted(os.path.basename(f) for f in files))
-    return [], f"k8s-lint: {objects} objects in {len(files)} files valid against Kubernetes {version} and tickgraph's flags ({names})"
+    return (
+        [],
+        f"k8s-lint: {objects} objects in {len(files)} files valid against Kubernetes {version} and tickgraph's flags ({names})",
+    )
 
 
 if __name__ == "__main__":
