@@ -624,26 +624,23 @@ impl Writer {
     /// again later without duplicating (the markers see to that).
     async fn send(&mut self, rounds: &[Round], fresh: bool) -> Result<Vec<i64>, String> {
         let cluster = self.client.is_cluster();
-        // Per slot: a key of it, its pipeline, and the replies before its
-        // appends' (the script load) and its appends so far.
-        let mut groups: Vec<(&str, redis::Pipeline, usize, usize)> = Vec::new();
+        // Per slot (on a single Redis, one for all): its hash tag, a key of it,
+        // its pipeline, and the replies before its appends' (the script load)
+        // and its appends so far.
+        let mut groups: Vec<(&str, &str, redis::Pipeline, usize, usize)> = Vec::new();
         // Per append, in order: its group and its place there.
         let mut order = Vec::new();
         for round in rounds {
             for a in &round.appends {
-                let tag = hash_tag(&a.key);
-                let g = match groups.iter().position(|(k, ..)| hash_tag(k) == tag) {
+                let tag = if cluster { hash_tag(&a.key) } else { "" };
+                let g = match groups.iter().position(|(t, ..)| *t == tag) {
                     Some(g) => g,
                     None => {
                         let mut pipe = redis::pipe();
                         // Loaded every time: after a Redis restart (or a failover)
-                        // the script cache is empty. On a single Redis the groups
-                        // are one pipeline, so once is enough.
-                        let load = cluster || groups.is_empty();
-                        if load {
-                            pipe.load_script(&APPEND);
-                        }
-                        groups.push((&a.key, pipe, usize::from(load), 0));
+                        // the script cache is empty.
+                        pipe.load_script(&APPEND);
+                        groups.push((tag, &a.key, pipe, 1, 0));
                         groups.len() - 1
                     }
                 };
@@ -660,7 +657,7 @@ impl Writer {
                         inv.arg(f).arg(v);
                     }
                 }
-                let (_, pipe, front, n) = &mut groups[g];
+                let (_, _, pipe, front, n) = &mut groups[g];
                 pipe.invoke_script(&inv);
                 order.push((g, *front + *n));
                 *n += 1;
@@ -670,7 +667,7 @@ impl Writer {
         let timeout = self.cfg.redis_timeout;
         let pipes: Vec<redis::Pipeline> = groups
             .into_iter()
-            .map(|(key, mut pipe, _, _)| {
+            .map(|(_, key, mut pipe, _, _)| {
                 // Half the round trip's budget, so a short WAIT is told apart
                 // from a lost connection.
                 add_wait(&mut pipe, key, replicas, timeout / 2);
