@@ -982,6 +982,58 @@ mod tests {
         assert!(left.is_empty(), "a drained spool is empty on disk");
     }
 
+    /// With `wait_replicas` and no replica, Redis takes each round but cannot
+    /// say a replica has it: the round counts as not stored and is spooled (the
+    /// producer is answered from the spool). Once a replica attaches, the spool
+    /// drains, and the rounds Redis already held are not written again.
+    #[tokio::test]
+    async fn rounds_no_replica_has_are_spooled_until_one_does() {
+        let dirs: Vec<_> = (0..3)
+            .map(|_| tempfile::tempdir().expect("tempdir"))
+            .collect();
+        let primary = crate::test_support::LocalRedis::start(dirs[0].path(), None).expect("redis");
+        let client = redis::Client::open(primary.url()).expect("redis url");
+        let mut cfg = spooling_config("wait", dirs[1].path());
+        cfg.wait_replicas = 1;
+        let key = cfg.layout.raw(0);
+        let (writer, task) = StreamWriter::spawn(cfg, client.clone()).expect("spool");
+        for seq in 0..3 {
+            let stored = writer
+                .write(vec![entry(seq)], Vec::new())
+                .await
+                .expect("write");
+            assert_eq!(stored, Stored::Spool, "batch {seq} with no replica");
+        }
+        assert!(writer.stats().spool_rounds.get() > 0);
+
+        let replica = crate::test_support::LocalRedis::start(dirs[2].path(), None).expect("redis");
+        let port = primary.url().rsplit(':').next().expect("port").to_string();
+        let mut con = redis::Client::open(replica.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("replica");
+        let _: () = redis::cmd("REPLICAOF")
+            .arg("127.0.0.1")
+            .arg(port)
+            .query_async(&mut con)
+            .await
+            .expect("REPLICAOF");
+        writer
+            .write(vec![entry(3)], Vec::new())
+            .await
+            .expect("write");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while writer.stats().spool_rounds.get() > 0 {
+            assert!(Instant::now() < deadline, "the spool never drained");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Drained, and each round once though Redis had the first three before.
+        assert_eq!(records(&client, &key).await, expected(0..4));
+        drop(writer);
+        task.await.expect("writer task");
+    }
+
     /// A writer stopped with rounds in its spool (Redis down the whole time)
     /// leaves them there; the next writer on that spool drains them first.
     #[tokio::test]
