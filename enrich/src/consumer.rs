@@ -4,7 +4,9 @@
 //! multiplexed connection would stall every other user of it). A session of a task:
 //!
 //! 1. claims entries that dead consumers left pending longer than `claim_idle`
-//!    (`XAUTOCLAIM`), and again every `claim_every`;
+//!    (`XAUTOCLAIM`), and again every `claim_every`, then deletes consumers that
+//!    hold nothing and have been idle longer than `forget_idle` (workers with
+//!    generated names, pods say, would otherwise pile up in the group);
 //! 2. re-reads its own pending entries (`XREADGROUP ... 0`) until none are left:
 //!    what a previous run, or a failed batch of this one, read but never acked;
 //! 3. reads new entries (`>`) with `COUNT`/`BLOCK`, racing the read against shutdown.
@@ -66,6 +68,8 @@ pub struct ConsumerConfig {
     /// Pending entries idle this long belong to a dead consumer and are claimed.
     pub claim_idle: Duration,
     pub claim_every: Duration,
+    /// Consumers with nothing pending, idle this long, are deleted from the group.
+    pub forget_idle: Duration,
     /// How the consumed streams are trimmed, behind this group (see
     /// [`crate::retention`]).
     pub retention: Trim,
@@ -98,6 +102,7 @@ impl ConsumerConfig {
             block,
             claim_idle,
             claim_every: (claim_idle / 2).max(Duration::from_millis(50)),
+            forget_idle: FORGET_IDLE,
             retention,
             linger: Duration::ZERO,
             wait_replicas: 0,
@@ -201,6 +206,29 @@ impl Backoff {
         }
     }
 }
+
+/// An hour: a live consumer reads at least once per `block`.
+const FORGET_IDLE: Duration = Duration::from_secs(3600);
+
+/// KEYS: the stream. ARGV: group, this consumer, idle ms. Deletes every other
+/// consumer with nothing pending and idle at least that long; returns their
+/// names. A script, so that no consumer can take an entry between the check and
+/// the delete (XGROUP DELCONSUMER drops a consumer's pending entries with it).
+const FORGET_LUA: &str = r#"
+local gone = {}
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local f = {}
+  for j = 1, #c, 2 do f[c[j]] = c[j + 1] end
+  if f['name'] ~= ARGV[2] and f['pending'] == 0 and f['idle'] >= tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    gone[#gone + 1] = f['name']
+  end
+end
+return gone
+"#;
+
+static FORGET: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(FORGET_LUA));
 
 /// Why a session ended early.
 enum SessionError {
@@ -410,10 +438,21 @@ impl<H: BatchHandler> ShardReader<H> {
                 self.process(entries, backoff).await?;
             }
             if next == "0-0" || self.shutdown.is_cancelled() {
-                return Ok(());
+                break;
             }
             start = next;
         }
+        let forgotten: Vec<String> = FORGET
+            .key(&self.key)
+            .arg(&self.cfg.group)
+            .arg(&self.cfg.consumer)
+            .arg(self.cfg.forget_idle.as_millis() as u64)
+            .invoke_async(con)
+            .await?;
+        if !forgotten.is_empty() {
+            tracing::info!(stream = %self.key, group = %self.cfg.group, consumers = ?forgotten, "deleted idle consumers that held nothing");
+        }
+        Ok(())
     }
 
     async fn process(

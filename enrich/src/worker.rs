@@ -146,6 +146,16 @@ local etrim = trim()
 local dtrim = trim()
 local seen_ttl = ARGV[i]
 i = i + 1
+-- Order: with several workers in the group, each holds a different run of a
+-- shard's entries. A batch is written only once no older entry of the stream is
+-- pending with anyone (the group delivers in id order, so every older entry has
+-- been committed), which keeps the enriched stream in the raw stream's order and
+-- each instrument's events in order. Otherwise nothing is done, and the worker
+-- tries again shortly.
+if i <= #ARGV then
+  local older = redis.call('XPENDING', KEYS[1], group, '-', '(' .. ARGV[i], 1)
+  if #older > 0 then return { -1, 0, older[1][2] } end
+end
 local function array_header(n)
   if n < 16 then return string.char(0x90 + n) end
   if n < 65536 then return string.char(0xdc, math.floor(n / 256), n % 256) end
@@ -276,6 +286,12 @@ impl Deduped {
         })
     }
 }
+
+/// How long a batch waits, in doubling steps, for an older one of another
+/// worker to be committed before the attempt fails (and is retried from the
+/// pending list after the consumer's back-off): 1 + 2 + ... + 256 ms.
+const ORDER_WAIT_FIRST: Duration = Duration::from_millis(1);
+const ORDER_WAIT_LAST: Duration = Duration::from_millis(256);
 
 static COMMIT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(COMMIT_LUA));
 
@@ -439,7 +455,27 @@ impl BatchHandler for Enricher {
             }
         }
         let mut con = self.con.clone();
-        let (acked, resent, flags): (usize, usize, String) = commit.invoke_async(&mut con).await?;
+        let mut wait = ORDER_WAIT_FIRST;
+        let (acked, resent, flags) = loop {
+            let (acked, resent, flags): (i64, usize, String) =
+                commit.invoke_async(&mut con).await?;
+            if let Ok(acked) = usize::try_from(acked) {
+                break (acked, resent, flags);
+            }
+            // An older entry is still with another worker (`flags` names it).
+            if wait > ORDER_WAIT_LAST {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "an older entry of the shard is still pending",
+                    format!(
+                        "with consumer {flags}; this batch waits for it to be committed, \
+                         or claimed after --claim-idle-secs if that consumer died"
+                    ),
+                )));
+            }
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+        };
         self.count(&per_entry, &flags, resent, &freshness);
         if resent > 0 {
             tracing::info!(

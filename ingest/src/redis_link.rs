@@ -304,6 +304,9 @@ pub async fn query_by_slot<T: FromRedisValue>(
     con: &mut RedisConn,
     groups: &[Pipeline],
 ) -> RedisResult<Vec<Vec<T>>> {
+    if let [one] = groups {
+        return Ok(vec![one.query_async::<Vec<T>>(con).await?]);
+    }
     if con.is_cluster() {
         let sends = groups.iter().map(|g| {
             let mut c = con.clone();

@@ -624,26 +624,23 @@ impl Writer {
     /// again later without duplicating (the markers see to that).
     async fn send(&mut self, rounds: &[Round], fresh: bool) -> Result<Vec<i64>, String> {
         let cluster = self.client.is_cluster();
-        // Per slot: a key of it, its pipeline, and the replies before its
-        // appends' (the script load) and its appends so far.
-        let mut groups: Vec<(&str, redis::Pipeline, usize, usize)> = Vec::new();
+        // Per slot (on a single Redis, one for all): its hash tag, a key of it,
+        // its pipeline, and the replies before its appends' (the script load)
+        // and its appends so far.
+        let mut groups: Vec<(&str, &str, redis::Pipeline, usize, usize)> = Vec::new();
         // Per append, in order: its group and its place there.
         let mut order = Vec::new();
         for round in rounds {
             for a in &round.appends {
-                let tag = hash_tag(&a.key);
-                let g = match groups.iter().position(|(k, ..)| hash_tag(k) == tag) {
+                let tag = if cluster { hash_tag(&a.key) } else { "" };
+                let g = match groups.iter().position(|(t, ..)| *t == tag) {
                     Some(g) => g,
                     None => {
                         let mut pipe = redis::pipe();
                         // Loaded every time: after a Redis restart (or a failover)
-                        // the script cache is empty. On a single Redis the groups
-                        // are one pipeline, so once is enough.
-                        let load = cluster || groups.is_empty();
-                        if load {
-                            pipe.load_script(&APPEND);
-                        }
-                        groups.push((&a.key, pipe, usize::from(load), 0));
+                        // the script cache is empty.
+                        pipe.load_script(&APPEND);
+                        groups.push((tag, &a.key, pipe, 1, 0));
                         groups.len() - 1
                     }
                 };
@@ -660,7 +657,7 @@ impl Writer {
                         inv.arg(f).arg(v);
                     }
                 }
-                let (_, pipe, front, n) = &mut groups[g];
+                let (_, _, pipe, front, n) = &mut groups[g];
                 pipe.invoke_script(&inv);
                 order.push((g, *front + *n));
                 *n += 1;
@@ -670,7 +667,7 @@ impl Writer {
         let timeout = self.cfg.redis_timeout;
         let pipes: Vec<redis::Pipeline> = groups
             .into_iter()
-            .map(|(key, mut pipe, _, _)| {
+            .map(|(_, key, mut pipe, _, _)| {
                 // Half the round trip's budget, so a short WAIT is told apart
                 // from a lost connection.
                 add_wait(&mut pipe, key, replicas, timeout / 2);
@@ -983,6 +980,58 @@ mod tests {
         task.await.expect("writer task");
         let left = Spool::open(SpoolConfig::new(spool.path())).expect("spool");
         assert!(left.is_empty(), "a drained spool is empty on disk");
+    }
+
+    /// With `wait_replicas` and no replica, Redis takes each round but cannot
+    /// say a replica has it: the round counts as not stored and is spooled (the
+    /// producer is answered from the spool). Once a replica attaches, the spool
+    /// drains, and the rounds Redis already held are not written again.
+    #[tokio::test]
+    async fn rounds_no_replica_has_are_spooled_until_one_does() {
+        let dirs: Vec<_> = (0..3)
+            .map(|_| tempfile::tempdir().expect("tempdir"))
+            .collect();
+        let primary = crate::test_support::LocalRedis::start(dirs[0].path(), None).expect("redis");
+        let client = redis::Client::open(primary.url()).expect("redis url");
+        let mut cfg = spooling_config("wait", dirs[1].path());
+        cfg.wait_replicas = 1;
+        let key = cfg.layout.raw(0);
+        let (writer, task) = StreamWriter::spawn(cfg, client.clone()).expect("spool");
+        for seq in 0..3 {
+            let stored = writer
+                .write(vec![entry(seq)], Vec::new())
+                .await
+                .expect("write");
+            assert_eq!(stored, Stored::Spool, "batch {seq} with no replica");
+        }
+        assert!(writer.stats().spool_rounds.get() > 0);
+
+        let replica = crate::test_support::LocalRedis::start(dirs[2].path(), None).expect("redis");
+        let port = primary.url().rsplit(':').next().expect("port").to_string();
+        let mut con = redis::Client::open(replica.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("replica");
+        let _: () = redis::cmd("REPLICAOF")
+            .arg("127.0.0.1")
+            .arg(port)
+            .query_async(&mut con)
+            .await
+            .expect("REPLICAOF");
+        writer
+            .write(vec![entry(3)], Vec::new())
+            .await
+            .expect("write");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while writer.stats().spool_rounds.get() > 0 {
+            assert!(Instant::now() < deadline, "the spool never drained");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Drained, and each round once though Redis had the first three before.
+        assert_eq!(records(&client, &key).await, expected(0..4));
+        drop(writer);
+        task.await.expect("writer task");
     }
 
     /// A writer stopped with rounds in its spool (Redis down the whole time)

@@ -141,3 +141,87 @@ async fn failed_batches_are_retried_until_they_succeed() {
         assert_eq!(*times, 1, "{id:?} handled {times} times");
     }
 }
+
+/// The consumers in `key`'s group, by name, with their pending counts.
+async fn consumers(
+    con: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> BTreeMap<String, usize> {
+    let reply: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(key)
+        .arg(GROUP)
+        .query_async(con)
+        .await
+        .expect("XINFO CONSUMERS");
+    reply
+        .consumers
+        .into_iter()
+        .map(|c| (c.name, c.pending))
+        .collect()
+}
+
+/// Workers named per pod come and go; a consumer that holds nothing and has
+/// been idle past `forget_idle` is deleted, one that still holds an entry is
+/// kept (its entries would be lost with it), and so is the worker itself.
+#[tokio::test]
+async fn idle_consumers_holding_nothing_are_forgotten() {
+    let mut r = TestRedis::new(1).await;
+    let key = format!("{}:forget:{{0}}", r.layout.prefix());
+    r.add(&key, b"held").await;
+    tickgraph_ingest::stream::ensure_group(&mut r.con, &key, GROUP)
+        .await
+        .expect("group");
+    for (name, count) in [("gone-holding", 1), ("gone-empty", 0)] {
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(name)
+            .arg("COUNT")
+            .arg(count.max(1))
+            .arg("STREAMS")
+            .arg(&key)
+            .arg(if count > 0 { ">" } else { "0" })
+            .query_async(&mut r.con)
+            .await
+            .expect("XREADGROUP");
+    }
+    assert_eq!(
+        consumers(&mut r.con, &key).await,
+        BTreeMap::from([("gone-empty".into(), 0), ("gone-holding".into(), 1)])
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let handler = Flaky {
+        con: r.client.get_connection_manager().await.expect("redis"),
+        fail_first: 0,
+        seen: Arc::default(),
+    };
+    let mut cfg = ConsumerConfig::new(
+        GROUP,
+        "live",
+        8,
+        Duration::from_millis(100),
+        Duration::from_secs(3600),
+        tickgraph_ingest::Trim::None,
+    );
+    cfg.forget_idle = Duration::from_millis(200);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer::run(
+        r.client.clone(),
+        cfg,
+        vec![(0, key.clone())],
+        handler,
+        shutdown.clone(),
+    ));
+    crate::helpers::wait_until("the empty consumer is forgotten", || {
+        let (mut con, key) = (r.con.clone(), key.clone());
+        async move { !consumers(&mut con, &key).await.contains_key("gone-empty") }
+    })
+    .await;
+    shutdown.cancel();
+    task.await.expect("task").expect("run returns Ok");
+    let left = consumers(&mut r.con, &key).await;
+    assert_eq!(left.get("gone-holding"), Some(&1), "{left:?}");
+    assert!(left.contains_key("live"), "{left:?}");
+}

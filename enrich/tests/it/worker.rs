@@ -445,3 +445,81 @@ async fn a_resent_event_is_enriched_once(pool: PgPool) {
         assert_eq!(raw_pending(&mut r).await, 0);
     }
 }
+
+/// Takes the next `n` entries of shard 0's raw stream for `consumer`, unacked.
+async fn take(r: &mut TestRedis, consumer: &str, n: usize) -> Vec<Entry> {
+    let key = r.layout.raw(0);
+    ensure_group(&mut r.con, &key, ENRICH_GROUP)
+        .await
+        .expect("group");
+    let opts = redis::streams::StreamReadOptions::default()
+        .group(ENRICH_GROUP, consumer)
+        .count(n);
+    let reply: redis::streams::StreamReadReply = r
+        .con
+        .xread_options(&[&key], &[">"], &opts)
+        .await
+        .expect("xreadgroup");
+    let entries: Vec<Entry> = reply
+        .keys
+        .into_iter()
+        .flat_map(|k| k.ids)
+        .map(|id| {
+            let record = match id.map.get("e") {
+                Some(redis::Value::BulkString(b)) => b.clone(),
+                other => panic!("entry without record: {other:?}"),
+            };
+            Entry { id: id.id, record }
+        })
+        .collect();
+    assert_eq!(entries.len(), n);
+    entries
+}
+
+/// Two workers in the group hold consecutive runs of one shard. The later run
+/// is not written before the earlier one, whichever finishes first: the
+/// enriched stream keeps the raw stream's order, so each instrument's events
+/// reach subscribers in order.
+#[sqlx::test(migrations = "../migrations")]
+async fn two_workers_keep_a_shard_in_order(pool: PgPool) {
+    seed_refdata(&pool).await;
+    let refs = RefCache::load(&pool).await.expect("refdata");
+    let mut r = TestRedis::new(1).await;
+    let events = many(20);
+    r.add_raw(&events).await;
+    let key = r.layout.raw(0);
+    let first = take(&mut r, "a", 10).await;
+    let second = take(&mut r, "b", 10).await;
+    let a = Enricher::new(config(&r, "a"), &r.client.clone().into(), refs.clone()).expect("a");
+    let b = Enricher::new(config(&r, "b"), &r.client.clone().into(), refs).expect("b");
+
+    // "a" never commits: "b" gives up, naming what it waits for, and writes nothing.
+    let e = b
+        .handle(0, &key, second.clone())
+        .await
+        .expect_err("b must wait for a's older entries");
+    assert!(e.to_string().contains("with consumer a"), "{e}");
+    assert!(enriched(&mut r).await.is_empty(), "b wrote before a");
+
+    // "a" commits while "b" waits: "b" follows.
+    let b = std::sync::Arc::new(b);
+    let waiting = {
+        let (b, key) = (b.clone(), key.clone());
+        tokio::spawn(async move { b.handle(0, &key, second).await })
+    };
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    a.handle(0, &key, first).await.expect("a commits");
+    waiting.await.expect("task").expect("b commits once a has");
+
+    let seqs: Vec<u64> = enriched(&mut r)
+        .await
+        .iter()
+        .map(|(_, e)| e.event.header().seq)
+        .collect();
+    let want: Vec<u64> = events.iter().map(|e| e.event.header().seq).collect();
+    assert_eq!(
+        seqs, want,
+        "the enriched stream is out of the raw stream's order"
+    );
+    assert_eq!(raw_pending(&mut r).await, 0);
+}
