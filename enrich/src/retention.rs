@@ -89,11 +89,17 @@ async fn policy_from<C: ConnectionLike>(
             }))
         }
         Trim::MaxLen(keep) => {
-            let info: StreamInfoStreamReply = redis::cmd("XINFO")
+            let info: StreamInfoStreamReply = match redis::cmd("XINFO")
                 .arg("STREAM")
                 .arg(key)
                 .query_async(con)
-                .await?;
+                .await
+            {
+                Ok(info) => info,
+                // Nothing written yet: nothing to trim.
+                Err(e) if e.to_string().contains("no such key") => return Ok(None),
+                Err(e) => return Err(e),
+            };
             let len = u64::try_from(info.length).unwrap_or(0);
             if len <= keep {
                 return Ok(None);

@@ -169,3 +169,19 @@ async fn max_age_trims_by_entry_time_behind_the_group() {
     let newest = last.ids.first().expect("the unread fresh entry survives");
     assert!(matches!(newest.map.get("e"), Some(redis::Value::BulkString(b)) if b == b"new"));
 }
+
+/// A stream nobody has written yet is not an error: there is nothing to trim.
+#[tokio::test]
+async fn a_stream_not_yet_written_trims_nothing() {
+    let mut r = TestRedis::new(1).await;
+    let key = format!("{}:never:{{0}}", r.layout.prefix());
+    for policy in [
+        Trim::MaxLen(10),
+        Trim::MaxAge(std::time::Duration::from_secs(60)),
+    ] {
+        let deleted = trim_once(&mut r.con, &key, policy)
+            .await
+            .expect("a missing stream trims nothing");
+        assert_eq!(deleted, 0);
+    }
+}
