@@ -150,25 +150,11 @@ impl RedisTarget {
                     .set_connection_timeout(opts.connect_timeout)
                     .set_response_timeout(opts.response_timeout);
                 let con = c.get_multiplexed_async_connection_with_config(&config);
-                match opts.connect_timeout {
-                    // The config bounds each socket connect; this bounds the
-                    // handshake too.
-                    Some(t) => tokio::time::timeout(t, con)
-                        .await
-                        .map_err(|_| timed_out("connecting", t))?,
-                    None => con.await,
-                }
-                .map(RedisConn::Multiplexed)
+                within(opts, con).await.map(RedisConn::Multiplexed)
             }
             Self::Cluster { client, .. } => {
                 let con = client.get_async_connection_with_config(cluster_config(opts));
-                match opts.connect_timeout {
-                    Some(t) => tokio::time::timeout(t, con)
-                        .await
-                        .map_err(|_| timed_out("connecting to the cluster", t))?,
-                    None => con.await,
-                }
-                .map(RedisConn::Cluster)
+                within(opts, con).await.map(RedisConn::Cluster)
             }
         }
     }
@@ -177,16 +163,9 @@ impl RedisTarget {
     /// failure: for writers that must not fail to start while Redis is down.
     pub fn lazy(&self, opts: ConnOpts) -> RedisResult<RedisConn> {
         match self {
-            Self::Single(c) => {
-                let mut config = ConnectionManagerConfig::new()
-                    .set_response_timeout(opts.response_timeout)
-                    .set_number_of_retries(1);
-                if let Some(t) = opts.connect_timeout {
-                    config = config.set_connection_timeout(Some(t));
-                }
-                c.get_connection_manager_lazy(config)
-                    .map(RedisConn::Managed)
-            }
+            Self::Single(c) => c
+                .get_connection_manager_lazy(manager_config(opts))
+                .map(RedisConn::Managed),
             Self::Cluster { client, .. } => Ok(RedisConn::Cluster(
                 client.get_pending_async_connection_with_config(cluster_config(opts)),
             )),
@@ -197,23 +176,36 @@ impl RedisTarget {
     pub async fn managed(&self, opts: ConnOpts) -> RedisResult<RedisConn> {
         match self {
             Self::Single(c) => {
-                let mut config = ConnectionManagerConfig::new()
-                    .set_response_timeout(opts.response_timeout)
-                    .set_number_of_retries(1);
-                if let Some(t) = opts.connect_timeout {
-                    config = config.set_connection_timeout(Some(t));
-                }
-                let made = ConnectionManager::new_with_config(c.clone(), config);
-                match opts.connect_timeout {
-                    Some(t) => tokio::time::timeout(t, made)
-                        .await
-                        .map_err(|_| timed_out("connecting", t))?,
-                    None => made.await,
-                }
-                .map(RedisConn::Managed)
+                let made = ConnectionManager::new_with_config(c.clone(), manager_config(opts));
+                within(opts, made).await.map(RedisConn::Managed)
             }
             Self::Cluster { .. } => self.connect(opts).await,
         }
+    }
+}
+
+/// A connection made within `opts.connect_timeout`, when set: the configs bound
+/// each socket connect, this the handshake and the first topology read too.
+async fn within<C>(
+    opts: ConnOpts,
+    connecting: impl std::future::Future<Output = RedisResult<C>>,
+) -> RedisResult<C> {
+    match opts.connect_timeout {
+        Some(t) => tokio::time::timeout(t, connecting)
+            .await
+            .map_err(|_| timed_out("connecting to Redis", t))?,
+        None => connecting.await,
+    }
+}
+
+/// One attempt per command, then the manager reconnects in the background.
+fn manager_config(opts: ConnOpts) -> ConnectionManagerConfig {
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(opts.response_timeout)
+        .set_number_of_retries(1);
+    match opts.connect_timeout {
+        Some(t) => config.set_connection_timeout(Some(t)),
+        None => config,
     }
 }
 

@@ -414,14 +414,17 @@ impl LocalCluster {
         self.primary_of_slot(self.keyslot(key))
     }
 
+    fn node_mut(&mut self, port: u16) -> &mut ClusterNode {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node of this cluster on port {port}"))
+    }
+
     /// kill -9 of the node on `port`: whatever its replica had not received is
     /// gone with it.
     pub fn kill(&mut self, port: u16) {
-        let node = self
-            .nodes
-            .iter_mut()
-            .find(|n| n.port == port)
-            .unwrap_or_else(|| panic!("no node of this cluster on port {port}"));
+        let node = self.node_mut(port);
         node.kill();
     }
 
@@ -449,11 +452,7 @@ impl LocalCluster {
     /// primary whose slots a replica took over comes back as that replica's
     /// replica; [`LocalCluster::wait_replicated`] waits for it to be in sync.
     pub fn restart(&mut self, port: u16) -> std::io::Result<()> {
-        let node = self
-            .nodes
-            .iter_mut()
-            .find(|n| n.port == port)
-            .unwrap_or_else(|| panic!("no node of this cluster on port {port}"));
+        let node = self.node_mut(port);
         node.kill();
         node.spawn()?;
         node.wait_ping()

@@ -32,7 +32,8 @@ use tickgraph_ingest::StreamLayout;
 
 use crate::faults::{duplicates, loaded_seqs, produce, shared_db, stream_seqs, tail, Sent};
 use crate::helpers::quote;
-use crate::protocol::{connect, init, recv, send, Ws};
+use crate::protocol::Ws;
+use crate::resume::{next_quote, subscribe_quotes};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tickgraph");
 /// Four shards over three primaries: every primary serves at least one.
@@ -395,40 +396,6 @@ async fn post_quotes(url: &str, source: &str, seqs: std::ops::RangeInclusive<u64
     }
 }
 
-/// A quote subscription, with its arguments, over graphql-transport-ws.
-async fn subscribe(url: &str, args: &str) -> Ws {
-    let mut ws = connect(url, "graphql-transport-ws").await;
-    init(&mut ws).await;
-    let query = format!("subscription {{ quotes{args} {{ source seq instrument resume }} }}");
-    send(
-        &mut ws,
-        json!({"id": "q", "type": "subscribe", "payload": {"query": query}}),
-    )
-    .await;
-    ws
-}
-
-/// The next quote: (source, seq, instrument, resume).
-async fn next_quote(ws: &mut Ws) -> (String, u64, String, String) {
-    loop {
-        let m = recv(ws).await.expect("socket open");
-        match m["type"].as_str() {
-            Some("next") => {
-                assert!(m["payload"].get("errors").is_none(), "{m}");
-                let q = &m["payload"]["data"]["quotes"];
-                return (
-                    q["source"].as_str().expect("source").to_owned(),
-                    q["seq"].as_str().and_then(|s| s.parse().ok()).expect("seq"),
-                    q["instrument"].as_str().expect("instrument").to_owned(),
-                    q["resume"].as_str().expect("a resume cursor").to_owned(),
-                );
-            }
-            Some("ping") => continue,
-            _ => panic!("unexpected message {m}"),
-        }
-    }
-}
-
 /// Posts probe quotes until `ws`'s subscription delivers one.
 async fn until_live(ingest: &str, ws: &mut Ws) {
     for n in 0..200u64 {
@@ -449,7 +416,7 @@ async fn until_live(ingest: &str, ws: &mut Ws) {
 /// live ones.
 async fn resume_across_apis(rig: &Rig) {
     let source = "cluster-resume";
-    let mut ws = subscribe(&rig.ws_url(0), "").await;
+    let mut ws = subscribe_quotes(&rig.ws_url(0), "").await;
     until_live(&rig.ingest_url(0), &mut ws).await;
     post_quotes(&rig.ingest_url(0), source, 1..=200).await;
     let mut received = HashSet::new();
@@ -464,7 +431,7 @@ async fn resume_across_apis(rig: &Rig) {
     drop(ws);
 
     post_quotes(&rig.ingest_url(1), source, 201..=400).await;
-    let mut ws = subscribe(&rig.ws_url(1), &format!("(after: {})", json!(resume))).await;
+    let mut ws = subscribe_quotes(&rig.ws_url(1), &format!("(after: {})", json!(resume))).await;
     let expected: BTreeSet<u64> = (1..=400).filter(|s| !received.contains(s)).collect();
     let mut again = BTreeSet::new();
     let mut last_of: HashMap<String, u64> = HashMap::new();

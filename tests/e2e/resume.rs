@@ -42,9 +42,10 @@ async fn post_quotes(app: &TestApp, seqs: std::ops::RangeInclusive<u64>) {
     }
 }
 
-/// A quote subscription over a raw socket, with its arguments.
-async fn subscribe(app: &TestApp, args: &str) -> Ws {
-    let mut ws = connect(&app.ws, "graphql-transport-ws").await;
+/// A quote subscription over a raw socket to the api at `url`, with its
+/// arguments.
+pub(crate) async fn subscribe_quotes(url: &str, args: &str) -> Ws {
+    let mut ws = connect(url, "graphql-transport-ws").await;
     init(&mut ws).await;
     let query = format!("subscription {{ quotes{args} {{ source seq instrument resume }} }}");
     send(
@@ -56,7 +57,7 @@ async fn subscribe(app: &TestApp, args: &str) -> Ws {
 }
 
 /// The next quote: (source, seq, instrument, resume).
-async fn next_quote(ws: &mut Ws) -> (String, u64, String, String) {
+pub(crate) async fn next_quote(ws: &mut Ws) -> (String, u64, String, String) {
     loop {
         let m = recv(ws).await.expect("socket open");
         match m["type"].as_str() {
@@ -107,7 +108,7 @@ async fn a_reconnect_with_after_gets_exactly_what_it_missed(pool: PgPool) {
         .collect();
     assert_eq!(shards.len(), 2, "the instruments span both shards");
 
-    let mut ws = subscribe(&app, "").await;
+    let mut ws = subscribe_quotes(&app.ws, "").await;
     until_live(&app, &mut ws).await;
     post_quotes(&app, 1..=400).await;
 
@@ -125,7 +126,7 @@ async fn a_reconnect_with_after_gets_exactly_what_it_missed(pool: PgPool) {
 
     // Missed while away, then sent after the reconnect.
     post_quotes(&app, 401..=800).await;
-    let mut ws = subscribe(&app, &format!("(after: {})", json!(resume))).await;
+    let mut ws = subscribe_quotes(&app.ws, &format!("(after: {})", json!(resume))).await;
     let expected: HashSet<u64> = (1..=850).filter(|s| !received.contains(s)).collect();
     let mut again = HashSet::new();
     let mut last_of: HashMap<String, u64> = HashMap::new();
@@ -176,14 +177,14 @@ async fn expect_expired(ws: &mut Ws) -> String {
 #[sqlx::test(migrations = "../migrations")]
 async fn a_cursor_the_streams_no_longer_hold_is_refused_as_expired(pool: PgPool) {
     let app = spawn_app(pool, 1).await;
-    let mut ws = subscribe(&app, "").await;
+    let mut ws = subscribe_quotes(&app.ws, "").await;
     let resume = until_live(&app, &mut ws).await;
     drop(ws);
     let after = format!("(after: {})", json!(resume));
 
     // Still held: resuming works.
     post_quotes(&app, 1..=4).await;
-    let mut ws = subscribe(&app, &after).await;
+    let mut ws = subscribe_quotes(&app.ws, &after).await;
     assert_eq!(next_mm(&mut ws).await, 1);
     drop(ws);
 
@@ -197,7 +198,7 @@ async fn a_cursor_the_streams_no_longer_hold_is_refused_as_expired(pool: PgPool)
         .query_async(&mut redis)
         .await
         .expect("xtrim");
-    let mut ws = subscribe(&app, &after).await;
+    let mut ws = subscribe_quotes(&app.ws, &after).await;
     let message = expect_expired(&mut ws).await;
     assert!(message.contains("trimmed"), "{message}");
 
@@ -209,7 +210,7 @@ async fn a_cursor_the_streams_no_longer_hold_is_refused_as_expired(pool: PgPool)
         .query_async(&mut redis)
         .await
         .expect("xtrim");
-    let mut ws = subscribe(&app, &after).await;
+    let mut ws = subscribe_quotes(&app.ws, &after).await;
     expect_expired(&mut ws).await;
 
     // Reset: Redis lost the shard (its epoch with it).
@@ -218,12 +219,12 @@ async fn a_cursor_the_streams_no_longer_hold_is_refused_as_expired(pool: PgPool)
         .query_async(&mut redis)
         .await
         .expect("del");
-    let mut ws = subscribe(&app, &after).await;
+    let mut ws = subscribe_quotes(&app.ws, &after).await;
     let message = expect_expired(&mut ws).await;
     assert!(message.contains("reset"), "{message}");
 
     // Not a cursor at all: a plain error.
-    let mut ws = subscribe(&app, "(after: \"3:junk\")").await;
+    let mut ws = subscribe_quotes(&app.ws, "(after: \"3:junk\")").await;
     let m = recv(&mut ws).await.expect("error");
     assert_eq!(m["type"], "error", "{m}");
     assert!(

@@ -323,6 +323,22 @@ async fn pending_entries_trimmed_away_are_acked_not_stuck(pool: PgPool) {
     assert_eq!(raw_pending(&mut r).await, 0);
 }
 
+/// The entries of an XREADGROUP reply, as the consumer hands them to a handler.
+fn entries_of(reply: redis::streams::StreamReadReply) -> Vec<Entry> {
+    reply
+        .keys
+        .into_iter()
+        .flat_map(|k| k.ids)
+        .map(|id| {
+            let record = match id.map.get("e") {
+                Some(redis::Value::BulkString(b)) => b.clone(),
+                other => panic!("entry without record: {other:?}"),
+            };
+            Entry { id: id.id, record }
+        })
+        .collect()
+}
+
 /// The entries `consumer` holds pending, with their payloads, per shard.
 async fn own_pending(r: &mut TestRedis, consumer: &str) -> Vec<(u16, String, Vec<Entry>)> {
     let mut out = Vec::new();
@@ -336,18 +352,7 @@ async fn own_pending(r: &mut TestRedis, consumer: &str) -> Vec<(u16, String, Vec
             .xread_options(&[&key], &["0"], &opts)
             .await
             .expect("xreadgroup own pending");
-        let entries: Vec<Entry> = reply
-            .keys
-            .into_iter()
-            .flat_map(|k| k.ids)
-            .map(|id| {
-                let record = match id.map.get("e") {
-                    Some(redis::Value::BulkString(b)) => b.clone(),
-                    other => panic!("entry without record: {other:?}"),
-                };
-                Entry { id: id.id, record }
-            })
-            .collect();
+        let entries = entries_of(reply);
         out.push((s, key, entries));
     }
     out
@@ -460,18 +465,7 @@ async fn take(r: &mut TestRedis, consumer: &str, n: usize) -> Vec<Entry> {
         .xread_options(&[&key], &[">"], &opts)
         .await
         .expect("xreadgroup");
-    let entries: Vec<Entry> = reply
-        .keys
-        .into_iter()
-        .flat_map(|k| k.ids)
-        .map(|id| {
-            let record = match id.map.get("e") {
-                Some(redis::Value::BulkString(b)) => b.clone(),
-                other => panic!("entry without record: {other:?}"),
-            };
-            Entry { id: id.id, record }
-        })
-        .collect();
+    let entries = entries_of(reply);
     assert_eq!(entries.len(), n);
     entries
 }
