@@ -30,7 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tickgraph_ingest::test_support::{free_port, LocalCluster};
 use tickgraph_ingest::StreamLayout;
 
-use crate::faults::{duplicates, loaded_seqs, produce, shared_db, stream_seqs, tail, Sent};
+use crate::faults::{
+    duplicates, loaded_seqs, phase_from, produce, shared_db, stream_seqs, tail, Sent,
+};
 use crate::helpers::quote;
 use crate::protocol::Ws;
 use crate::resume::{next_quote, subscribe_quotes};
@@ -44,11 +46,7 @@ const ROLES: [&str; 8] = [
 
 /// Length of each load phase.
 fn phase() -> Duration {
-    let secs = std::env::var("TG_CLUSTER_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2.0);
-    Duration::from_secs_f64(secs)
+    phase_from("TG_CLUSTER_SECS")
 }
 
 /// The processes, the cluster they share and the database.

@@ -33,7 +33,12 @@ const SHARDS: u16 = 2;
 
 /// Length of each load phase.
 fn phase() -> Duration {
-    let secs = std::env::var("TG_FAULT_SECS")
+    phase_from("TG_FAULT_SECS")
+}
+
+/// A load phase's length: seconds from the variable `env`, 2 s when unset.
+pub(crate) fn phase_from(env: &str) -> Duration {
+    let secs = std::env::var(env)
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2.0);
