@@ -12,6 +12,8 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 need_pkgs=()
 command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
+# redis-cli: the ping below, and `redis-cli --cluster create` in the cluster test.
+command -v redis-cli >/dev/null 2>&1 || need_pkgs+=(redis-tools)
 command -v pg_ctlcluster >/dev/null 2>&1 || need_pkgs+=(postgresql)
 command -v psql >/dev/null 2>&1 || need_pkgs+=(postgresql-client)
 # The fault suite signals processes with kill(1) and runs Postgres as `postgres`.

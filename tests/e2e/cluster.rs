@@ -31,7 +31,8 @@ use tickgraph_ingest::test_support::{free_port, LocalCluster};
 use tickgraph_ingest::StreamLayout;
 
 use crate::faults::{
-    duplicates, loaded_seqs, phase_from, produce, shared_db, stream_seqs, tail, Sent,
+    duplicates, loaded_seqs, phase_from, produce, shared_db, spawn_tickgraph, stream_seqs, tail,
+    Sent,
 };
 use crate::helpers::quote;
 use crate::protocol::Ws;
@@ -80,21 +81,22 @@ impl Rig {
     /// Starts `tickgraph <role> <args>` in cluster mode as `name`, its log in the
     /// rig's directory.
     fn spawn(&mut self, name: &str, role: &str, args: &[String]) {
-        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log");
-        let child = Command::new(BIN)
-            .arg(role)
-            .args(["--redis-url", &self.cluster().url_list()])
-            .arg("--redis-cluster")
-            .args(["--redis-wait-replicas", "1"])
-            .args(["--database-url", &self.db_url])
-            .args(["--shards", &SHARDS.to_string()])
-            .arg("--dev-mode")
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start tickgraph");
+        let redis = [
+            "--redis-url".to_string(),
+            self.cluster().url_list(),
+            "--redis-cluster".into(),
+            "--redis-wait-replicas".into(),
+            "1".into(),
+        ];
+        let child = spawn_tickgraph(
+            self.dir.path(),
+            name,
+            &redis,
+            &self.db_url,
+            SHARDS,
+            role,
+            args,
+        );
         self.procs.insert(name.to_string(), child);
     }
 

@@ -31,6 +31,32 @@ use crate::helpers::{now_ns, seed_refdata};
 const BIN: &str = env!("CARGO_BIN_EXE_tickgraph");
 const SHARDS: u16 = 2;
 
+/// Starts `tickgraph <redis> --database-url <db> --shards <shards> --dev-mode
+/// <role> <args>`, its output in `<dir>/<name>.log`.
+pub(crate) fn spawn_tickgraph(
+    dir: &Path,
+    name: &str,
+    redis: &[String],
+    db_url: &str,
+    shards: u16,
+    role: &str,
+    args: &[String],
+) -> Child {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
+    Command::new(BIN)
+        .args(redis)
+        .args(["--database-url", db_url])
+        .args(["--shards", &shards.to_string()])
+        .arg("--dev-mode")
+        .arg(role)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start tickgraph")
+}
+
 /// Length of each load phase.
 fn phase() -> Duration {
     phase_from("TG_FAULT_SECS")
@@ -86,19 +112,16 @@ impl Rig {
 
     /// Starts `tickgraph <role> <args>` as `name`, its log in the rig's directory.
     fn spawn(&mut self, name: &str, role: &str, args: &[String]) {
-        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log");
-        let child = Command::new(BIN)
-            .args(["--redis-url", &self.redis.url()])
-            .args(["--database-url", &self.db_url])
-            .args(["--shards", &SHARDS.to_string()])
-            .arg("--dev-mode")
-            .arg(role)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start tickgraph");
+        let redis = ["--redis-url".to_string(), self.redis.url()];
+        let child = spawn_tickgraph(
+            self.dir.path(),
+            name,
+            &redis,
+            &self.db_url,
+            SHARDS,
+            role,
+            args,
+        );
         self.procs.insert(name.to_string(), child);
     }
 
