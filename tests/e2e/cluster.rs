@@ -20,7 +20,7 @@
 //! what it missed; and the shards' slots are on more than one primary.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -38,7 +38,6 @@ use crate::helpers::quote;
 use crate::protocol::Ws;
 use crate::resume::{next_quote, subscribe_quotes};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tickgraph");
 /// Four shards over three primaries: every primary serves at least one.
 const SHARDS: u16 = 4;
 const ROLES: [&str; 8] = [
