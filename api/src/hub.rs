@@ -1508,10 +1508,12 @@ impl Decoded {
                 Ok((batch, recs)) => {
                     self.ticks.reserve(recs.len());
                     for (i, r) in recs.into_iter().enumerate() {
-                        let at = cursor(
-                            shard,
-                            &tickgraph_ingest::stream::event_position(&entry.id, i, batch),
-                        );
+                        // `cursor(shard, event_position(..))`, inline: no allocation.
+                        let at = if batch {
+                            compact_str::format_compact!("{shard}:{}.{i}", entry.id)
+                        } else {
+                            cursor(shard, &entry.id)
+                        };
                         match Tick::from_record(at, Some(Arc::clone(base)), r) {
                             Ok(t) => self.ticks.push(t),
                             Err(e) => self.fail(e.to_string()),

@@ -107,11 +107,12 @@ fn fields(set: &Positioned<SelectionSet>) -> Option<impl Iterator<Item = (&Name,
 
 impl JsonCache {
     /// The JSON of the object `set` selects, from the cache or made by `make`
-    /// (and kept); `None` when `make` gives `None` (not a plain selection).
+    /// (JSON bytes, then kept); `None` when `make` gives `None` (not a plain
+    /// selection).
     pub fn get_or_make(
         &self,
         set: &Positioned<SelectionSet>,
-        make: impl FnOnce() -> Option<Value>,
+        make: impl FnOnce() -> Option<Vec<u8>>,
     ) -> Option<Bytes> {
         self.get_or_make_keyed(&SelectionKey::of(set)?, make)
     }
@@ -120,7 +121,7 @@ impl JsonCache {
     pub fn get_or_make_keyed(
         &self,
         key: &SelectionKey,
-        make: impl FnOnce() -> Option<Value>,
+        make: impl FnOnce() -> Option<Vec<u8>>,
     ) -> Option<Bytes> {
         {
             let cached = self.0.lock().unwrap_or_else(PoisonError::into_inner);
@@ -128,7 +129,7 @@ impl JsonCache {
                 return Some(c.json.clone());
             }
         }
-        let json = Bytes::from(serde_json::to_vec(&make()?).ok()?);
+        let json = Bytes::from(make()?);
         let mut cached = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if cached.len() < MAX_SELECTIONS && !cached.iter().any(|c| c.key.same(key)) {
             cached.push(Cached {
@@ -255,7 +256,7 @@ mod tests {
         let made = std::cell::Cell::new(0);
         let make = |pairs: &'static [(&'static str, &'static str)]| {
             made.set(made.get() + 1);
-            Some(object(pairs))
+            serde_json::to_vec(&object(pairs)).ok()
         };
         let first = cache.get_or_make(&a, || make(&[("bid", "1"), ("ask", "2")]));
         assert_eq!(first.as_deref(), Some(&br#"{"bid":"1","ask":"2"}"#[..]));

@@ -21,7 +21,7 @@ use crate::shared_json::JsonCache;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TradeTick {
     /// `<shard>:<entry id>` in the enriched streams, e.g. `2:1732550000000-5`.
-    pub cursor: String,
+    pub cursor: CompactString,
     pub trade: Trade,
     pub notional: Decimal,
     pub notional_usd: Decimal,
@@ -40,7 +40,7 @@ pub struct TradeTick {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuoteTick {
     /// `<shard>:<entry id>` in the enriched streams, e.g. `2:1732550000000-5`.
-    pub cursor: String,
+    pub cursor: CompactString,
     pub quote: Quote,
     pub mid: Decimal,
     pub spread: Decimal,
@@ -73,15 +73,15 @@ pub enum TickError {
 
 /// The stream position a subscriber sees: the shard and the event's position in
 /// that shard's stream (`tickgraph_ingest::stream::event_position`).
-pub fn cursor(shard: u16, entry_id: &str) -> String {
-    format!("{shard}:{entry_id}")
+pub fn cursor(shard: u16, entry_id: &str) -> CompactString {
+    compact_str::format_compact!("{shard}:{entry_id}")
 }
 
 impl Tick {
     /// The tick of an enriched record at `cursor`; `resume` is shared by the
     /// ticks of one batch.
     pub fn from_record(
-        cursor: String,
+        cursor: CompactString,
         resume: Option<Arc<ResumeBase>>,
         r: EnrichedRecord,
     ) -> Result<Self, TickError> {
@@ -247,9 +247,9 @@ pub struct QuoteRow {
 
 /// History keeps the bare entry id; the cursor adds the shard the instrument maps
 /// to, so history rows and live events carry cursors of one form.
-fn row_cursor(stream_id: &str, instrument: &Symbol, shards: u16) -> String {
+fn row_cursor(stream_id: &str, instrument: &Symbol, shards: u16) -> CompactString {
     if stream_id.contains(':') {
-        stream_id.to_owned()
+        CompactString::from(stream_id)
     } else {
         cursor(
             tickgraph_ingest::stream::shard_of(instrument.as_str(), shards),

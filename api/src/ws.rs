@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use async_graphql::{Request, Response};
+use async_graphql::Request;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{BoxStream, SplitSink};
 use futures_util::{FutureExt, SinkExt, Stream, StreamExt};
@@ -34,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{coded_error, Authenticator, ConnectionSlot, Principal, Users};
-use crate::schema::{compiled, ApiSchema, Limits, Services};
-use crate::shared_json::write_response_json;
+use crate::schema::compiled::{self, Answer};
+use crate::schema::{ApiSchema, Limits, Services};
 
 /// WebSocket close codes the server uses; 44xx are graphql-transport-ws's.
 pub mod close {
@@ -215,22 +215,37 @@ fn text<P: Serialize>(kind: &str, id: Option<&str>, payload: Option<P>) -> Messa
     }
 }
 
-/// A `next` (or legacy `data`) message: the response's JSON, shared parts as
-/// they are ([`crate::shared_json`]), in its envelope.
-fn result(kind: &str, id: &str, response: &Response) -> Message {
-    let id = serde_json::to_string(id).unwrap_or_else(|_| "null".into());
-    let mut out = String::with_capacity(id.len() + kind.len() + 64);
+/// A `next` (or legacy `data`) message: the answer's JSON, shared parts as
+/// they are ([`crate::shared_json`]), in its envelope, made in one allocation
+/// of the size it needs when the id needs no escaping.
+fn result(kind: &str, id: &str, answer: &Answer) -> Message {
+    let payload_len = match answer {
+        Answer::Data { key, json } => key.len() + json.len() + 12,
+        Answer::Response(_) => 64,
+    };
+    let mut out = String::with_capacity(kind.len() + id.len() + payload_len + 31);
     out.push_str("{\"type\":\"");
     out.push_str(kind);
     out.push_str("\",\"id\":");
-    out.push_str(&id);
+    json_string(&mut out, id);
     out.push_str(",\"payload\":");
-    if let Err(e) = write_response_json(response, &mut out) {
+    if let Err(e) = answer.write_json(&mut out) {
         tracing::error!(error = %e, kind, "cannot serialize a GraphQL response");
         out.push_str(r#"{"errors":[{"message":"internal error"}]}"#);
     }
     out.push('}');
     Message::Text(Utf8Bytes::from(out))
+}
+
+/// Appends `s` as a JSON string.
+fn json_string(out: &mut String, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "null".into()));
+    }
 }
 
 fn control(kind: &str) -> Message {
@@ -413,7 +428,7 @@ async fn drain(
 }
 
 /// What one operation's stream yields: a response, then `None` at its end.
-type OpStream = BoxStream<'static, Option<(bool, Response)>>;
+type OpStream = BoxStream<'static, Option<(bool, Answer)>>;
 
 /// How the connection loop ended.
 enum End {
@@ -482,7 +497,11 @@ impl Connection {
                     move || schema.execute_stream(request.data(fallback_gate)),
                 )
             }
-            None => self.schema.execute_stream(request.data(gate)),
+            None => self
+                .schema
+                .execute_stream(request.data(gate))
+                .map(Answer::Response)
+                .boxed(),
         };
         let stream = results
             .enumerate()
@@ -614,8 +633,8 @@ impl Connection {
     }
 
     /// One item of an operation's stream as the protocol says it.
-    fn on_result(&mut self, id: &str, item: Option<(bool, Response)>) -> Option<End> {
-        let Some((first, response)) = item else {
+    fn on_result(&mut self, id: &str, item: Option<(bool, Answer)>) -> Option<End> {
+        let Some((first, answer)) = item else {
             // Removed now, so that the id is free for a new operation at once.
             self.ops.remove(id);
             return self.send(text::<()>("complete", Some(id), None));
@@ -624,17 +643,22 @@ impl Connection {
         // source stream was created (the root field refused: a bad argument, an
         // expired cursor) end it with `error`; graphql-transport-ws sends no
         // `complete` after it. Errors of nested fields have longer paths.
-        let refused = first
-            && response.data == async_graphql::Value::Null
-            && !response.errors.is_empty()
-            && response.errors.iter().all(|e| e.path.len() <= 1);
-        match (self.protocol, refused) {
-            (Protocol::TransportWs, true) => {
-                self.ops.remove(id);
-                self.send(text("error", Some(id), Some(&response.errors)))
+        let refused = match &answer {
+            Answer::Response(r) => {
+                first
+                    && r.data == async_graphql::Value::Null
+                    && !r.errors.is_empty()
+                    && r.errors.iter().all(|e| e.path.len() <= 1)
             }
-            (Protocol::TransportWs, false) => self.send(result("next", id, &response)),
-            (Protocol::Legacy, _) => self.send(result("data", id, &response)),
+            Answer::Data { .. } => false,
+        };
+        match (self.protocol, &answer) {
+            (Protocol::TransportWs, Answer::Response(r)) if refused => {
+                self.ops.remove(id);
+                self.send(text("error", Some(id), Some(&r.errors)))
+            }
+            (Protocol::TransportWs, _) => self.send(result("next", id, &answer)),
+            (Protocol::Legacy, _) => self.send(result("data", id, &answer)),
         }
     }
 

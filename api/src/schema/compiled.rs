@@ -23,9 +23,9 @@ use async_graphql::parser::types::{
     DocumentOperations, OperationType, Selection, SelectionSet, Type,
 };
 use async_graphql::{
-    indexmap::IndexMap, InputType, Name, PathSegment, Pos, Positioned, Request, Response,
-    ServerError, Value, Variables,
+    InputType, Name, PathSegment, Pos, Positioned, Request, Response, ServerError, Value, Variables,
 };
+use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 
@@ -34,7 +34,7 @@ use super::live::{hub_error, open_with, LiveArgs, LiveKind};
 use super::{Limits, Services};
 use crate::auth::Principal;
 use crate::hub::Filter;
-use crate::shared_json::SelectionKey;
+use crate::shared_json::{write_response_json, SelectionKey};
 use crate::tick::{QuoteTick, TradeTick};
 use crate::ws::Gate;
 
@@ -242,6 +242,46 @@ fn set(args: &mut Args, name: &str, value: Value) -> Option<()> {
     Some(())
 }
 
+/// One answer of an operation's stream.
+pub enum Answer {
+    /// A GraphQL response: the executor's, or a planned subscription's error.
+    Response(Response),
+    /// A planned subscription's event: the response `{"data":{<key>:<json>}}`,
+    /// written by the transport around the tick's shared JSON, with no
+    /// `Response` or value tree made per event and subscriber.
+    Data {
+        /// The response key, as a JSON string (quotes included).
+        key: Arc<str>,
+        /// The tick's shared JSON for the subscription's selection.
+        json: Bytes,
+    },
+}
+
+impl Answer {
+    /// Appends the response's JSON (a `next` message's `payload`) to `out`.
+    pub fn write_json(&self, out: &mut String) -> Result<(), serde_json::Error> {
+        match self {
+            Answer::Response(r) => write_response_json(r, out),
+            Answer::Data { key, json } => {
+                // The JSON was made from `&str`s by `schema::fast`; were it
+                // ever not UTF-8, the client gets an error, not broken JSON.
+                let Ok(object) = std::str::from_utf8(json) else {
+                    tracing::error!("a planned subscription's JSON is not UTF-8");
+                    out.push_str(r#"{"errors":[{"message":"internal error"}]}"#);
+                    return Ok(());
+                };
+                out.reserve(object.len() + key.len() + 12);
+                out.push_str("{\"data\":{");
+                out.push_str(key);
+                out.push(':');
+                out.push_str(object);
+                out.push_str("}}");
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Runs a plan: opens the feed and answers each event with its shared JSON.
 /// When opening fails, `fallback` (the executor) answers instead, so the error
 /// is the executor's own.
@@ -251,7 +291,7 @@ pub fn run(
     who: Principal,
     gate: Option<Arc<Gate>>,
     fallback: impl FnOnce() -> BoxStream<'static, Response> + Send + 'static,
-) -> BoxStream<'static, Response> {
+) -> BoxStream<'static, Answer> {
     futures_util::stream::once(async move {
         let Plan {
             field,
@@ -261,7 +301,7 @@ pub fn run(
             selection,
         } = plan;
         let Ok(f) = args.live.filter() else {
-            return fallback();
+            return fallback().map(Answer::Response).boxed();
         };
         let opened = match field {
             Field::Trades => {
@@ -271,7 +311,7 @@ pub fn run(
                 serve::<QuoteTick>(&services, &who, gate, f, args.after, selection, key, pos).await
             }
         };
-        opened.unwrap_or_else(fallback)
+        opened.unwrap_or_else(|| fallback().map(Answer::Response).boxed())
     })
     .flatten()
     .boxed()
@@ -289,26 +329,26 @@ async fn serve<T: LiveKind>(
     selection: Plain,
     key: Name,
     pos: Pos,
-) -> Option<BoxStream<'static, Response>> {
+) -> Option<BoxStream<'static, Answer>> {
     let feed = open_with::<T>(services, who, gate, filter, after)
         .await
         .ok()?;
+    let key_json: Arc<str> = serde_json::to_string(key.as_str()).ok()?.into();
     Some(
         feed.map(move |r| match r {
             Ok(t) => match t.json(&selection.key, &selection.set) {
-                Some(json) => {
-                    let mut map = IndexMap::with_capacity(1);
-                    map.insert(key.clone(), Value::Binary(json));
-                    Response::new(Value::Object(map))
-                }
-                None => Response::from_errors(vec![ServerError::new(
+                Some(json) => Answer::Data {
+                    key: Arc::clone(&key_json),
+                    json,
+                },
+                None => Answer::Response(Response::from_errors(vec![ServerError::new(
                     "internal error: a planned selection was not plain",
                     Some(pos),
-                )]),
+                )])),
             },
-            Err(e) => Response::from_errors(vec![hub_error(e)
+            Err(e) => Answer::Response(Response::from_errors(vec![hub_error(e)
                 .into_server_error(pos)
-                .with_path(vec![PathSegment::Field(key.to_string())])]),
+                .with_path(vec![PathSegment::Field(key.to_string())])])),
         })
         .boxed(),
     )

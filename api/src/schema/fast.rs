@@ -16,10 +16,9 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use async_graphql::indexmap::IndexMap;
 use async_graphql::parser::types::{Field, Selection, SelectionSet};
 use async_graphql::registry::Registry;
-use async_graphql::resolver_utils::enum_value;
+use async_graphql::resolver_utils::EnumType;
 use async_graphql::{ContextSelectionSet, OutputType, Positioned, ServerResult, Value};
 use rust_decimal::Decimal;
 use tickgraph_ingest::event::Header;
@@ -30,42 +29,121 @@ use crate::shared_json::{JsonCache, SelectionKey};
 use crate::tick::{QuoteTick, TradeTick};
 use bytes::Bytes;
 
-/// A value for a leaf field by its schema name, or `None` when the field is not
-/// a plain leaf of the type (it needs the full resolver).
+/// Writes a leaf field's JSON value by its schema name; `None` when the field is
+/// not a plain leaf of the type (it needs the full resolver). Written straight
+/// into the output, as `serde_json` would write the `Value` the full resolver
+/// gives: no value tree, no string per field.
 trait Leaves {
-    fn leaf(&self, name: &str) -> Option<Value>;
+    fn write_leaf(&self, name: &str, out: &mut Vec<u8>) -> Option<()>;
     /// The tick's JSON per selection, shared by its subscribers.
     fn json(&self) -> &JsonCache;
 }
 
-fn string(s: &str) -> Value {
-    Value::String(s.to_owned())
+/// A JSON string, escaped as `serde_json` escapes it.
+fn string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    escaped(out, s);
+    out.push(b'"');
 }
 
-fn decimal(d: &Decimal) -> Value {
-    Value::String(d.to_string())
+/// The inside of a JSON string: `"`, `\` and control characters escaped
+/// exactly as `serde_json` escapes them (short forms where JSON has them,
+/// else `\u00xx`).
+fn escaped(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short = match b {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            0x08 => b'b',
+            0x0c => b'f',
+            b'\n' => b'n',
+            b'\r' => b'r',
+            b'\t' => b't',
+            0x00..=0x1f => 0,
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        start = i + 1;
+        if short == 0 {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+        } else {
+            out.push(b'\\');
+            out.push(short);
+        }
+    }
+    out.extend_from_slice(&bytes[start..]);
 }
 
-fn nanos(ns: i64) -> Value {
-    Value::String(chrono::DateTime::from_timestamp_nanos(ns).to_rfc3339())
+/// A JSON string of what `v` displays, which needs no escaping (digits, signs,
+/// dots, dashes, colons and letters: decimals, integers, timestamps).
+fn display(out: &mut Vec<u8>, v: impl std::fmt::Display) {
+    use std::io::Write;
+    out.push(b'"');
+    let _ = write!(out, "{v}");
+    out.push(b'"');
 }
 
-fn resume(base: Option<&ResumeBase>, cursor: &str) -> Value {
-    base.and_then(|b| b.cursor(cursor))
-        .map_or(Value::Null, Value::String)
+fn decimal(out: &mut Vec<u8>, d: &Decimal) {
+    display(out, d);
+}
+
+fn nanos(out: &mut Vec<u8>, ns: i64) {
+    display(out, chrono::DateTime::from_timestamp_nanos(ns).to_rfc3339());
+}
+
+fn null(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"null");
+}
+
+/// A GraphQL enum value: its name, as the schema spells it, as a JSON string.
+fn enum_name<E: EnumType>(out: &mut Vec<u8>, value: E) {
+    match E::items().iter().find(|i| i.value == value) {
+        Some(item) => string(out, item.name),
+        None => null(out),
+    }
+}
+
+fn resume(out: &mut Vec<u8>, base: Option<&ResumeBase>, cursor: &str) {
+    match base.and_then(|b| b.cursor(cursor)) {
+        Some(c) => string(out, &c),
+        None => null(out),
+    }
+}
+
+fn optional(out: &mut Vec<u8>, v: Option<&str>) {
+    match v {
+        Some(s) => string(out, s),
+        None => null(out),
+    }
 }
 
 /// Fields every live event has, from its header and enrichment.
-fn common(h: &Header, name: &str) -> Option<Value> {
-    Some(match name {
-        "id" => Value::String(h.id()),
-        "source" => string(h.source.as_str()),
-        "seq" => Value::String(h.seq.to_string()),
-        "instrument" => string(h.instrument.as_str()),
-        "venue" => string(h.venue.as_str()),
-        "ts" => Value::String(h.ts.to_datetime().to_rfc3339()),
+fn common(h: &Header, name: &str, out: &mut Vec<u8>) -> Option<()> {
+    match name {
+        "id" => {
+            out.push(b'"');
+            escaped(out, h.source.as_str());
+            display_raw(out, format_args!(":{}", h.seq));
+            out.push(b'"');
+        }
+        "source" => string(out, h.source.as_str()),
+        "seq" => display(out, h.seq),
+        "instrument" => string(out, h.instrument.as_str()),
+        "venue" => string(out, h.venue.as_str()),
+        "ts" => nanos(out, h.ts.nanos()),
         _ => return None,
-    })
+    }
+    Some(())
+}
+
+fn display_raw(out: &mut Vec<u8>, v: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = out.write_fmt(v);
 }
 
 impl Leaves for TradeTick {
@@ -73,30 +151,25 @@ impl Leaves for TradeTick {
         &self.json
     }
 
-    fn leaf(&self, name: &str) -> Option<Value> {
+    fn write_leaf(&self, name: &str, out: &mut Vec<u8>) -> Option<()> {
         let t = &self.trade;
-        Some(match name {
-            "price" => decimal(&t.price),
-            "qty" => decimal(&t.qty),
-            "side" => enum_value(SideKind::from(t.side)),
-            "tradeId" => t
-                .trade_id
-                .as_ref()
-                .map_or(Value::Null, |x| string(x.as_str())),
-            "account" => t
-                .account
-                .as_ref()
-                .map_or(Value::Null, |x| string(x.as_str())),
-            "notional" => decimal(&self.notional),
-            "notionalUsd" => decimal(&self.notional_usd),
-            "currency" => string(&self.currency),
-            "assetClass" => enum_value(AssetClassKind::from(self.asset_class)),
-            "ingestedAt" => nanos(self.ingest_ns),
-            "enrichedAt" => nanos(self.enriched_ns),
-            "cursor" => string(&self.cursor),
-            "resume" => resume(self.resume.as_deref(), &self.cursor),
-            _ => return common(&t.header, name),
-        })
+        match name {
+            "price" => decimal(out, &t.price),
+            "qty" => decimal(out, &t.qty),
+            "side" => enum_name(out, SideKind::from(t.side)),
+            "tradeId" => optional(out, t.trade_id.as_ref().map(|x| x.as_str())),
+            "account" => optional(out, t.account.as_ref().map(|x| x.as_str())),
+            "notional" => decimal(out, &self.notional),
+            "notionalUsd" => decimal(out, &self.notional_usd),
+            "currency" => string(out, &self.currency),
+            "assetClass" => enum_name(out, AssetClassKind::from(self.asset_class)),
+            "ingestedAt" => nanos(out, self.ingest_ns),
+            "enrichedAt" => nanos(out, self.enriched_ns),
+            "cursor" => string(out, &self.cursor),
+            "resume" => resume(out, self.resume.as_deref(), &self.cursor),
+            _ => return common(&t.header, name, out),
+        }
+        Some(())
     }
 }
 
@@ -105,23 +178,24 @@ impl Leaves for QuoteTick {
         &self.json
     }
 
-    fn leaf(&self, name: &str) -> Option<Value> {
+    fn write_leaf(&self, name: &str, out: &mut Vec<u8>) -> Option<()> {
         let q = &self.quote;
-        Some(match name {
-            "bid" => decimal(&q.bid),
-            "ask" => decimal(&q.ask),
-            "bidSize" => decimal(&q.bid_size),
-            "askSize" => decimal(&q.ask_size),
-            "mid" => decimal(&self.mid),
-            "spread" => decimal(&self.spread),
-            "currency" => string(&self.currency),
-            "assetClass" => enum_value(AssetClassKind::from(self.asset_class)),
-            "ingestedAt" => nanos(self.ingest_ns),
-            "enrichedAt" => nanos(self.enriched_ns),
-            "cursor" => string(&self.cursor),
-            "resume" => resume(self.resume.as_deref(), &self.cursor),
-            _ => return common(&q.header, name),
-        })
+        match name {
+            "bid" => decimal(out, &q.bid),
+            "ask" => decimal(out, &q.ask),
+            "bidSize" => decimal(out, &q.bid_size),
+            "askSize" => decimal(out, &q.ask_size),
+            "mid" => decimal(out, &self.mid),
+            "spread" => decimal(out, &self.spread),
+            "currency" => string(out, &self.currency),
+            "assetClass" => enum_name(out, AssetClassKind::from(self.asset_class)),
+            "ingestedAt" => nanos(out, self.ingest_ns),
+            "enrichedAt" => nanos(out, self.enriched_ns),
+            "cursor" => string(out, &self.cursor),
+            "resume" => resume(out, self.resume.as_deref(), &self.cursor),
+            _ => return common(&q.header, name, out),
+        }
+        Some(())
     }
 }
 
@@ -189,12 +263,16 @@ pub(crate) fn quote_json(
     q.json.get_or_make_keyed(key, || plain(q, "Quote", set))
 }
 
-/// The object for `set` when it is only plain leaf fields; `None` sends the
-/// caller to the full resolver. The document has passed validation, so every
-/// field exists and fields sharing a response key are the same field.
-fn plain<T: Leaves>(tick: &T, type_name: &str, set: &Positioned<SelectionSet>) -> Option<Value> {
-    let mut out = IndexMap::with_capacity(set.node.items.len());
-    for item in &set.node.items {
+/// The JSON object for `set` when it is only plain leaf fields; `None` sends
+/// the caller to the full resolver. The document has passed validation, so every
+/// field exists and fields sharing a response key are the same field. The bytes
+/// are what `serde_json` makes of the value the full resolver gives; the tests
+/// compare the two for every field.
+fn plain<T: Leaves>(tick: &T, type_name: &str, set: &Positioned<SelectionSet>) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(32 + 40 * set.node.items.len());
+    out.push(b'{');
+    let items = &set.node.items;
+    for (k, item) in items.iter().enumerate() {
         let Selection::Field(field) = &item.node else {
             return None;
         };
@@ -208,14 +286,35 @@ fn plain<T: Leaves>(tick: &T, type_name: &str, set: &Positioned<SelectionSet>) -
         if !arguments.is_empty() || !directives.is_empty() || !selection_set.node.items.is_empty() {
             return None;
         }
-        let value = match name.node.as_str() {
-            "__typename" => string(type_name),
-            other => tick.leaf(other)?,
-        };
-        let key = alias.as_ref().unwrap_or(name).node.clone();
-        out.insert(key, value);
+        let key = alias.as_ref().unwrap_or(name).node.as_str();
+        // A response key selected twice is one field (validation made sure
+        // they agree), written once where it first appears.
+        if items[..k]
+            .iter()
+            .any(|i| response_key(&i.node) == Some(key))
+        {
+            continue;
+        }
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        string(&mut out, key);
+        out.push(b':');
+        match name.node.as_str() {
+            "__typename" => string(&mut out, type_name),
+            other => tick.write_leaf(other, &mut out)?,
+        }
     }
-    Some(Value::Object(out))
+    out.push(b'}');
+    Some(out)
+}
+
+/// The response key of a field selection.
+fn response_key(s: &Selection) -> Option<&str> {
+    match s {
+        Selection::Field(f) => Some(f.node.alias.as_ref().unwrap_or(&f.node.name).node.as_str()),
+        _ => None,
+    }
 }
 
 /// A subscription's output type over the ticks of one kind: plain selections are
@@ -270,3 +369,60 @@ live_type!(
     QuoteNode,
     "Quote"
 );
+
+#[cfg(test)]
+mod tests {
+    use async_graphql::resolver_utils::enum_value;
+
+    use super::*;
+
+    #[test]
+    fn strings_are_escaped_exactly_as_serde_json_escapes_them() {
+        let mut every_control: String = (0u8..0x20).map(char::from).collect();
+        every_control.push_str("\"\\/\u{7f}é€😀 plain");
+        for s in [
+            "",
+            "AAPL",
+            "a\"b",
+            "back\\slash",
+            "tab\tnew\nline",
+            &every_control,
+        ] {
+            let mut out = Vec::new();
+            string(&mut out, s);
+            assert_eq!(
+                String::from_utf8(out).expect("utf-8"),
+                serde_json::to_string(s).expect("json"),
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn enum_values_are_the_names_the_schema_gives_them() {
+        let expected = |v: async_graphql::Value| serde_json::to_string(&v).expect("json");
+        for side in [SideKind::Buy, SideKind::Sell] {
+            let mut out = Vec::new();
+            enum_name(&mut out, side);
+            assert_eq!(
+                String::from_utf8(out).expect("utf-8"),
+                expected(enum_value(side))
+            );
+        }
+        for class in [
+            AssetClassKind::Equity,
+            AssetClassKind::Etf,
+            AssetClassKind::Fx,
+            AssetClassKind::Future,
+            AssetClassKind::Bond,
+            AssetClassKind::Crypto,
+        ] {
+            let mut out = Vec::new();
+            enum_name(&mut out, class);
+            assert_eq!(
+                String::from_utf8(out).expect("utf-8"),
+                expected(enum_value(class))
+            );
+        }
+    }
+}
