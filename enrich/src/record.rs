@@ -1,5 +1,6 @@
 //! The enriched stream entry: what enrich writes, and what the loader and the API
-//! read. Encoded as named MessagePack; an entry's `e` field holds an array of them,
+//! read. Encoded as positional MessagePack arrays (maps with field names before
+//! 11-27, which still read); an entry's `e` field holds an array of them,
 //! one per event of the raw entry it came from (see `tickgraph_ingest::stream`).
 
 use compact_str::CompactString;
@@ -47,8 +48,11 @@ pub enum Derived {
 }
 
 impl EnrichedRecord {
+    /// A positional MessagePack array, as raw records are (see
+    /// `tickgraph_ingest::stream::RawRecord::encode`); the map form written
+    /// before still reads.
     pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
-        Ok(rmp_serde::to_vec_named(self)?)
+        Ok(rmp_serde::to_vec(self)?)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
@@ -58,6 +62,41 @@ impl EnrichedRecord {
     /// One enriched batch entry: a MessagePack array of records, in order (read
     /// back with [`tickgraph_ingest::stream::decode_entry`]).
     pub fn encode_batch(records: &[Self]) -> Result<Vec<u8>, CodecError> {
-        Ok(rmp_serde::to_vec_named(records)?)
+        Ok(rmp_serde::to_vec(records)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tickgraph_ingest::stream::decode_entry;
+
+    use super::*;
+
+    fn quote() -> EnrichedRecord {
+        serde_json::from_value(serde_json::json!({
+            "event": {"quote": {
+                "header": {"source": "s", "seq": 9, "instrument": "VOD.L",
+                           "venue": "XLON", "ts": 1},
+                "bid": "72.34", "ask": "72.36", "bid_size": "100", "ask_size": "200"}},
+            "ingest_ns": 2, "enriched_ns": 3, "asset_class": "equity", "currency": "GBP",
+            "derived": {"quote": {"mid": "72.35", "spread": "0.02"}}
+        }))
+        .expect("an enriched quote")
+    }
+
+    #[test]
+    fn batches_are_positional_and_the_named_form_still_reads() {
+        let rec = quote();
+        let positional = EnrichedRecord::encode_batch(std::slice::from_ref(&rec)).expect("encodes");
+        let named = rmp_serde::to_vec_named(&[&rec]).expect("encodes");
+        assert!(positional.len() * 2 < named.len(), "names were most of it");
+        for bytes in [&positional, &named] {
+            let back: Vec<EnrichedRecord> = decode_entry(bytes).expect("decodes");
+            assert_eq!(back, vec![rec.clone()]);
+        }
+        // One record alone, from before batching: a map.
+        let single = rmp_serde::to_vec_named(&rec).expect("encodes");
+        let back: Vec<EnrichedRecord> = decode_entry(&single).expect("decodes");
+        assert_eq!(back, vec![rec]);
     }
 }

@@ -243,9 +243,12 @@ pub struct Trade {
     #[serde(with = "crate::decimal")]
     pub qty: Decimal,
     pub side: Side,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Always written (nil when absent): stream records are positional arrays,
+    // where a skipped field would shift the ones after it. `default` still
+    // reads records written as maps without them.
+    #[serde(default)]
     pub trade_id: Option<TradeId>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub account: Option<AccountId>,
 }
 

@@ -285,6 +285,12 @@ mod tests {
             .collect()
     }
 
+    /// A record as entries of one record held it, before batching: a map.
+    fn single(rec: &[u8]) -> Vec<u8> {
+        let rec: RawRecord = rmp_serde::from_slice(rec).expect("a record");
+        rmp_serde::to_vec_named(&rec).expect("encodes")
+    }
+
     #[test]
     fn counts_the_events_of_batch_and_single_entries_from_the_header() {
         let recs = records(3);
@@ -297,7 +303,11 @@ mod tests {
             let entry = encode_batch(std::iter::repeat_n(recs[0].as_slice(), n));
             assert_eq!(events_in_record(&entry), n as u64, "batch of {n}");
         }
-        assert_eq!(events_in_record(&recs[0]), 1, "a single record is a map");
+        assert_eq!(
+            events_in_record(&single(&recs[0])),
+            1,
+            "a single record is a map"
+        );
         assert_eq!(events_in_record(&[]), 0);
     }
 
@@ -310,7 +320,10 @@ mod tests {
         };
         let reply = Value::Array(vec![Value::Array(vec![
             bs(b"p:enriched:{1}"),
-            Value::Array(vec![entry(b"1-0", &batch), entry(b"2-0", &records(1)[0])]),
+            Value::Array(vec![
+                entry(b"1-0", &batch),
+                entry(b"2-0", &single(&records(1)[0])),
+            ]),
         ])]);
         let mut r = Reader {
             client: redis::Client::open("redis://127.0.0.1:1").expect("client"),

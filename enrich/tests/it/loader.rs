@@ -31,12 +31,14 @@ fn t(notional: &str, usd: &str) -> Derived {
     }
 }
 
-/// XADDs to the record's shard; returns the entry id.
+/// XADDs to the record's shard, as enrich writes it (a batch entry of one);
+/// returns the entry id.
 async fn add(r: &mut TestRedis, rec: &EnrichedRecord) -> String {
     let key = r
         .layout
         .enriched(r.layout.shard_of(&rec.event.header().instrument));
-    r.add(&key, &rec.encode().expect("encode")).await
+    let entry = EnrichedRecord::encode_batch(std::slice::from_ref(rec)).expect("encode");
+    r.add(&key, &entry).await
 }
 
 fn config(r: &TestRedis) -> LoadConfig {
