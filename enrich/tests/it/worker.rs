@@ -451,6 +451,48 @@ async fn a_resent_event_is_enriched_once(pool: PgPool) {
     }
 }
 
+/// One entry whose events use several dedupe bitmaps (two sources, and a
+/// second block of one source's seqs), with re-sends in the later bitmaps: each
+/// bitmap's answers are matched to its own events, and the entry keeps every
+/// first sending, in order.
+#[sqlx::test(migrations = "../migrations")]
+async fn re_sends_spread_over_several_bitmaps_are_each_dropped(pool: PgPool) {
+    seed_refdata(&pool).await;
+    let refs = RefCache::load(&pool).await.expect("refdata");
+    let from = |source: &str, seq: u64| {
+        let mut q = quote(seq, "AAPL", "XNAS", "187.25", "187.26");
+        if let Event::Quote(q) = &mut q.event {
+            q.header.source = tickgraph_ingest::event::Source::parse(source).expect("source");
+        }
+        q
+    };
+    let far = worker::SEEN_BLOCK_BITS + 5;
+    let mut r = TestRedis::new(1).await;
+    r.add_raw_batch(&[
+        from("a", 1),
+        from("b", 1),
+        from("a", far),
+        from("b", 1),
+        from("a", 2),
+        from("a", far),
+        from("b", 2),
+    ])
+    .await;
+    let cfg = config(&r, "w1");
+    run_until_drained(&mut r, cfg, refs).await;
+    let got: Vec<(String, u64)> = enriched(&mut r)
+        .await
+        .into_iter()
+        .map(|(_, e)| {
+            let h = e.event.header();
+            (h.source.as_str().to_owned(), h.seq)
+        })
+        .collect();
+    let want = [("a", 1), ("b", 1), ("a", far), ("a", 2), ("b", 2)];
+    let want: Vec<(String, u64)> = want.iter().map(|(s, q)| ((*s).to_owned(), *q)).collect();
+    assert_eq!(got, want);
+}
+
 /// Takes the next `n` entries of shard 0's raw stream for `consumer`, unacked.
 async fn take(r: &mut TestRedis, consumer: &str, n: usize) -> Vec<Entry> {
     let key = r.layout.raw(0);
