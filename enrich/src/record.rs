@@ -6,6 +6,7 @@
 use compact_str::CompactString;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use tickgraph_ingest::fast_decode::{put, FastDecode, Reader};
 use tickgraph_ingest::stream::CodecError;
 use tickgraph_ingest::Event;
 
@@ -99,4 +100,82 @@ mod tests {
         let back: Vec<EnrichedRecord> = decode_entry(&single).expect("decodes");
         assert_eq!(back, vec![rec]);
     }
+}
+
+/// The fast path of `decode_entry::<EnrichedRecord>` (the api hub and the
+/// loader decode every event): the shape `encode` writes, anything else `None`,
+/// so that serde reads it (see `tickgraph_ingest::fast_decode`).
+impl FastDecode for EnrichedRecord {
+    fn fast_decode(r: &mut Reader<'_>) -> Option<Self> {
+        let (mut event, mut ingest_ns, mut enriched_ns) = (None, None, None);
+        let (mut asset_class, mut currency, mut derived) = (None, None, None);
+        for _ in 0..r.map_len()? {
+            match r.name()? {
+                b"event" => put(&mut event, Event::fast_decode(r))?,
+                b"ingest_ns" => put(&mut ingest_ns, r.i64())?,
+                b"enriched_ns" => put(&mut enriched_ns, r.i64())?,
+                b"asset_class" => put(&mut asset_class, asset_class_of(r))?,
+                b"currency" => put(&mut currency, r.compact_str())?,
+                b"derived" => put(&mut derived, Derived::fast_decode(r))?,
+                _ => return None,
+            }
+        }
+        Some(EnrichedRecord {
+            event: event?,
+            ingest_ns: ingest_ns?,
+            enriched_ns: enriched_ns?,
+            asset_class: asset_class?,
+            currency: currency?,
+            derived: derived?,
+        })
+    }
+}
+
+/// A unit variant, as serde writes it: its name alone.
+fn asset_class_of(r: &mut Reader<'_>) -> Option<AssetClass> {
+    Some(match r.name()? {
+        b"equity" => AssetClass::Equity,
+        b"etf" => AssetClass::Etf,
+        b"fx" => AssetClass::Fx,
+        b"future" => AssetClass::Future,
+        b"bond" => AssetClass::Bond,
+        b"crypto" => AssetClass::Crypto,
+        _ => return None,
+    })
+}
+
+/// Externally tagged: a map of one pair, variant name to its fields.
+impl FastDecode for Derived {
+    fn fast_decode(r: &mut Reader<'_>) -> Option<Self> {
+        if r.map_len()? != 1 {
+            return None;
+        }
+        match r.name()? {
+            b"trade" => {
+                let (notional, notional_usd) = two_decimals(r, b"notional", b"notional_usd")?;
+                Some(Derived::Trade {
+                    notional,
+                    notional_usd,
+                })
+            }
+            b"quote" => {
+                let (mid, spread) = two_decimals(r, b"mid", b"spread")?;
+                Some(Derived::Quote { mid, spread })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The fields of a struct variant of two decimals named `first` and `second`.
+fn two_decimals(r: &mut Reader<'_>, first: &[u8], second: &[u8]) -> Option<(Decimal, Decimal)> {
+    let (mut a, mut b) = (None, None);
+    for _ in 0..r.map_len()? {
+        match r.name()? {
+            k if k == first => put(&mut a, r.decimal())?,
+            k if k == second => put(&mut b, r.decimal())?,
+            _ => return None,
+        }
+    }
+    Some((a?, b?))
 }

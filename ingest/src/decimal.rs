@@ -23,7 +23,7 @@ use serde::ser::SerializeTuple;
 use serde::{Deserializer, Serializer};
 
 /// rust_decimal's largest scale.
-const MAX_SCALE: u32 = 28;
+pub(crate) const MAX_SCALE: u32 = 28;
 
 pub fn serialize<S: Serializer>(d: &Decimal, s: S) -> Result<S::Ok, S::Error> {
     match i64::try_from(d.mantissa()) {

@@ -66,6 +66,12 @@ macro_rules! ident_newtype {
                 Ok(Self(CompactString::new(s)))
             }
 
+            /// As read back from our own streams: unchecked, exactly as the
+            /// transparent `Deserialize` reads it.
+            pub(crate) fn from_stream(s: CompactString) -> Self {
+                Self(s)
+            }
+
             pub fn as_str(&self) -> &str {
                 &self.0
             }
@@ -118,6 +124,12 @@ impl Mic {
                 shown(s)
             )))
         }
+    }
+
+    /// As read back from our own streams: unchecked, exactly as the transparent
+    /// `Deserialize` reads it.
+    pub(crate) fn from_stream(s: CompactString) -> Self {
+        Self(s)
     }
 
     pub fn as_str(&self) -> &str {

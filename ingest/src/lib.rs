@@ -6,6 +6,8 @@
 //!   the per-event rules that turn a decoded [`event::WireEvent`] into one.
 //! - [`wire`]: batch decoders for JSON arrays, NDJSON and MessagePack, item by item.
 //! - [`stream`]: Redis Streams key layout, sharding, trimming and entry codecs.
+//! - [`fast_decode`]: the hand-written decoder of raw and enriched entries that
+//!   [`stream::decode_entry`] tries before `rmp_serde`.
 //! - [`writer`]: the group-commit stream writer: batches from many requests become
 //!   one pipelined round trip to Redis.
 //! - [`spool`]: the local disk spool that holds answered rounds while Redis
@@ -23,6 +25,7 @@
 
 pub mod decimal;
 pub mod event;
+pub mod fast_decode;
 pub mod feed;
 pub mod metrics;
 pub mod ops;

@@ -27,6 +27,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{now_nanos, Event, Symbol};
+use crate::fast_decode::{try_fast, FastDecode};
 
 pub const ENRICH_GROUP: &str = "enrich";
 pub const LOAD_GROUP: &str = "load";
@@ -256,7 +257,25 @@ pub fn event_position(entry_id: &str, index: usize, batch: bool) -> String {
 
 /// Decodes an entry's record field: a batch (a MessagePack array of records) or a
 /// single record (a map), so entries written one event each still read.
-pub fn decode_entry<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<Vec<T>, CodecError> {
+///
+/// The hand-written [`fast_decode`](crate::fast_decode) reads the entries our
+/// writers produce; any other entry is read by [`decode_entry_with_serde`], so
+/// the result (or the error) is always the one serde gives.
+pub fn decode_entry<T>(bytes: &[u8]) -> Result<Vec<T>, CodecError>
+where
+    T: FastDecode + serde::de::DeserializeOwned,
+{
+    match try_fast(bytes) {
+        Some(records) => Ok(records),
+        None => decode_entry_with_serde(bytes),
+    }
+}
+
+/// [`decode_entry`] by `rmp_serde` alone: its fallback, and what tests and
+/// benchmarks compare the fast path with.
+pub fn decode_entry_with_serde<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<Vec<T>, CodecError> {
     if is_batch(bytes) {
         Ok(rmp_serde::from_slice(bytes)?)
     } else {

@@ -3,6 +3,8 @@
 //! Cluster of six nodes for tests that kill a primary. Built only for tests
 //! (`cfg(test)` here, the `test-support` feature for other crates' tests).
 
+pub mod msgpack;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

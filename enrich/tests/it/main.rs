@@ -7,6 +7,7 @@ mod consumer;
 mod deadletters;
 mod decoders;
 mod demo;
+mod fast_decode;
 mod helpers;
 mod loader;
 mod refcache;
