@@ -576,9 +576,15 @@ impl DeadLetters {
     }
 
     /// The id an entry added now would get at most: Redis's clock, not ours.
+    /// Returns only once that millisecond is over on Redis's clock: a letter
+    /// written in it later (a replayed event dead-lettered again within the
+    /// millisecond, which a fast enrich does) would otherwise fall inside the
+    /// run and be replayed by it a second time.
     async fn now_id(&self) -> Result<EntryId, DeadLetterError> {
         let mut con = self.con.clone();
         let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut con).await?;
+        let left = 1000 - micros % 1000;
+        tokio::time::sleep(std::time::Duration::from_micros(left + 100)).await;
         Ok(EntryId {
             ms: secs * 1000 + micros / 1000,
             seq: u64::MAX,
