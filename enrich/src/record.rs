@@ -6,7 +6,7 @@
 use compact_str::CompactString;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use tickgraph_ingest::fast_decode::{put, FastDecode, Reader};
+use tickgraph_ingest::fast_decode::{put, FastDecode, Fields, Reader};
 use tickgraph_ingest::stream::CodecError;
 use tickgraph_ingest::Event;
 
@@ -67,49 +67,27 @@ impl EnrichedRecord {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use tickgraph_ingest::stream::decode_entry;
-
-    use super::*;
-
-    fn quote() -> EnrichedRecord {
-        serde_json::from_value(serde_json::json!({
-            "event": {"quote": {
-                "header": {"source": "s", "seq": 9, "instrument": "VOD.L",
-                           "venue": "XLON", "ts": 1},
-                "bid": "72.34", "ask": "72.36", "bid_size": "100", "ask_size": "200"}},
-            "ingest_ns": 2, "enriched_ns": 3, "asset_class": "equity", "currency": "GBP",
-            "derived": {"quote": {"mid": "72.35", "spread": "0.02"}}
-        }))
-        .expect("an enriched quote")
-    }
-
-    #[test]
-    fn batches_are_positional_and_the_named_form_still_reads() {
-        let rec = quote();
-        let positional = EnrichedRecord::encode_batch(std::slice::from_ref(&rec)).expect("encodes");
-        let named = rmp_serde::to_vec_named(&[&rec]).expect("encodes");
-        assert!(positional.len() * 2 < named.len(), "names were most of it");
-        for bytes in [&positional, &named] {
-            let back: Vec<EnrichedRecord> = decode_entry(bytes).expect("decodes");
-            assert_eq!(back, vec![rec.clone()]);
-        }
-        // One record alone, from before batching: a map.
-        let single = rmp_serde::to_vec_named(&rec).expect("encodes");
-        let back: Vec<EnrichedRecord> = decode_entry(&single).expect("decodes");
-        assert_eq!(back, vec![rec]);
-    }
-}
-
 /// The fast path of `decode_entry::<EnrichedRecord>` (the api hub and the
 /// loader decode every event): the shape `encode` writes, anything else `None`,
 /// so that serde reads it (see `tickgraph_ingest::fast_decode`).
 impl FastDecode for EnrichedRecord {
     fn fast_decode(r: &mut Reader<'_>) -> Option<Self> {
+        let n = match r.fields(6)? {
+            Fields::ByPosition => {
+                return Some(EnrichedRecord {
+                    event: Event::fast_decode(r)?,
+                    ingest_ns: r.i64()?,
+                    enriched_ns: r.i64()?,
+                    asset_class: asset_class_of(r)?,
+                    currency: r.compact_str()?,
+                    derived: Derived::fast_decode(r)?,
+                })
+            }
+            Fields::ByName(n) => n,
+        };
         let (mut event, mut ingest_ns, mut enriched_ns) = (None, None, None);
         let (mut asset_class, mut currency, mut derived) = (None, None, None);
-        for _ in 0..r.map_len()? {
+        for _ in 0..n {
             match r.name()? {
                 b"event" => put(&mut event, Event::fast_decode(r))?,
                 b"ingest_ns" => put(&mut ingest_ns, r.i64())?,
@@ -169,8 +147,12 @@ impl FastDecode for Derived {
 
 /// The fields of a struct variant of two decimals named `first` and `second`.
 fn two_decimals(r: &mut Reader<'_>, first: &[u8], second: &[u8]) -> Option<(Decimal, Decimal)> {
+    let n = match r.fields(2)? {
+        Fields::ByPosition => return Some((r.decimal()?, r.decimal()?)),
+        Fields::ByName(n) => n,
+    };
     let (mut a, mut b) = (None, None);
-    for _ in 0..r.map_len()? {
+    for _ in 0..n {
         match r.name()? {
             k if k == first => put(&mut a, r.decimal())?,
             k if k == second => put(&mut b, r.decimal())?,
@@ -178,4 +160,39 @@ fn two_decimals(r: &mut Reader<'_>, first: &[u8], second: &[u8]) -> Option<(Deci
         }
     }
     Some((a?, b?))
+}
+
+#[cfg(test)]
+mod tests {
+    use tickgraph_ingest::stream::decode_entry;
+
+    use super::*;
+
+    fn quote() -> EnrichedRecord {
+        serde_json::from_value(serde_json::json!({
+            "event": {"quote": {
+                "header": {"source": "s", "seq": 9, "instrument": "VOD.L",
+                           "venue": "XLON", "ts": 1},
+                "bid": "72.34", "ask": "72.36", "bid_size": "100", "ask_size": "200"}},
+            "ingest_ns": 2, "enriched_ns": 3, "asset_class": "equity", "currency": "GBP",
+            "derived": {"quote": {"mid": "72.35", "spread": "0.02"}}
+        }))
+        .expect("an enriched quote")
+    }
+
+    #[test]
+    fn batches_are_positional_and_the_named_form_still_reads() {
+        let rec = quote();
+        let positional = EnrichedRecord::encode_batch(std::slice::from_ref(&rec)).expect("encodes");
+        let named = rmp_serde::to_vec_named(&[&rec]).expect("encodes");
+        assert!(positional.len() * 2 < named.len(), "names were most of it");
+        for bytes in [&positional, &named] {
+            let back: Vec<EnrichedRecord> = decode_entry(bytes).expect("decodes");
+            assert_eq!(back, vec![rec.clone()]);
+        }
+        // One record alone, from before batching: a map.
+        let single = rmp_serde::to_vec_named(&rec).expect("encodes");
+        let back: Vec<EnrichedRecord> = decode_entry(&single).expect("decodes");
+        assert_eq!(back, vec![rec]);
+    }
 }

@@ -109,6 +109,20 @@ fn encode<T: Serialize>(r: &T, text: bool) -> Vec<u8> {
     buf
 }
 
+/// Positional MessagePack as ingest writes a record since 11-27; with `text`,
+/// decimals as text.
+fn positional<T: Serialize>(r: &T, text: bool) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let ser = rmp_serde::Serializer::new(&mut buf);
+    let done = if text {
+        r.serialize(&mut ser.with_human_readable())
+    } else {
+        r.serialize(&mut ser.with_binary())
+    };
+    done.expect("a record encodes");
+    buf
+}
+
 /// An entry: a batch (possibly empty) or, as before batching, one record alone.
 fn entry() -> impl Strategy<Value = (Vec<(RawRecord, bool)>, bool)> {
     prop_oneof![
@@ -150,8 +164,46 @@ proptest! {
     fn the_test_tree_is_what_the_writer_writes(rec in record(), text in any::<bool>()) {
         prop_assert_eq!(msgpack::raw_record(&rec, text).encode(), encode(&rec, text));
         if !text {
-            prop_assert_eq!(msgpack::raw_record(&rec, false).encode(), rec.encode().map_err(|e| TestCaseError::fail(e.to_string()))?);
+            // As ingest wrote records before 11-27; `positional` is what it writes now.
+            prop_assert_eq!(msgpack::raw_record(&rec, false).encode(), rmp_serde::to_vec_named(&rec).map_err(|e| TestCaseError::fail(e.to_string()))?);
+            prop_assert_eq!(positional(&rec, false), rec.encode().map_err(|e| TestCaseError::fail(e.to_string()))?);
         }
+    }
+
+    /// Records by position, as ingest writes them, in batches.
+    #[test]
+    fn positional_entries_take_the_fast_path_and_decode_as_serde_does(
+        records in prop::collection::vec((record(), any::<bool>()), 0..8),
+    ) {
+        let encoded: Vec<Vec<u8>> = records.iter().map(|(r, t)| positional(r, *t)).collect();
+        let bytes = encode_batch(encoded.iter().map(Vec::as_slice));
+        prop_assert_eq!(agrees::<RawRecord>(&bytes), Ok(true));
+        let fast = try_fast::<RawRecord>(&bytes).ok_or_else(|| TestCaseError::fail("not fast"))?;
+        let want: Vec<RawRecord> = records.into_iter().map(|(r, _)| r).collect();
+        prop_assert_eq!(fast, want);
+    }
+
+    /// Positional entries with bytes changed, cut or added decode (or fail)
+    /// exactly as serde alone decodes them.
+    #[test]
+    fn changed_positional_entries_decode_or_fail_exactly_as_serde_alone(
+        records in prop::collection::vec((record(), any::<bool>()), 1..4),
+        flips in prop::collection::vec((any::<usize>(), any::<u8>()), 0..3),
+        cut in any::<usize>(),
+        cut_it in any::<bool>(),
+        garbage in prop::collection::vec(any::<u8>(), 0..3),
+    ) {
+        let encoded: Vec<Vec<u8>> = records.iter().map(|(r, t)| positional(r, *t)).collect();
+        let mut bytes = encode_batch(encoded.iter().map(Vec::as_slice));
+        for (at, b) in flips {
+            let at = at % bytes.len();
+            bytes[at] = b;
+        }
+        if cut_it {
+            bytes.truncate(cut % (bytes.len() + 1));
+        }
+        bytes.extend_from_slice(&garbage);
+        agrees::<RawRecord>(&bytes).map_err(TestCaseError::fail)?;
     }
 
     #[test]
@@ -213,6 +265,49 @@ fn a_trade() -> RawRecord {
     }
 }
 
+/// The trade's record by position, in a batch of one, with `f` applied to its
+/// trade's fields.
+fn changed_positional(f: impl FnOnce(&mut Vec<Value>)) -> Vec<u8> {
+    let rec = a_trade();
+    let Event::Trade(t) = &rec.event else {
+        panic!("a trade")
+    };
+    let h = &t.header;
+    let mut fields = vec![
+        Value::Array(vec![
+            Value::str(h.source.as_str()),
+            Value::UInt(h.seq),
+            Value::str(h.instrument.as_str()),
+            Value::str(h.venue.as_str()),
+            Value::Int(h.ts.nanos()),
+        ]),
+        msgpack::decimal(&t.price, false),
+        msgpack::decimal(&t.qty, false),
+        Value::str("buy"),
+        Value::str("T-1"),
+        Value::Nil,
+    ];
+    f(&mut fields);
+    let tree = Value::Array(vec![
+        Value::map([("trade", Value::Array(fields))]),
+        Value::Int(rec.ingest_ns),
+    ]);
+    encode_batch([tree.encode().as_slice()])
+}
+
+#[test]
+fn the_positional_test_tree_is_what_the_writer_writes() {
+    let written = a_trade().encode().expect("encodes");
+    assert_eq!(
+        changed_positional(|_| {}),
+        encode_batch([written.as_slice()])
+    );
+    assert_eq!(
+        try_fast::<RawRecord>(&changed_positional(|_| {})),
+        Some(vec![a_trade()])
+    );
+}
+
 /// The trade tree with `f` applied to its trade's fields (a map).
 fn changed(f: impl FnOnce(&mut Vec<(Value, Value)>)) -> Vec<u8> {
     let mut tree = msgpack::raw_record(&a_trade(), false);
@@ -239,8 +334,7 @@ fn set(pairs: &mut [(Value, Value)], key: &str, v: Value) {
 /// the fast path must refuse every one, and `decode_entry` answer as serde does.
 #[test]
 fn shapes_we_do_not_write_go_to_serde() {
-    let good = a_trade().encode().expect("encodes");
-    let positional = rmp_serde::to_vec(&a_trade()).expect("encodes");
+    let good = rmp_serde::to_vec_named(&a_trade()).expect("encodes");
     let cases: Vec<(&str, Vec<u8>, bool)> = vec![
         (
             "an unknown key",
@@ -258,11 +352,6 @@ fn shapes_we_do_not_write_go_to_serde() {
                 p.remove(1);
             }),
             false,
-        ),
-        (
-            "trade_id as nil",
-            changed(|p| set(p, "trade_id", Value::Nil)),
-            true,
         ),
         (
             "a key as bin",
@@ -327,10 +416,31 @@ fn shapes_we_do_not_write_go_to_serde() {
             true,
         ),
         // An array at the top is a batch: of two records here, neither one a record.
-        ("a record by position", positional.clone(), false),
         (
-            "a batch of one by position",
-            encode_batch([positional.as_slice()]),
+            "a record by position, not in a batch",
+            positional(&a_trade(), false),
+            false,
+        ),
+        (
+            "a trade by position one field short",
+            changed_positional(|f| {
+                f.pop();
+            }),
+            true,
+        ),
+        (
+            "a trade by position one field long",
+            changed_positional(|f| f.push(Value::Nil)),
+            false,
+        ),
+        (
+            "a trade by position with nil for its price",
+            changed_positional(|f| f[1] = Value::Nil),
+            false,
+        ),
+        (
+            "a trade by position with trade_id as bin",
+            changed_positional(|f| f[4] = Value::Bin(b"T-2".to_vec())),
             true,
         ),
         ("trailing bytes", [good.clone(), vec![0xc0]].concat(), true),
@@ -387,7 +497,13 @@ fn fields_in_any_order_and_every_integer_width_take_the_fast_path() {
         .position(|w| w == small)
         .expect("ingest_ns as uint64");
     widened.splice(at..at + small.len(), wide(1_764_066_667_000_000_002));
-    for (what, bytes) in [("reordered", reordered), ("widened", widened)] {
+    // As writers before 11-27 wrote a trade: absent options left out.
+    let left_out = changed(|p| p.retain(|(k, _)| *k != Value::str("account")));
+    for (what, bytes) in [
+        ("reordered", reordered),
+        ("widened", widened),
+        ("left out", left_out),
+    ] {
         assert_eq!(agrees::<RawRecord>(&bytes), Ok(true), "{what}");
         assert_eq!(
             try_fast::<RawRecord>(&bytes).expect("fast"),

@@ -162,12 +162,11 @@ pub fn event(e: &Event, text: bool) -> Value {
                 ("qty", decimal(&t.qty, text)),
                 ("side", Value::str(t.side.as_str())),
             ];
-            if let Some(id) = &t.trade_id {
-                fields.push(("trade_id", Value::str(id.as_str())));
-            }
-            if let Some(a) = &t.account {
-                fields.push(("account", Value::str(a.as_str())));
-            }
+            // Nil when absent, as serde writes them now; writers before 11-27
+            // left them out, which the fast path's tests check separately.
+            let opt = |v: Option<&str>| v.map_or(Value::Nil, Value::str);
+            fields.push(("trade_id", opt(t.trade_id.as_ref().map(|x| x.as_str()))));
+            fields.push(("account", opt(t.account.as_ref().map(|x| x.as_str()))));
             ("trade", fields)
         }
         Event::Quote(q) => (
