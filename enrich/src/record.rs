@@ -1,6 +1,6 @@
 //! The enriched stream entry: what enrich writes, and what the loader and the API
 //! read. Encoded as positional MessagePack arrays (maps with field names before
-//! 11-27, which still read); an entry's `e` field holds an array of them,
+//! 11-26g, which still read); an entry's `e` field holds an array of them,
 //! one per event of the raw entry it came from (see `tickgraph_ingest::stream`).
 
 use compact_str::CompactString;

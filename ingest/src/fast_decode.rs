@@ -11,7 +11,7 @@
 //! (`enrich/examples/decode_entry_cost.rs`); Criterion's `decode_entry` benches
 //! went 55% (raw) and 61% (enriched) faster, the api hub's decode step 38%.
 //!
-//! It reads the shapes our writers produce (positional arrays since 11-27,
+//! It reads the shapes our writers produce (positional arrays since 11-26g,
 //! maps with field names before; decimals as `[mantissa, scale]` or text, the
 //! text form of older entries too) and nothing else, save what serde reads the same way anyway:
 //! fields in any order, integers of any width. Anything unexpected (an unknown or repeated key, another type, a missing
@@ -133,7 +133,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The start of a struct of `n` fields: an array of exactly `n` (by
-    /// position, as the writers write records since 11-27), or a map (by name,
+    /// position, as the writers write records since 11-26g), or a map (by name,
     /// as before). Any other length is not ours: serde decides about it.
     pub fn fields(&mut self, n: u8) -> Option<Fields> {
         match self.marker()? {
@@ -323,7 +323,7 @@ fn side(r: &mut Reader<'_>) -> Option<Side> {
 }
 
 /// `trade_id` and `account` are nil when `None` (by position, and by name as
-/// serde writes maps now); by name, the writers before 11-27 left them out
+/// serde writes maps now); by name, the writers before 11-26g left them out
 /// (`skip_serializing_if`), and they default to `None` when missing, as
 /// serde's `default` does.
 fn trade(r: &mut Reader<'_>) -> Option<Trade> {

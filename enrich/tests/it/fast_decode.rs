@@ -106,7 +106,7 @@ fn record() -> impl Strategy<Value = EnrichedRecord> {
         )
 }
 
-/// Named MessagePack as enrich wrote a record before 11-27; with `text`,
+/// Named MessagePack as enrich wrote a record before 11-26g; with `text`,
 /// decimals as text, as before the `[mantissa, scale]` pair.
 fn encode(r: &EnrichedRecord, text: bool) -> Vec<u8> {
     let mut buf = Vec::new();
@@ -120,7 +120,7 @@ fn encode(r: &EnrichedRecord, text: bool) -> Vec<u8> {
     buf
 }
 
-/// Positional MessagePack, as enrich writes a record since 11-27.
+/// Positional MessagePack, as enrich writes a record since 11-26g.
 fn positional<T: Serialize + ?Sized>(r: &T, text: bool) -> Vec<u8> {
     let mut buf = Vec::new();
     let ser = rmp_serde::Serializer::new(&mut buf);

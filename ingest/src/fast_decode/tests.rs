@@ -109,7 +109,7 @@ fn encode<T: Serialize>(r: &T, text: bool) -> Vec<u8> {
     buf
 }
 
-/// Positional MessagePack as ingest writes a record since 11-27; with `text`,
+/// Positional MessagePack as ingest writes a record since 11-26g; with `text`,
 /// decimals as text.
 fn positional<T: Serialize>(r: &T, text: bool) -> Vec<u8> {
     let mut buf = Vec::new();
@@ -164,7 +164,7 @@ proptest! {
     fn the_test_tree_is_what_the_writer_writes(rec in record(), text in any::<bool>()) {
         prop_assert_eq!(msgpack::raw_record(&rec, text).encode(), encode(&rec, text));
         if !text {
-            // As ingest wrote records before 11-27; `positional` is what it writes now.
+            // As ingest wrote records before 11-26g; `positional` is what it writes now.
             prop_assert_eq!(msgpack::raw_record(&rec, false).encode(), rmp_serde::to_vec_named(&rec).map_err(|e| TestCaseError::fail(e.to_string()))?);
             prop_assert_eq!(positional(&rec, false), rec.encode().map_err(|e| TestCaseError::fail(e.to_string()))?);
         }
@@ -497,7 +497,7 @@ fn fields_in_any_order_and_every_integer_width_take_the_fast_path() {
         .position(|w| w == small)
         .expect("ingest_ns as uint64");
     widened.splice(at..at + small.len(), wide(1_764_066_667_000_000_002));
-    // As writers before 11-27 wrote a trade: absent options left out.
+    // As writers before 11-26g wrote a trade: absent options left out.
     let left_out = changed(|p| p.retain(|(k, _)| *k != Value::str("account")));
     for (what, bytes) in [
         ("reordered", reordered),

@@ -162,7 +162,7 @@ pub fn event(e: &Event, text: bool) -> Value {
                 ("qty", decimal(&t.qty, text)),
                 ("side", Value::str(t.side.as_str())),
             ];
-            // Nil when absent, as serde writes them now; writers before 11-27
+            // Nil when absent, as serde writes them now; writers before 11-26g
             // left them out, which the fast path's tests check separately.
             let opt = |v: Option<&str>| v.map_or(Value::Nil, Value::str);
             fields.push(("trade_id", opt(t.trade_id.as_ref().map(|x| x.as_str()))));
