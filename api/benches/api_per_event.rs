@@ -24,13 +24,13 @@ use futures_util::{FutureExt, StreamExt};
 use tickgraph_api::hub::Feed;
 use tickgraph_api::schema::{self, Limits, Services};
 use tickgraph_api::shared_json::response_json;
-use tickgraph_api::tick::{cursor, QuoteTick, Tick, TickMeta, TradeTick};
+use tickgraph_api::tick::{event_cursor, QuoteTick, Tick, TickMeta, TradeTick};
 use tickgraph_api::{ApiConfig, Filter, Hub};
 use tickgraph_enrich::demo::{demo_refdata, feed_accounts, feed_instruments};
 use tickgraph_enrich::refdata::{AssetClass, RefCache, RefData};
 use tickgraph_enrich::{enrich, EnrichedRecord};
 use tickgraph_ingest::feed::Market;
-use tickgraph_ingest::stream::{decode_entry, event_position, is_batch, shard_of, RawRecord};
+use tickgraph_ingest::stream::{decode_entry, is_batch, shard_of, RawRecord};
 use tickgraph_ingest::wire::{decode_batch, Format};
 use tickgraph_ingest::Side;
 
@@ -69,7 +69,7 @@ fn ticks_of(entry: &[u8]) -> Vec<Tick> {
         .enumerate()
         .map(|(i, r)| {
             let shard = shard_of(r.event.header().instrument.as_str(), SHARDS);
-            let at = cursor(shard, &event_position(ENTRY_ID, i, batch));
+            let at = event_cursor(shard, ENTRY_ID, i, batch);
             Tick::from_record(at, None, r).expect("kinds match")
         })
         .collect()

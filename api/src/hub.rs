@@ -52,7 +52,7 @@ use crate::resume::{
     entry_id, event_position, parse_position, CursorError, Position, ResumeBase, ResumeCursor,
     WHOLE_ENTRY,
 };
-use crate::tick::{cursor, QuoteTick, Tick, TickMeta, TradeTick};
+use crate::tick::{event_cursor, QuoteTick, Tick, TickMeta, TradeTick};
 
 /// Entries per XREAD. An entry holds up to 256 events, and a read is dispatched
 /// to the subscribers' queues before they can run, so this bounds the burst a
@@ -1508,12 +1508,7 @@ impl Decoded {
                 Ok((batch, recs)) => {
                     self.ticks.reserve(recs.len());
                     for (i, r) in recs.into_iter().enumerate() {
-                        // `cursor(shard, event_position(..))`, inline: no allocation.
-                        let at = if batch {
-                            compact_str::format_compact!("{shard}:{}.{i}", entry.id)
-                        } else {
-                            cursor(shard, &entry.id)
-                        };
+                        let at = event_cursor(shard, &entry.id, i, batch);
                         match Tick::from_record(at, Some(Arc::clone(base)), r) {
                             Ok(t) => self.ticks.push(t),
                             Err(e) => self.fail(e.to_string()),
@@ -1688,6 +1683,7 @@ mod tests {
     use tickgraph_ingest::{Quote, Timestamp, Trade};
 
     use super::*;
+    use crate::tick::cursor;
 
     fn header(instrument: &str, venue: &str, seq: u64, ts: i64) -> Header {
         Header {

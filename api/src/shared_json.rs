@@ -164,6 +164,17 @@ pub fn response_json(r: &Response) -> Result<String, serde_json::Error> {
     Ok(out)
 }
 
+/// The response `{"data":{<key>:<object>}}`, appended to `out`: `key` is a
+/// JSON string (quotes included) and `object` a JSON object.
+pub fn write_data(out: &mut String, key: &str, object: &str) {
+    out.reserve(object.len() + key.len() + 12);
+    out.push_str("{\"data\":{");
+    out.push_str(key);
+    out.push(':');
+    out.push_str(object);
+    out.push_str("}}");
+}
+
 /// [`response_json`], appended to `out`: a transport writes its envelope
 /// around it without copying the payload again.
 pub fn write_response_json(r: &Response, out: &mut String) -> Result<(), serde_json::Error> {
@@ -171,13 +182,7 @@ pub fn write_response_json(r: &Response, out: &mut String) -> Result<(), serde_j
         if let Value::Object(map) = &r.data {
             if let (1, Some((key, Value::Binary(b)))) = (map.len(), map.iter().next()) {
                 if let Ok(object) = std::str::from_utf8(b) {
-                    let key = serde_json::to_string(key.as_str())?;
-                    out.reserve(object.len() + key.len() + 12);
-                    out.push_str("{\"data\":{");
-                    out.push_str(&key);
-                    out.push(':');
-                    out.push_str(object);
-                    out.push_str("}}");
+                    write_data(out, &serde_json::to_string(key.as_str())?, object);
                     return Ok(());
                 }
             }

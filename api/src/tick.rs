@@ -77,6 +77,18 @@ pub fn cursor(shard: u16, entry_id: &str) -> CompactString {
     compact_str::format_compact!("{shard}:{entry_id}")
 }
 
+/// The cursor of the `index`th event of an entry: `cursor(shard,
+/// event_position(entry_id, index, batch))`, made in one step, inline (no
+/// allocation) up to 24 bytes, which a 13-digit entry id with a short sequence
+/// and index fits.
+pub fn event_cursor(shard: u16, entry_id: &str, index: usize, batch: bool) -> CompactString {
+    if batch {
+        compact_str::format_compact!("{shard}:{entry_id}.{index}")
+    } else {
+        cursor(shard, entry_id)
+    }
+}
+
 impl Tick {
     /// The tick of an enriched record at `cursor`; `resume` is shared by the
     /// ticks of one batch.

@@ -6,8 +6,9 @@
 //! every event, and serde's generic path UTF-8-validates every map key and runs
 //! it through an identifier visitor. Here keys are matched as raw bytes (only
 //! values that become strings are validated) and the structs are built directly.
-//! Per event of a demo entry, callgrind counts 2,549 instructions against
-//! 4,809 for a raw record and 3,758 against 7,141 for an enriched one
+//! Per event of a demo entry with named records (the form written before
+//! 11-26g), callgrind counts 2,549 instructions against 4,809 for a raw record
+//! and 3,758 against 7,141 for an enriched one
 //! (`enrich/examples/decode_entry_cost.rs`); Criterion's `decode_entry` benches
 //! went 55% (raw) and 61% (enriched) faster, the api hub's decode step 38%.
 //!

@@ -34,7 +34,7 @@ use super::live::{hub_error, open_with, LiveArgs, LiveKind};
 use super::{Limits, Services};
 use crate::auth::Principal;
 use crate::hub::Filter;
-use crate::shared_json::{write_response_json, SelectionKey};
+use crate::shared_json::{write_data, write_response_json, SelectionKey};
 use crate::tick::{QuoteTick, TradeTick};
 use crate::ws::Gate;
 
@@ -270,12 +270,7 @@ impl Answer {
                     out.push_str(r#"{"errors":[{"message":"internal error"}]}"#);
                     return Ok(());
                 };
-                out.reserve(object.len() + key.len() + 12);
-                out.push_str("{\"data\":{");
-                out.push_str(key);
-                out.push(':');
-                out.push_str(object);
-                out.push_str("}}");
+                write_data(out, key, object);
                 Ok(())
             }
         }

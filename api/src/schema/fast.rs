@@ -32,7 +32,8 @@ use bytes::Bytes;
 /// Writes a leaf field's JSON value by its schema name; `None` when the field is
 /// not a plain leaf of the type (it needs the full resolver). Written straight
 /// into the output, as `serde_json` would write the `Value` the full resolver
-/// gives: no value tree, no string per field.
+/// gives: no value tree and, but for timestamps and resume cursors, no
+/// string per field.
 trait Leaves {
     fn write_leaf(&self, name: &str, out: &mut Vec<u8>) -> Option<()>;
     /// The tick's JSON per selection, shared by its subscribers.
@@ -199,7 +200,7 @@ impl Leaves for QuoteTick {
     }
 }
 
-/// Leaf fields of `Trade`: what [`Leaves::leaf`] answers for a trade.
+/// Leaf fields of `Trade`: what [`Leaves::write_leaf`] answers for a trade.
 pub(crate) const TRADE_LEAVES: &[&str] = &[
     "id",
     "source",
@@ -222,7 +223,7 @@ pub(crate) const TRADE_LEAVES: &[&str] = &[
     "resume",
     "__typename",
 ];
-/// Leaf fields of `Quote`: what [`Leaves::leaf`] answers for a quote.
+/// Leaf fields of `Quote`: what [`Leaves::write_leaf`] answers for a quote.
 pub(crate) const QUOTE_LEAVES: &[&str] = &[
     "id",
     "source",

@@ -381,14 +381,14 @@ async fn the_hub_reconnects_and_resumes_after_a_lost_connection(pool: PgPool) {
     app.stop().await;
 }
 
-/// Every leaf field of `Trade` and `Quote`, each twice (once under an alias),
-/// and `__typename`.
+/// Every leaf field of `Trade` and `Quote`, some twice (once under an alias,
+/// once repeated under the same key), and `__typename`.
 const TRADE_LEAVES: &str = "id source seq instrument venue ts price qty side tradeId account \
-    notional notionalUsd currency assetClass ingestedAt enrichedAt cursor __typename \
-    p: price t: ts kind: __typename";
+    notional notionalUsd currency assetClass ingestedAt enrichedAt cursor resume __typename \
+    p: price t: ts kind: __typename qty";
 const QUOTE_LEAVES: &str = "id source seq instrument venue ts bid ask bidSize askSize mid \
-    spread currency assetClass ingestedAt enrichedAt cursor __typename b: bid a: ask \
-    kind: __typename";
+    spread currency assetClass ingestedAt enrichedAt cursor resume __typename b: bid a: ask \
+    kind: __typename bid";
 
 /// A selection of plain leaf fields is answered without the field resolvers
 /// (`schema::fast`); the same fields behind an inline fragment take the full
@@ -441,12 +441,19 @@ async fn plain_leaf_selections_answer_exactly_as_the_full_resolvers(pool: PgPool
             let json = tickgraph_api::shared_json::response_json(&resp).expect("json");
             let parsed: Value = serde_json::from_str(&json).expect("valid JSON");
             assert_eq!(parsed["data"], tickgraph_api::shared_json::data_json(&resp));
-            got.push(parsed["data"].clone());
+            got.push((json, parsed["data"].clone()));
         }
         data.push(got);
     }
-    assert_eq!(data[0], data[1], "trades: plain fields vs full resolvers");
-    assert_eq!(data[2], data[3], "quotes: plain fields vs full resolvers");
+    // Byte for byte: key order, a repeated key written once, escaping and
+    // every value's text, not only what a parsed comparison sees.
+    let text = |i: usize| data[i].iter().map(|(j, _)| j.clone()).collect::<Vec<_>>();
+    assert_eq!(text(0), text(1), "trades: plain fields vs full resolvers");
+    assert_eq!(text(2), text(3), "quotes: plain fields vs full resolvers");
+    let data: Vec<Vec<Value>> = data
+        .into_iter()
+        .map(|g| g.into_iter().map(|(_, v)| v).collect())
+        .collect();
     // Not vacuous: the values are there, and absent options are null.
     assert_eq!(data[0][0]["trades"]["kind"], "Trade");
     assert_eq!(data[0][0]["trades"]["side"], "BUY");
@@ -454,6 +461,10 @@ async fn plain_leaf_selections_answer_exactly_as_the_full_resolvers(pool: PgPool
     assert_eq!(data[0][1]["trades"]["tradeId"], Value::Null);
     assert_eq!(data[0][1]["trades"]["account"], "ACC-7");
     assert_eq!(data[2][0]["quotes"]["b"], "72.3450");
+    assert!(
+        data[2][0]["quotes"]["resume"].is_string(),
+        "a resume cursor"
+    );
     assert_eq!(
         data[2][0]["quotes"]["ts"],
         "2024-11-25T15:53:20.123456789+00:00"
