@@ -21,6 +21,7 @@ use async_graphql::registry::Registry;
 use async_graphql::resolver_utils::EnumType;
 use async_graphql::{ContextSelectionSet, OutputType, Positioned, ServerResult, Value};
 use rust_decimal::Decimal;
+use tickgraph_enrich::refdata::AssetClass;
 use tickgraph_ingest::event::Header;
 
 use super::types::{AssetClassKind, QuoteNode, SideKind, TradeNode};
@@ -147,6 +148,52 @@ fn display_raw(out: &mut Vec<u8>, v: std::fmt::Arguments<'_>) {
     let _ = out.write_fmt(v);
 }
 
+/// What enrich and the stream add to both kinds of tick.
+struct Enrichment<'a> {
+    currency: &'a str,
+    asset_class: AssetClass,
+    ingest_ns: i64,
+    enriched_ns: i64,
+    cursor: &'a str,
+    resume: Option<&'a ResumeBase>,
+}
+
+impl Enrichment<'_> {
+    /// Its fields, else the header's ([`common`]).
+    fn write(&self, h: &Header, name: &str, out: &mut Vec<u8>) -> Option<()> {
+        match name {
+            "currency" => string(out, self.currency),
+            "assetClass" => enum_name(out, AssetClassKind::from(self.asset_class)),
+            "ingestedAt" => nanos(out, self.ingest_ns),
+            "enrichedAt" => nanos(out, self.enriched_ns),
+            "cursor" => string(out, self.cursor),
+            "resume" => resume(out, self.resume, self.cursor),
+            _ => return common(h, name, out),
+        }
+        Some(())
+    }
+}
+
+macro_rules! enrichment {
+    ($tick:ty) => {
+        impl $tick {
+            fn enrichment(&self) -> Enrichment<'_> {
+                Enrichment {
+                    currency: &self.currency,
+                    asset_class: self.asset_class,
+                    ingest_ns: self.ingest_ns,
+                    enriched_ns: self.enriched_ns,
+                    cursor: &self.cursor,
+                    resume: self.resume.as_deref(),
+                }
+            }
+        }
+    };
+}
+
+enrichment!(TradeTick);
+enrichment!(QuoteTick);
+
 impl Leaves for TradeTick {
     fn json(&self) -> &JsonCache {
         &self.json
@@ -162,13 +209,7 @@ impl Leaves for TradeTick {
             "account" => optional(out, t.account.as_ref().map(|x| x.as_str())),
             "notional" => decimal(out, &self.notional),
             "notionalUsd" => decimal(out, &self.notional_usd),
-            "currency" => string(out, &self.currency),
-            "assetClass" => enum_name(out, AssetClassKind::from(self.asset_class)),
-            "ingestedAt" => nanos(out, self.ingest_ns),
-            "enrichedAt" => nanos(out, self.enriched_ns),
-            "cursor" => string(out, &self.cursor),
-            "resume" => resume(out, self.resume.as_deref(), &self.cursor),
-            _ => return common(&t.header, name, out),
+            _ => return self.enrichment().write(&t.header, name, out),
         }
         Some(())
     }
@@ -188,13 +229,7 @@ impl Leaves for QuoteTick {
             "askSize" => decimal(out, &q.ask_size),
             "mid" => decimal(out, &self.mid),
             "spread" => decimal(out, &self.spread),
-            "currency" => string(out, &self.currency),
-            "assetClass" => enum_name(out, AssetClassKind::from(self.asset_class)),
-            "ingestedAt" => nanos(out, self.ingest_ns),
-            "enrichedAt" => nanos(out, self.enriched_ns),
-            "cursor" => string(out, &self.cursor),
-            "resume" => resume(out, self.resume.as_deref(), &self.cursor),
-            _ => return common(&q.header, name, out),
+            _ => return self.enrichment().write(&q.header, name, out),
         }
         Some(())
     }

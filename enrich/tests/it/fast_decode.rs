@@ -109,28 +109,12 @@ fn record() -> impl Strategy<Value = EnrichedRecord> {
 /// Named MessagePack as enrich wrote a record before 11-26g; with `text`,
 /// decimals as text, as before the `[mantissa, scale]` pair.
 fn encode(r: &EnrichedRecord, text: bool) -> Vec<u8> {
-    let mut buf = Vec::new();
-    let ser = rmp_serde::Serializer::new(&mut buf).with_struct_map();
-    let done = if text {
-        r.serialize(&mut ser.with_human_readable())
-    } else {
-        r.serialize(&mut ser.with_binary())
-    };
-    done.expect("a record encodes");
-    buf
+    msgpack::serialize(r, text, true)
 }
 
 /// Positional MessagePack, as enrich writes a record since 11-26g.
 fn positional<T: Serialize + ?Sized>(r: &T, text: bool) -> Vec<u8> {
-    let mut buf = Vec::new();
-    let ser = rmp_serde::Serializer::new(&mut buf);
-    let done = if text {
-        r.serialize(&mut ser.with_human_readable())
-    } else {
-        r.serialize(&mut ser.with_binary())
-    };
-    done.expect("a record encodes");
-    buf
+    msgpack::serialize(r, text, false)
 }
 
 fn tree(r: &EnrichedRecord, text: bool) -> Value {

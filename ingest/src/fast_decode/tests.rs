@@ -95,32 +95,15 @@ fn record() -> impl Strategy<Value = RawRecord> {
     (event(), any::<i64>()).prop_map(|(event, ingest_ns)| RawRecord { event, ingest_ns })
 }
 
-/// Named MessagePack as ingest writes a record; with `text`, decimals as text,
-/// as before the `[mantissa, scale]` pair.
+/// Named MessagePack as ingest wrote a record before 11-26g; with `text`,
+/// decimals as text.
 fn encode<T: Serialize>(r: &T, text: bool) -> Vec<u8> {
-    let mut buf = Vec::new();
-    let ser = rmp_serde::Serializer::new(&mut buf).with_struct_map();
-    let done = if text {
-        r.serialize(&mut ser.with_human_readable())
-    } else {
-        r.serialize(&mut ser.with_binary())
-    };
-    done.expect("a record encodes");
-    buf
+    msgpack::serialize(r, text, true)
 }
 
-/// Positional MessagePack as ingest writes a record since 11-26g; with `text`,
-/// decimals as text.
+/// Positional MessagePack as ingest writes a record since 11-26g.
 fn positional<T: Serialize>(r: &T, text: bool) -> Vec<u8> {
-    let mut buf = Vec::new();
-    let ser = rmp_serde::Serializer::new(&mut buf);
-    let done = if text {
-        r.serialize(&mut ser.with_human_readable())
-    } else {
-        r.serialize(&mut ser.with_binary())
-    };
-    done.expect("a record encodes");
-    buf
+    msgpack::serialize(r, text, false)
 }
 
 /// An entry: a batch (possibly empty) or, as before batching, one record alone.

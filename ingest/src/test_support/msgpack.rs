@@ -357,6 +357,21 @@ impl Change {
 /// answers, with the same records too. `Ok(true)` when the fast path answered.
 /// Records are compared re-encoded as well, since `Decimal`'s `==` ignores
 /// the scale.
+/// A record as our writers wrote it: by position (since 11-26g) or with field
+/// names (before); with `text`, decimals as text, as before `[mantissa, scale]`.
+pub fn serialize<T: Serialize + ?Sized>(r: &T, text: bool, named: bool) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let ser = rmp_serde::Serializer::new(&mut buf);
+    let done = match (named, text) {
+        (true, true) => r.serialize(&mut ser.with_struct_map().with_human_readable()),
+        (true, false) => r.serialize(&mut ser.with_struct_map().with_binary()),
+        (false, true) => r.serialize(&mut ser.with_human_readable()),
+        (false, false) => r.serialize(&mut ser.with_binary()),
+    };
+    done.expect("a record encodes");
+    buf
+}
+
 pub fn agrees<T>(bytes: &[u8]) -> Result<bool, String>
 where
     T: FastDecode + DeserializeOwned + Serialize + PartialEq + fmt::Debug,
