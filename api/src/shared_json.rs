@@ -4,12 +4,14 @@
 //! many subscribers on the same events, that was most of the api's work. When a
 //! selection is only plain leaf fields (the fast path of
 //! [`crate::schema`]'s live types), the event's JSON object for that selection is
-//! made once, kept in the tick's [`JsonCache`], and handed to every subscriber
-//! with the same selection as an `async_graphql::Value::Binary` holding the JSON
-//! bytes. No field of the schema is binary, so that variant only ever means
-//! "already JSON" here; the transports ([`crate::ws`], [`crate::sse`]) write it
-//! as it is with [`response_json`], which every consumer of subscription
-//! responses uses instead of `serde_json` of the `Response`.
+//! made once, kept in the tick's [`JsonCache`] as text, and handed to every
+//! subscriber with the same selection: to a planned subscription as it is
+//! (`schema::compiled::Answer::Data`, written around by the WebSocket), to the
+//! executor as an `async_graphql::Value::Binary` over the same text ([`binary`]).
+//! No field of the schema is binary, so that variant only ever means "already
+//! JSON" here; the transports ([`crate::ws`], [`crate::sse`]) write it as it is
+//! with [`response_json`], which every consumer of subscription responses uses
+//! instead of `serde_json` of the `Response`.
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -29,12 +31,14 @@ pub struct JsonCache(Mutex<Vec<Cached>>);
 
 struct Cached {
     key: SelectionKey,
-    json: Bytes,
+    json: Arc<str>,
 }
 
-/// What identifies a plain selection: its (response key, field name) pairs in
-/// order, and their hash. Made once per subscription where it can be (a planned
-/// one), else per event.
+/// A plain selection (fields without arguments, directives or sub-selections)
+/// as its JSON is written: its (response key, field name) pairs in order, a
+/// response key selected twice kept once where it first appears (validation
+/// made sure they are the same field), and their hash. Made once per
+/// subscription where it can be (a planned one), else per event.
 #[derive(Debug, Clone)]
 pub struct SelectionKey {
     hash: u64,
@@ -42,10 +46,15 @@ pub struct SelectionKey {
 }
 
 impl SelectionKey {
-    /// The key of `set`; `None` when it holds anything but fields.
+    /// The key of `set`; `None` when it holds anything but plain fields.
     pub fn of(set: &Positioned<SelectionSet>) -> Option<Self> {
-        let fields: Arc<[(Name, Name)]> =
-            fields(set)?.map(|(k, n)| (k.clone(), n.clone())).collect();
+        let mut pairs: Vec<(Name, Name)> = Vec::with_capacity(set.node.items.len());
+        for (key, name) in fields(set)? {
+            if !pairs.iter().any(|(k, _)| k == key) {
+                pairs.push((key.clone(), name.clone()));
+            }
+        }
+        let fields: Arc<[(Name, Name)]> = pairs.into();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         for (key, name) in fields.iter() {
             key.as_str().hash(&mut h);
@@ -55,6 +64,11 @@ impl SelectionKey {
             hash: h.finish(),
             fields,
         })
+    }
+
+    /// The (response key, field name) pairs, each key once.
+    pub fn fields(&self) -> &[(Name, Name)] {
+        &self.fields
     }
 
     fn same(&self, other: &Self) -> bool {
@@ -86,14 +100,19 @@ impl PartialEq for JsonCache {
 impl Eq for JsonCache {}
 
 /// The (response key, field name) pairs of a selection of plain fields, or
-/// `None` when it holds anything else (fragments).
+/// `None` when it holds anything else (fragments, arguments, directives,
+/// sub-selections).
 fn fields(set: &Positioned<SelectionSet>) -> Option<impl Iterator<Item = (&Name, &Name)>> {
-    if set
-        .node
-        .items
-        .iter()
-        .any(|i| !matches!(i.node, Selection::Field(_)))
-    {
+    let plain = |s: &Selection| match s {
+        Selection::Field(f) => {
+            let f = &f.node;
+            f.arguments.is_empty()
+                && f.directives.is_empty()
+                && f.selection_set.node.items.is_empty()
+        }
+        _ => false,
+    };
+    if !set.node.items.iter().all(|i| plain(&i.node)) {
         return None;
     }
     Some(set.node.items.iter().filter_map(|i| match &i.node {
@@ -106,30 +125,22 @@ fn fields(set: &Positioned<SelectionSet>) -> Option<impl Iterator<Item = (&Name,
 }
 
 impl JsonCache {
-    /// The JSON of the object `set` selects, from the cache or made by `make`
-    /// (JSON bytes, then kept); `None` when `make` gives `None` (not a plain
-    /// selection).
+    /// The JSON of the object the selection `key` selects, from the cache or
+    /// made by `make` (then kept); `None` when `make` gives `None` (a field
+    /// that is not a plain leaf). Text, checked once when made, so a transport
+    /// writes it to every subscriber as it is.
     pub fn get_or_make(
         &self,
-        set: &Positioned<SelectionSet>,
-        make: impl FnOnce() -> Option<Vec<u8>>,
-    ) -> Option<Bytes> {
-        self.get_or_make_keyed(&SelectionKey::of(set)?, make)
-    }
-
-    /// [`JsonCache::get_or_make`] with the selection's key made beforehand.
-    pub fn get_or_make_keyed(
-        &self,
         key: &SelectionKey,
-        make: impl FnOnce() -> Option<Vec<u8>>,
-    ) -> Option<Bytes> {
+        make: impl FnOnce() -> Option<String>,
+    ) -> Option<Arc<str>> {
         {
             let cached = self.0.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(c) = cached.iter().find(|c| c.key.same(key)) {
                 return Some(c.json.clone());
             }
         }
-        let json = Bytes::from(make()?);
+        let json: Arc<str> = make()?.into();
         let mut cached = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if cached.len() < MAX_SELECTIONS && !cached.iter().any(|c| c.key.same(key)) {
             cached.push(Cached {
@@ -138,6 +149,20 @@ impl JsonCache {
             });
         }
         Some(json)
+    }
+}
+
+/// Shared JSON as the executor carries it, a `Value::Binary`, without a copy.
+pub fn binary(json: Arc<str>) -> Value {
+    Value::Binary(Bytes::from_owner(Text(json)))
+}
+
+/// Text as bytes, for [`Bytes::from_owner`].
+struct Text(Arc<str>);
+
+impl AsRef<[u8]> for Text {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
     }
 }
 
@@ -254,23 +279,47 @@ mod tests {
     #[test]
     fn the_same_selection_is_made_once_and_another_gets_its_own() {
         let cache = JsonCache::default();
-        let a = selection("subscription { quotes { bid ask } }");
-        let again = selection("subscription { quotes { bid ask } }");
-        let aliased = selection("subscription { quotes { b: bid ask } }");
-        let fragment = selection("subscription { quotes { ... on Quote { bid } } }");
+        let key = |q: &str| SelectionKey::of(&selection(q)).expect("a plain selection");
+        let a = key("subscription { quotes { bid ask } }");
+        let again = key("subscription { quotes { bid ask } }");
+        let aliased = key("subscription { quotes { b: bid ask } }");
         let made = std::cell::Cell::new(0);
         let make = |pairs: &'static [(&'static str, &'static str)]| {
             made.set(made.get() + 1);
-            serde_json::to_vec(&object(pairs)).ok()
+            serde_json::to_string(&object(pairs)).ok()
         };
         let first = cache.get_or_make(&a, || make(&[("bid", "1"), ("ask", "2")]));
-        assert_eq!(first.as_deref(), Some(&br#"{"bid":"1","ask":"2"}"#[..]));
+        assert_eq!(first.as_deref(), Some(r#"{"bid":"1","ask":"2"}"#));
         let second = cache.get_or_make(&again, || make(&[("bid", "x"), ("ask", "y")]));
         assert_eq!(second, first, "the cached JSON, not made again");
         let other = cache.get_or_make(&aliased, || make(&[("b", "1"), ("ask", "2")]));
-        assert_eq!(other.as_deref(), Some(&br#"{"b":"1","ask":"2"}"#[..]));
+        assert_eq!(other.as_deref(), Some(r#"{"b":"1","ask":"2"}"#));
         assert_eq!(made.get(), 2);
-        assert_eq!(cache.get_or_make(&fragment, || make(&[])), None);
+        assert_eq!(cache.get_or_make(&a, || None), first);
+    }
+
+    #[test]
+    fn a_selection_key_is_plain_fields_each_response_key_once() {
+        let names = |q: &str| {
+            SelectionKey::of(&selection(q)).map(|k| {
+                k.fields()
+                    .iter()
+                    .map(|(key, name)| format!("{key}={name}"))
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(
+            names("subscription { quotes { bid ask b: bid bid } }"),
+            Some(vec!["bid=bid".into(), "ask=ask".into(), "b=bid".into()])
+        );
+        for not_plain in [
+            "subscription { quotes { ... on Quote { bid } } }",
+            "subscription { quotes { bid @skip(if: true) } }",
+            "subscription { quotes { reference { name } } }",
+            "subscription { quotes { bid(x: 1) } }",
+        ] {
+            assert_eq!(names(not_plain), None, "{not_plain}");
+        }
     }
 
     #[test]

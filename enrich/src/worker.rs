@@ -271,8 +271,10 @@ struct Deduped {
     entry: Vec<u8>,
     header_len: usize,
     keys: Vec<String>,
-    /// Per event: index into `keys`, bit, end offset of its record in `entry`.
-    events: Vec<(usize, u64, usize)>,
+    /// Per key, its events' bits in that bitmap, in event order.
+    bits: Vec<Vec<u64>>,
+    /// Per event: index into `keys`, end offset of its record in `entry`.
+    events: Vec<(usize, usize)>,
 }
 
 impl Deduped {
@@ -291,6 +293,7 @@ impl Deduped {
         );
         let header_len = entry.len();
         let mut blocks: Vec<(&str, u64)> = Vec::new();
+        let mut bits: Vec<Vec<u64>> = Vec::new();
         let mut events = Vec::with_capacity(records.len());
         for r in records {
             let h = r.event.header();
@@ -299,12 +302,14 @@ impl Deduped {
                 Some(k) => k,
                 None => {
                     blocks.push(block);
+                    bits.push(Vec::new());
                     blocks.len() - 1
                 }
             };
             // Positional, as `EnrichedRecord::encode` writes it.
             rmp_serde::encode::write(&mut entry, r)?;
-            events.push((key, h.seq % SEEN_BLOCK_BITS, entry.len()));
+            bits[key].push(h.seq % SEEN_BLOCK_BITS);
+            events.push((key, entry.len()));
         }
         let keys = blocks
             .iter()
@@ -314,6 +319,7 @@ impl Deduped {
             entry,
             header_len,
             keys,
+            bits,
             events,
         })
     }
@@ -471,14 +477,10 @@ impl BatchHandler for Enricher {
                             commit.arg(key);
                         }
                         commit.arg(d.entry).arg(d.header_len);
-                        for k in 0..d.keys.len() {
-                            let bits = d.events.iter().filter(|e| e.0 == k);
-                            commit.arg(bits.clone().count());
-                            for (_, bit, _) in bits {
-                                commit.arg(bit);
-                            }
+                        for bits in &d.bits {
+                            commit.arg(bits.len()).arg(bits);
                         }
-                        for (key, _, end) in d.events {
+                        for (key, end) in d.events {
                             commit.arg(key + 1).arg(end);
                         }
                     }

@@ -19,13 +19,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use async_graphql::parser::types::{
-    DocumentOperations, OperationType, Selection, SelectionSet, Type,
-};
+use async_graphql::parser::types::{DocumentOperations, OperationType, Selection, Type};
 use async_graphql::{
-    InputType, Name, PathSegment, Pos, Positioned, Request, Response, ServerError, Value, Variables,
+    InputType, Name, PathSegment, Pos, Request, Response, ServerError, Value, Variables,
 };
-use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 
@@ -81,13 +78,8 @@ pub struct Plan {
     key: Name,
     pos: Pos,
     args: Args,
-    selection: Plain,
-}
-
-/// The root field's selection, and its cache key made once, not per event.
-struct Plain {
-    set: Positioned<SelectionSet>,
-    key: SelectionKey,
+    /// The root field's selection, made once, not per event.
+    selection: SelectionKey,
 }
 
 #[derive(Default)]
@@ -212,10 +204,7 @@ pub fn plan(request: &Request, limits: &Limits) -> Option<Plan> {
         key: root.response_key().node.clone(),
         pos: root_pos,
         args,
-        selection: Plain {
-            key: SelectionKey::of(&root.selection_set)?,
-            set: root.selection_set.clone(),
-        },
+        selection: SelectionKey::of(&root.selection_set)?,
     })
 }
 
@@ -253,7 +242,7 @@ pub enum Answer {
         /// The response key, as a JSON string (quotes included).
         key: Arc<str>,
         /// The tick's shared JSON for the subscription's selection.
-        json: Bytes,
+        json: Arc<str>,
     },
 }
 
@@ -263,14 +252,7 @@ impl Answer {
         match self {
             Answer::Response(r) => write_response_json(r, out),
             Answer::Data { key, json } => {
-                // The JSON was made from `&str`s by `schema::fast`; were it
-                // ever not UTF-8, the client gets an error, not broken JSON.
-                let Ok(object) = std::str::from_utf8(json) else {
-                    tracing::error!("a planned subscription's JSON is not UTF-8");
-                    out.push_str(r#"{"errors":[{"message":"internal error"}]}"#);
-                    return Ok(());
-                };
-                write_data(out, key, object);
+                write_data(out, key, json);
                 Ok(())
             }
         }
@@ -321,7 +303,7 @@ async fn serve<T: LiveKind>(
     gate: Option<Arc<Gate>>,
     filter: Filter,
     after: Option<String>,
-    selection: Plain,
+    selection: SelectionKey,
     key: Name,
     pos: Pos,
 ) -> Option<BoxStream<'static, Answer>> {
@@ -331,7 +313,7 @@ async fn serve<T: LiveKind>(
     let key_json: Arc<str> = serde_json::to_string(key.as_str()).ok()?.into();
     Some(
         feed.map(move |r| match r {
-            Ok(t) => match t.json(&selection.key, &selection.set) {
+            Ok(t) => match t.json(&selection) {
                 Some(json) => Answer::Data {
                     key: Arc::clone(&key_json),
                     json,

@@ -16,7 +16,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use async_graphql::parser::types::{Field, Selection, SelectionSet};
+use async_graphql::parser::types::Field;
 use async_graphql::registry::Registry;
 use async_graphql::resolver_utils::EnumType;
 use async_graphql::{ContextSelectionSet, OutputType, Positioned, ServerResult, Value};
@@ -26,9 +26,8 @@ use tickgraph_ingest::event::Header;
 
 use super::types::{AssetClassKind, QuoteNode, SideKind, TradeNode};
 use crate::resume::ResumeBase;
-use crate::shared_json::{JsonCache, SelectionKey};
+use crate::shared_json::{binary, JsonCache, SelectionKey};
 use crate::tick::{QuoteTick, TradeTick};
-use bytes::Bytes;
 
 /// Writes a leaf field's JSON value by its schema name; `None` when the field is
 /// not a plain leaf of the type (it needs the full resolver). Written straight
@@ -36,88 +35,89 @@ use bytes::Bytes;
 /// gives: no value tree and, but for timestamps and resume cursors, no
 /// string per field.
 trait Leaves {
-    fn write_leaf(&self, name: &str, out: &mut Vec<u8>) -> Option<()>;
+    fn write_leaf(&self, name: &str, out: &mut String) -> Option<()>;
     /// The tick's JSON per selection, shared by its subscribers.
     fn json(&self) -> &JsonCache;
 }
 
 /// A JSON string, escaped as `serde_json` escapes it.
-fn string(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
+fn string(out: &mut String, s: &str) {
+    out.push('"');
     escaped(out, s);
-    out.push(b'"');
+    out.push('"');
 }
 
 /// The inside of a JSON string: `"`, `\` and control characters escaped
 /// exactly as `serde_json` escapes them (short forms where JSON has them,
 /// else `\u00xx`).
-fn escaped(out: &mut Vec<u8>, s: &str) {
+fn escaped(out: &mut String, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
+    for (i, b) in s.bytes().enumerate() {
         let short = match b {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            0x08 => b'b',
-            0x0c => b'f',
-            b'\n' => b'n',
-            b'\r' => b'r',
-            b'\t' => b't',
-            0x00..=0x1f => 0,
+            b'"' => '"',
+            b'\\' => '\\',
+            0x08 => 'b',
+            0x0c => 'f',
+            b'\n' => 'n',
+            b'\r' => 'r',
+            b'\t' => 't',
+            0x00..=0x1f => '\0',
             _ => continue,
         };
-        out.extend_from_slice(&bytes[start..i]);
+        // `i` is an ASCII byte's index, so a character boundary.
+        out.push_str(&s[start..i]);
         start = i + 1;
-        if short == 0 {
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
+        out.push('\\');
+        if short == '\0' {
+            out.push_str("u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
         } else {
-            out.push(b'\\');
             out.push(short);
         }
     }
-    out.extend_from_slice(&bytes[start..]);
+    out.push_str(&s[start..]);
 }
 
 /// A JSON string of what `v` displays, which needs no escaping (digits, signs,
 /// dots, dashes, colons and letters: decimals, integers, timestamps).
-fn display(out: &mut Vec<u8>, v: impl std::fmt::Display) {
-    use std::io::Write;
-    out.push(b'"');
+fn display(out: &mut String, v: impl std::fmt::Display) {
+    use std::fmt::Write;
+    out.push('"');
+    // Writing to a String cannot fail.
     let _ = write!(out, "{v}");
-    out.push(b'"');
+    out.push('"');
 }
 
-fn decimal(out: &mut Vec<u8>, d: &Decimal) {
+fn decimal(out: &mut String, d: &Decimal) {
     display(out, d);
 }
 
-fn nanos(out: &mut Vec<u8>, ns: i64) {
+fn nanos(out: &mut String, ns: i64) {
     display(out, chrono::DateTime::from_timestamp_nanos(ns).to_rfc3339());
 }
 
-fn null(out: &mut Vec<u8>) {
-    out.extend_from_slice(b"null");
+fn null(out: &mut String) {
+    out.push_str("null");
 }
 
 /// A GraphQL enum value: its name, as the schema spells it, as a JSON string.
-fn enum_name<E: EnumType>(out: &mut Vec<u8>, value: E) {
+fn enum_name<E: EnumType>(out: &mut String, value: E) {
     match E::items().iter().find(|i| i.value == value) {
         Some(item) => string(out, item.name),
         None => null(out),
     }
 }
 
-fn resume(out: &mut Vec<u8>, base: Option<&ResumeBase>, cursor: &str) {
+fn resume(out: &mut String, base: Option<&ResumeBase>, cursor: &str) {
     match base.and_then(|b| b.cursor(cursor)) {
         Some(c) => string(out, &c),
         None => null(out),
     }
 }
 
-fn optional(out: &mut Vec<u8>, v: Option<&str>) {
+fn optional(out: &mut String, v: Option<&str>) {
     match v {
         Some(s) => string(out, s),
         None => null(out),
@@ -125,13 +125,13 @@ fn optional(out: &mut Vec<u8>, v: Option<&str>) {
 }
 
 /// Fields every live event has, from its header and enrichment.
-fn common(h: &Header, name: &str, out: &mut Vec<u8>) -> Option<()> {
+fn common(h: &Header, name: &str, out: &mut String) -> Option<()> {
     match name {
         "id" => {
-            out.push(b'"');
+            out.push('"');
             escaped(out, h.source.as_str());
             display_raw(out, format_args!(":{}", h.seq));
-            out.push(b'"');
+            out.push('"');
         }
         "source" => string(out, h.source.as_str()),
         "seq" => display(out, h.seq),
@@ -143,8 +143,9 @@ fn common(h: &Header, name: &str, out: &mut Vec<u8>) -> Option<()> {
     Some(())
 }
 
-fn display_raw(out: &mut Vec<u8>, v: std::fmt::Arguments<'_>) {
-    use std::io::Write;
+fn display_raw(out: &mut String, v: std::fmt::Arguments<'_>) {
+    use std::fmt::Write;
+    // Writing to a String cannot fail.
     let _ = out.write_fmt(v);
 }
 
@@ -160,7 +161,7 @@ struct Enrichment<'a> {
 
 impl Enrichment<'_> {
     /// Its fields, else the header's ([`common`]).
-    fn write(&self, h: &Header, name: &str, out: &mut Vec<u8>) -> Option<()> {
+    fn write(&self, h: &Header, name: &str, out: &mut String) -> Option<()> {
         match name {
             "currency" => string(out, self.currency),
             "assetClass" => enum_name(out, AssetClassKind::from(self.asset_class)),
@@ -199,7 +200,7 @@ impl Leaves for TradeTick {
         &self.json
     }
 
-    fn write_leaf(&self, name: &str, out: &mut Vec<u8>) -> Option<()> {
+    fn write_leaf(&self, name: &str, out: &mut String) -> Option<()> {
         let t = &self.trade;
         match name {
             "price" => decimal(out, &t.price),
@@ -220,7 +221,7 @@ impl Leaves for QuoteTick {
         &self.json
     }
 
-    fn write_leaf(&self, name: &str, out: &mut Vec<u8>) -> Option<()> {
+    fn write_leaf(&self, name: &str, out: &mut String) -> Option<()> {
         let q = &self.quote;
         match name {
             "bid" => decimal(out, &q.bid),
@@ -282,75 +283,36 @@ pub(crate) const QUOTE_LEAVES: &[&str] = &[
 ];
 
 /// The shared JSON of a trade for a plain selection (see [`crate::shared_json`]).
-pub(crate) fn trade_json(
-    t: &TradeTick,
-    key: &SelectionKey,
-    set: &Positioned<SelectionSet>,
-) -> Option<Bytes> {
-    t.json.get_or_make_keyed(key, || plain(t, "Trade", set))
+pub(crate) fn trade_json(t: &TradeTick, key: &SelectionKey) -> Option<Arc<str>> {
+    t.json.get_or_make(key, || plain(t, "Trade", key))
 }
 
 /// The shared JSON of a quote for a plain selection (see [`crate::shared_json`]).
-pub(crate) fn quote_json(
-    q: &QuoteTick,
-    key: &SelectionKey,
-    set: &Positioned<SelectionSet>,
-) -> Option<Bytes> {
-    q.json.get_or_make_keyed(key, || plain(q, "Quote", set))
+pub(crate) fn quote_json(q: &QuoteTick, key: &SelectionKey) -> Option<Arc<str>> {
+    q.json.get_or_make(key, || plain(q, "Quote", key))
 }
 
-/// The JSON object for `set` when it is only plain leaf fields; `None` sends
-/// the caller to the full resolver. The document has passed validation, so every
-/// field exists and fields sharing a response key are the same field. The bytes
-/// are what `serde_json` makes of the value the full resolver gives; the tests
-/// compare the two for every field.
-fn plain<T: Leaves>(tick: &T, type_name: &str, set: &Positioned<SelectionSet>) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(32 + 40 * set.node.items.len());
-    out.push(b'{');
-    let items = &set.node.items;
-    for (k, item) in items.iter().enumerate() {
-        let Selection::Field(field) = &item.node else {
-            return None;
-        };
-        let Field {
-            alias,
-            name,
-            arguments,
-            directives,
-            selection_set,
-        } = &field.node;
-        if !arguments.is_empty() || !directives.is_empty() || !selection_set.node.items.is_empty() {
-            return None;
-        }
-        let key = alias.as_ref().unwrap_or(name).node.as_str();
-        // A response key selected twice is one field (validation made sure
-        // they agree), written once where it first appears.
-        if items[..k]
-            .iter()
-            .any(|i| response_key(&i.node) == Some(key))
-        {
-            continue;
-        }
+/// The JSON object for the plain selection `key`; `None` when a field is not a
+/// plain leaf of the type, which sends the caller to the full resolver. The
+/// text is what `serde_json` makes of the value the full resolver gives; the
+/// tests compare the two, byte for byte, for every field.
+fn plain<T: Leaves>(tick: &T, type_name: &str, key: &SelectionKey) -> Option<String> {
+    let fields = key.fields();
+    let mut out = String::with_capacity(32 + 40 * fields.len());
+    out.push('{');
+    for (response_key, name) in fields {
         if out.len() > 1 {
-            out.push(b',');
+            out.push(',');
         }
-        string(&mut out, key);
-        out.push(b':');
-        match name.node.as_str() {
+        string(&mut out, response_key);
+        out.push(':');
+        match name.as_str() {
             "__typename" => string(&mut out, type_name),
             other => tick.write_leaf(other, &mut out)?,
         }
     }
-    out.push(b'}');
+    out.push('}');
     Some(out)
-}
-
-/// The response key of a field selection.
-fn response_key(s: &Selection) -> Option<&str> {
-    match s {
-        Selection::Field(f) => Some(f.node.alias.as_ref().unwrap_or(&f.node.name).node.as_str()),
-        _ => None,
-    }
 }
 
 /// A subscription's output type over the ticks of one kind: plain selections are
@@ -378,12 +340,13 @@ macro_rules! live_type {
             ) -> ServerResult<Value> {
                 // Made once per tick and selection, whatever the number of
                 // subscribers: see `crate::shared_json`.
-                let shared = self
-                    .0
-                    .json()
-                    .get_or_make(ctx.item, || plain(&*self.0, $type_name, ctx.item));
+                let shared = SelectionKey::of(ctx.item).and_then(|key| {
+                    self.0
+                        .json()
+                        .get_or_make(&key, || plain(&*self.0, $type_name, &key))
+                });
                 match shared {
-                    Some(json) => Ok(Value::Binary(json)),
+                    Some(json) => Ok(binary(json)),
                     None => $node(self.0.clone()).resolve(ctx, field).await,
                 }
             }
@@ -424,13 +387,9 @@ mod tests {
             "tab\tnew\nline",
             &every_control,
         ] {
-            let mut out = Vec::new();
+            let mut out = String::new();
             string(&mut out, s);
-            assert_eq!(
-                String::from_utf8(out).expect("utf-8"),
-                serde_json::to_string(s).expect("json"),
-                "{s:?}"
-            );
+            assert_eq!(out, serde_json::to_string(s).expect("json"), "{s:?}");
         }
     }
 
@@ -438,12 +397,9 @@ mod tests {
     fn enum_values_are_the_names_the_schema_gives_them() {
         let expected = |v: async_graphql::Value| serde_json::to_string(&v).expect("json");
         for side in [SideKind::Buy, SideKind::Sell] {
-            let mut out = Vec::new();
+            let mut out = String::new();
             enum_name(&mut out, side);
-            assert_eq!(
-                String::from_utf8(out).expect("utf-8"),
-                expected(enum_value(side))
-            );
+            assert_eq!(out, expected(enum_value(side)));
         }
         for class in [
             AssetClassKind::Equity,
@@ -453,12 +409,9 @@ mod tests {
             AssetClassKind::Bond,
             AssetClassKind::Crypto,
         ] {
-            let mut out = Vec::new();
+            let mut out = String::new();
             enum_name(&mut out, class);
-            assert_eq!(
-                String::from_utf8(out).expect("utf-8"),
-                expected(enum_value(class))
-            );
+            assert_eq!(out, expected(enum_value(class)));
         }
     }
 }

@@ -9,10 +9,6 @@ use async_graphql::{Context, ErrorExtensions, Result, Subscription};
 use futures_util::{Stream, StreamExt};
 use sqlx::PgPool;
 
-use async_graphql::parser::types::SelectionSet;
-use async_graphql::Positioned;
-use bytes::Bytes;
-
 use super::fast::{quote_json, trade_json, LiveQuote, LiveTrade};
 use super::types::{AssetClassKind, SideKind};
 use super::{internal, principal, Services, MAX_FILTER_VALUES};
@@ -74,7 +70,7 @@ impl LiveArgs {
 pub(crate) trait LiveKind: TickMeta + Sized + Send + Sync + 'static {
     type Row;
     /// The tick's shared JSON for a plain selection (see [`crate::shared_json`]).
-    fn json(&self, key: &SelectionKey, set: &Positioned<SelectionSet>) -> Option<Bytes>;
+    fn json(&self, key: &SelectionKey) -> Option<Arc<str>>;
     fn subscribe(hub: &Hub, filter: Filter) -> Result<Feed<Self>, HubError>;
     fn resume(
         hub: &Hub,
@@ -93,8 +89,8 @@ pub(crate) trait LiveKind: TickMeta + Sized + Send + Sync + 'static {
 impl LiveKind for TradeTick {
     type Row = TradeRow;
 
-    fn json(&self, key: &SelectionKey, set: &Positioned<SelectionSet>) -> Option<Bytes> {
-        trade_json(self, key, set)
+    fn json(&self, key: &SelectionKey) -> Option<Arc<str>> {
+        trade_json(self, key)
     }
 
     fn subscribe(hub: &Hub, filter: Filter) -> Result<Feed<Self>, HubError> {
@@ -125,8 +121,8 @@ impl LiveKind for TradeTick {
 impl LiveKind for QuoteTick {
     type Row = QuoteRow;
 
-    fn json(&self, key: &SelectionKey, set: &Positioned<SelectionSet>) -> Option<Bytes> {
-        quote_json(self, key, set)
+    fn json(&self, key: &SelectionKey) -> Option<Arc<str>> {
+        quote_json(self, key)
     }
 
     fn subscribe(hub: &Hub, filter: Filter) -> Result<Feed<Self>, HubError> {
