@@ -188,7 +188,7 @@ impl Filter {
             v
         });
         let check = Check {
-            venues: non_empty(self.venues, "venues")?.map(Vec::into_boxed_slice),
+            venues: non_empty(self.venues, "venues")?.map(distinct),
             asset_classes: non_empty(self.asset_classes, "assetClasses")?
                 .map(|v| v.into_iter().fold(0, |m, a| m | asset_class_bit(a))),
             sides: non_empty(self.sides, "sides")?
@@ -201,7 +201,7 @@ impl Filter {
             Some(e) => Check {
                 entitled_venues: match e.venues {
                     Scope::All => None,
-                    Scope::Only(v) => Some(v.into_boxed_slice()),
+                    Scope::Only(v) => Some(distinct(v)),
                 },
                 entitled_classes: match e.asset_classes {
                     Scope::All => None,
@@ -212,6 +212,14 @@ impl Filter {
         };
         Ok((instruments, check))
     }
+}
+
+/// `v` sorted, each value once: a venue listed twice would be indexed, and so
+/// delivered, twice.
+fn distinct(mut v: Vec<String>) -> Box<[String]> {
+    v.sort_unstable();
+    v.dedup();
+    v.into_boxed_slice()
 }
 
 /// Whether `venue` is in `list`; `None` allows every venue.
@@ -352,8 +360,44 @@ where
     }
 }
 
+/// Where a subscriber sits in its [`Index`]: under the narrowest of its
+/// filters that a tick's own fields can look up, so that dispatch never scans
+/// subscribers whose filter cannot match. Every tick a subscriber's filter
+/// matches carries one of the keys it is listed under; its full [`Check`] still
+/// runs on each tick looked up.
+enum Place<'a> {
+    Instruments(&'a [String]),
+    /// No instruments named: the venues it asks for, else those it is entitled to.
+    Venues(&'a [String]),
+    /// Neither instruments nor venues: the asset classes it asks for and is
+    /// entitled to, as a mask.
+    Classes(u8),
+    Everywhere,
+}
+
+impl<T> Subscriber<T> {
+    fn place(&self) -> Place<'_> {
+        let c = &self.check;
+        if let Some(symbols) = &self.instruments {
+            return Place::Instruments(symbols);
+        }
+        if let Some(venues) = c.venues.as_ref().or(c.entitled_venues.as_ref()) {
+            return Place::Venues(venues);
+        }
+        match (c.asset_classes, c.entitled_classes) {
+            (None, None) => Place::Everywhere,
+            (a, e) => Place::Classes(a.unwrap_or(u8::MAX) & e.unwrap_or(u8::MAX)),
+        }
+    }
+}
+
+const CLASSES: usize = AssetClass::ALL.len();
+
 struct Index<T> {
     by_instrument: HashMap<String, Vec<Arc<Subscriber<T>>>>,
+    by_venue: HashMap<String, Vec<Arc<Subscriber<T>>>>,
+    /// By [`AssetClass`] discriminant.
+    by_class: [Vec<Arc<Subscriber<T>>>; CLASSES],
     wildcard: Vec<Arc<Subscriber<T>>>,
     by_id: HashMap<u64, Arc<Subscriber<T>>>,
 }
@@ -362,24 +406,51 @@ impl<T> Default for Index<T> {
     fn default() -> Self {
         Self {
             by_instrument: HashMap::new(),
+            by_venue: HashMap::new(),
+            by_class: std::array::from_fn(|_| Vec::new()),
             wildcard: Vec::new(),
             by_id: HashMap::new(),
         }
     }
 }
 
+/// The asset classes whose bit is set in `mask`.
+fn classes_in(mask: u8) -> impl Iterator<Item = usize> {
+    (0..CLASSES).filter(move |&i| mask & (1 << i) != 0)
+}
+
+fn list<T>(
+    map: &mut HashMap<String, Vec<Arc<Subscriber<T>>>>,
+    keys: &[String],
+    s: &Arc<Subscriber<T>>,
+) {
+    for key in keys {
+        map.entry(key.clone()).or_default().push(Arc::clone(s));
+    }
+}
+
+fn unlist<T>(map: &mut HashMap<String, Vec<Arc<Subscriber<T>>>>, keys: &[String], id: u64) {
+    for key in keys {
+        if let Some(list) = map.get_mut(key) {
+            list.retain(|x| x.id != id);
+            if list.is_empty() {
+                map.remove(key);
+            }
+        }
+    }
+}
+
 impl<T: TickMeta> Index<T> {
     fn insert(&mut self, s: Arc<Subscriber<T>>) {
-        match &s.instruments {
-            Some(symbols) => {
-                for sym in symbols {
-                    self.by_instrument
-                        .entry(sym.clone())
-                        .or_default()
-                        .push(Arc::clone(&s));
+        match s.place() {
+            Place::Instruments(keys) => list(&mut self.by_instrument, keys, &s),
+            Place::Venues(keys) => list(&mut self.by_venue, keys, &s),
+            Place::Classes(mask) => {
+                for i in classes_in(mask) {
+                    self.by_class[i].push(Arc::clone(&s));
                 }
             }
-            None => self.wildcard.push(Arc::clone(&s)),
+            Place::Everywhere => self.wildcard.push(Arc::clone(&s)),
         }
         self.by_id.insert(s.id, s);
     }
@@ -388,24 +459,30 @@ impl<T: TickMeta> Index<T> {
         let Some(s) = self.by_id.remove(&id) else {
             return;
         };
-        match &s.instruments {
-            Some(symbols) => {
-                for sym in symbols {
-                    if let Some(list) = self.by_instrument.get_mut(sym) {
-                        list.retain(|x| x.id != id);
-                        if list.is_empty() {
-                            self.by_instrument.remove(sym);
-                        }
-                    }
+        match s.place() {
+            Place::Instruments(keys) => unlist(&mut self.by_instrument, keys, id),
+            Place::Venues(keys) => unlist(&mut self.by_venue, keys, id),
+            Place::Classes(mask) => {
+                for i in classes_in(mask) {
+                    self.by_class[i].retain(|x| x.id != id);
                 }
             }
-            None => self.wildcard.retain(|x| x.id != id),
+            Place::Everywhere => self.wildcard.retain(|x| x.id != id),
         }
     }
 
+    /// Offers `t` to the subscribers listed under its instrument, its venue and
+    /// its asset class, and to those with none of these filters: each at most
+    /// once, since a subscriber is listed under one kind of key only.
     fn deliver(&self, t: &Arc<T>, stats: &mut Stats, dead: &mut Vec<u64>) {
         let by_symbol = self.by_instrument.get(t.instrument()).into_iter().flatten();
-        for s in by_symbol.chain(self.wildcard.iter()) {
+        let by_venue = self.by_venue.get(t.venue()).into_iter().flatten();
+        let by_class = self.by_class[t.asset_class() as usize].iter();
+        let candidates = by_symbol
+            .chain(by_venue)
+            .chain(by_class)
+            .chain(self.wildcard.iter());
+        for s in candidates {
             if !s.offer(t, stats) {
                 dead.push(s.id);
             }
@@ -414,6 +491,8 @@ impl<T: TickMeta> Index<T> {
 
     fn clear(&mut self) {
         self.by_instrument.clear();
+        self.by_venue.clear();
+        self.by_class.iter_mut().for_each(Vec::clear);
         self.wildcard.clear();
         self.by_id.clear();
     }
@@ -1951,6 +2030,92 @@ mod tests {
         assert_eq!(drain(&mut london_sells), [2, 7]);
         assert_eq!(drain(&mut etf_buys_of_spy), [4]);
         assert_eq!(drain(&mut all_quotes), [6]);
+    }
+
+    #[test]
+    fn venue_and_class_filters_are_looked_up_not_scanned() {
+        let hub = Hub::new(100);
+        let mut london = hub
+            .subscribe_trades(Filter {
+                venues: strings(&["XLON", "XLON", "XEUR"]),
+                ..Filter::default()
+            })
+            .expect("subscribe");
+        let mut entitled_to_xeur = hub
+            .subscribe_trades(Filter {
+                entitled: Some(Entitlements {
+                    venues: Scope::Only(vec!["XEUR".to_owned()]),
+                    asset_classes: Scope::All,
+                }),
+                ..Filter::default()
+            })
+            .expect("subscribe");
+        let mut bonds_not_fx = hub
+            .subscribe_trades(Filter {
+                asset_classes: Some(vec![AssetClass::Bond, AssetClass::Fx]),
+                entitled: Some(Entitlements {
+                    venues: Scope::All,
+                    asset_classes: Scope::Only(vec![AssetClass::Bond, AssetClass::Equity]),
+                }),
+                ..Filter::default()
+            })
+            .expect("subscribe");
+        let mut sells = hub
+            .subscribe_trades(Filter {
+                sides: Some(vec![Side::Sell]),
+                ..Filter::default()
+            })
+            .expect("subscribe");
+        {
+            let reg = hub.inner.registry();
+            let t = &reg.trades;
+            let mut venues: Vec<_> = t
+                .by_venue
+                .iter()
+                .map(|(v, l)| (v.as_str(), l.len()))
+                .collect();
+            venues.sort_unstable();
+            assert_eq!(
+                venues,
+                [("XEUR", 2), ("XLON", 1)],
+                "each venue once per subscriber"
+            );
+            let by_class: Vec<usize> = t.by_class.iter().map(Vec::len).collect();
+            assert_eq!(by_class[AssetClass::Bond as usize], 1);
+            assert_eq!(
+                by_class.iter().sum::<usize>(),
+                1,
+                "only classes both asked and entitled"
+            );
+            assert_eq!(
+                t.wildcard.len(),
+                1,
+                "only the filter no tick field can look up"
+            );
+        }
+
+        hub.publish(&[
+            trade("VOD.L", "XLON", 1, Side::Buy, AssetClass::Equity),
+            trade("BUND", "XEUR", 2, Side::Sell, AssetClass::Bond),
+            trade("EURUSD", "XOFF", 3, Side::Sell, AssetClass::Fx),
+            trade("GILT", "XLON", 4, Side::Buy, AssetClass::Bond),
+            trade("AAPL", "XNAS", 5, Side::Buy, AssetClass::Equity),
+        ]);
+
+        assert_eq!(
+            drain(&mut london),
+            [1, 2, 4],
+            "a repeated venue delivers once"
+        );
+        assert_eq!(drain(&mut entitled_to_xeur), [2]);
+        assert_eq!(drain(&mut bonds_not_fx), [2, 4]);
+        assert_eq!(drain(&mut sells), [2, 3]);
+
+        drop((london, entitled_to_xeur, bonds_not_fx, sells));
+        let reg = hub.inner.registry();
+        assert!(reg.trades.by_venue.is_empty());
+        assert!(reg.trades.by_class.iter().all(Vec::is_empty));
+        assert!(reg.trades.wildcard.is_empty());
     }
 
     #[test]
