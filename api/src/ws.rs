@@ -757,10 +757,14 @@ pub async fn serve(
     let mut hub_stopped = std::pin::pin!(hub_stopped);
     let mut stopping = false;
     let mut token_expiry = None;
+    // Made once: a new one per turn of the loop took the token's lock twice per
+    // wake, and the shutdown token is shared by every connection.
+    let mut aborted = std::pin::pin!(abort.cancelled());
+    let mut shutting_down = std::pin::pin!(shutdown.cancelled());
     let end = loop {
         let end = tokio::select! {
-            () = abort.cancelled() => Some(End::Gone),
-            () = shutdown.cancelled(), if !stopping => {
+            () = &mut aborted => Some(End::Gone),
+            () = &mut shutting_down, if !stopping => {
                 stopping = true;
                 // Conflated feeds must be polled to see their end.
                 conn.outbox.gate.open();
