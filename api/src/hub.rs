@@ -6,9 +6,10 @@
 //! into an `Arc`'d [`Tick`] and dispatches the batch.
 //!
 //! Dispatch takes the registry's read lock once per batch. Subscriptions are indexed
-//! by instrument, plus a list of those without an instrument filter, so an event
-//! only visits the subscribers that asked for its instrument (or for all of them);
-//! venue, asset class and side are checked on those alone. Every subscriber owns a
+//! by instrument; those naming none by venue (asked for or entitled to), then by
+//! asset class; only those with none of these in a list of their own. An event
+//! visits the subscribers listed under its instrument, its venue and its asset
+//! class, and that list; each subscriber's whole filter is checked on those alone. Every subscriber owns a
 //! bounded queue filled with `try_send`: the hub never waits for a subscriber and
 //! never buffers more than `subscriber_queue` events for one. A subscriber whose
 //! queue is full is closed with [`HubError::TooSlow`] instead, since silently
