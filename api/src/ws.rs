@@ -280,13 +280,23 @@ fn message_len(m: &Message) -> usize {
 /// What the writer task is told.
 enum Out {
     Send(Message),
+    /// This many bytes were fed to the socket by the connection task, which
+    /// could not flush them without waiting: flush them.
+    Flush(usize),
     /// Write this close frame after what is queued, then stop.
     Close(Message),
 }
 
-/// The writer's side of the outbox: bytes queued are counted until written.
+/// The connection task's side of the outbox: bytes queued are counted until
+/// written. While nothing is queued, the connection task writes to the socket
+/// itself, without waiting; it hands over to the writer task whatever would
+/// wait. That saves a task wake-up and a channel hop per message when the
+/// client keeps up, which is nearly always.
 struct Outbox {
     tx: mpsc::UnboundedSender<Out>,
+    sink: SharedSink,
+    /// Bytes fed to the socket by this task and not yet flushed.
+    fed: usize,
     queued: Arc<AtomicUsize>,
     gate: Arc<Gate>,
     /// Set when the connection must close at once, dropping what is queued.
@@ -301,8 +311,15 @@ struct Outbox {
 struct Overflow;
 
 impl Outbox {
-    fn send(&self, m: Message) -> Result<(), Overflow> {
+    fn send(&mut self, m: Message) -> Result<(), Overflow> {
         let len = message_len(&m);
+        let m = match self.feed_now(m) {
+            None => {
+                self.fed += len;
+                return Ok(());
+            }
+            Some(m) => m,
+        };
         let queued = self.queued.fetch_add(len, Ordering::AcqRel) + len;
         if queued > self.max {
             self.live.dropped_slow();
@@ -320,7 +337,63 @@ impl Outbox {
         Ok(())
     }
 
-    fn close(&self, frame: Message) {
+    /// Feeds `m` to the socket when the writer task has nothing queued (so
+    /// order is kept) and the socket takes it without waiting; else gives it
+    /// back, for the writer task.
+    fn feed_now(&mut self, m: Message) -> Option<Message> {
+        if self.queued.load(Ordering::Acquire) != 0 {
+            return Some(m);
+        }
+        let Ok(mut sink) = self.sink.try_lock() else {
+            return Some(m);
+        };
+        let mut cx = Context::from_waker(Waker::noop());
+        match sink.poll_ready_unpin(&mut cx) {
+            Poll::Ready(Ok(())) => match sink.start_send_unpin(m) {
+                Ok(()) => None,
+                // The socket failed: nothing more will be written to it, and
+                // the connection's read side sees it end.
+                Err(e) => {
+                    tracing::debug!(error = %e, "websocket write failed");
+                    None
+                }
+            },
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "websocket write failed");
+                None
+            }
+            Poll::Pending => Some(m),
+        }
+    }
+
+    /// Flushes what this task fed, or, when that would wait, leaves it to the
+    /// writer task, counted as queued until it is written. Called at the end of
+    /// every turn of the connection loop.
+    fn flush_fed(&mut self) {
+        if self.fed == 0 {
+            return;
+        }
+        let fed = std::mem::take(&mut self.fed);
+        if let Ok(mut sink) = self.sink.try_lock() {
+            let mut cx = Context::from_waker(Waker::noop());
+            match sink.poll_flush_unpin(&mut cx) {
+                Poll::Ready(Ok(())) => return,
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(error = %e, "websocket write failed");
+                    return;
+                }
+                Poll::Pending => {}
+            }
+        }
+        let queued = self.queued.fetch_add(fed, Ordering::AcqRel) + fed;
+        if queued > self.max / 2 {
+            self.gate.shut();
+        }
+        let _ = self.tx.send(Out::Flush(fed));
+    }
+
+    fn close(&mut self, frame: Message) {
+        self.flush_fed();
         let _ = self.tx.send(Out::Close(frame));
     }
 
@@ -342,11 +415,14 @@ const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITER_GRACE: Duration = Duration::from_secs(15);
 
 type WsSink = SplitSink<WebSocket, Message>;
+/// The socket's write half: the connection task writes to it while the writer
+/// task has nothing queued, the writer task otherwise.
+type SharedSink = Arc<tokio::sync::Mutex<WsSink>>;
 
 /// Writes what the outbox holds, everything ready in one flush, until told to
 /// close, aborted, or the socket fails.
 async fn write_loop(
-    mut sink: WsSink,
+    sink: SharedSink,
     mut rx: mpsc::UnboundedReceiver<Out>,
     queued: Arc<AtomicUsize>,
     gate: Arc<Gate>,
@@ -357,8 +433,9 @@ async fn write_loop(
     let wrote = tokio::select! {
         biased;
         () = abort.cancelled() => None,
-        r = drain(&mut sink, &mut rx, &queued, &gate, max) => Some(r),
+        r = drain(&sink, &mut rx, &queued, &gate, max) => Some(r),
     };
+    let mut sink = sink.lock().await;
     let frame = match wrote {
         Some(Some(frame)) => frame,
         // The socket failed or the connection dropped its outbox.
@@ -388,7 +465,7 @@ fn take_frame(frame: &Mutex<Option<Message>>) -> Option<Message> {
 /// Returns the close frame to end with, or `None` when the socket failed or
 /// the sender is gone.
 async fn drain(
-    sink: &mut WsSink,
+    sink: &tokio::sync::Mutex<WsSink>,
     rx: &mut mpsc::UnboundedReceiver<Out>,
     queued: &AtomicUsize,
     gate: &Gate,
@@ -396,6 +473,7 @@ async fn drain(
 ) -> Option<Message> {
     loop {
         let first = rx.recv().await?;
+        let mut sink = sink.lock().await;
         let mut bytes = 0;
         let mut next = Some(first);
         let mut n = 0;
@@ -406,6 +484,7 @@ async fn drain(
                     bytes += message_len(&m);
                     sink.feed(m).await.ok()?;
                 }
+                Out::Flush(fed) => bytes += fed,
                 Out::Close(frame) => {
                     closing = Some(frame);
                     break;
@@ -417,6 +496,9 @@ async fn drain(
             }
         }
         sink.flush().await.ok()?;
+        // Released before the count drops to zero: the connection task writes
+        // itself only once nothing is queued, and must then find it free.
+        drop(sink);
         let left = queued.fetch_sub(bytes, Ordering::AcqRel) - bytes;
         if left <= max / 2 {
             gate.open();
@@ -662,7 +744,7 @@ impl Connection {
         }
     }
 
-    fn send(&self, m: Message) -> Option<End> {
+    fn send(&mut self, m: Message) -> Option<End> {
         match self.outbox.send(m) {
             Ok(()) => None,
             Err(Overflow) => Some(End::Gone),
@@ -709,13 +791,14 @@ pub async fn serve(
         users,
     } = handler;
     let (sink, mut stream) = socket.split();
+    let sink: SharedSink = Arc::new(tokio::sync::Mutex::new(sink));
     let (tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
     let gate = Arc::new(Gate::default());
     let abort = CancellationToken::new();
     let abort_frame = Arc::new(Mutex::new(None));
     let writer = tokio::spawn(write_loop(
-        sink,
+        Arc::clone(&sink),
         rx,
         Arc::clone(&queued),
         Arc::clone(&gate),
@@ -730,6 +813,8 @@ pub async fn serve(
         direct,
         outbox: Outbox {
             tx,
+            sink,
+            fed: 0,
             queued,
             gate,
             abort: abort.clone(),
@@ -818,6 +903,7 @@ pub async fn serve(
                 end
             }
         };
+        conn.outbox.flush_fed();
         if let Some(end) = end {
             break end;
         }

@@ -446,6 +446,83 @@ async fn a_client_that_stops_reading_is_cut_off_and_others_keep_receiving(pool: 
     app.stop().await;
 }
 
+/// The quotes of `source` in the next `n` `next` messages, as their `seq`.
+async fn next_seqs(ws: &mut Ws, source: &str, n: usize) -> Vec<u64> {
+    let mut seqs = Vec::with_capacity(n);
+    while seqs.len() < n {
+        let m = recv(ws).await.unwrap_or_else(|c| panic!("closed: {c:?}"));
+        assert_eq!(m["type"], "next", "{m}");
+        let q = &m["payload"]["data"]["quotes"];
+        if q["source"] == source {
+            seqs.push(q["seq"].as_str().and_then(|s| s.parse().ok()).expect("seq"));
+        }
+    }
+    seqs
+}
+
+/// The server writes to a socket itself while the client keeps up and hands
+/// over to its writer task when the socket is full: a client that pauses for
+/// longer than the sockets can buffer (but not past the outbox limit) still
+/// gets every event, in order, and keeps getting them once it reads again.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_client_that_pauses_gets_every_event_in_order_when_it_reads_again(pool: PgPool) {
+    let app = spawn_app_with(pool, 2, |c| {
+        c.api.ws.max_queued_bytes = 256 << 20;
+        c.api.ws.keepalive = None;
+    })
+    .await;
+    let mut ws = connect_small_window(&app).await;
+    init(&mut ws).await;
+    send(
+        &mut ws,
+        json!({"id": "q", "type": "subscribe", "payload": {"query": format!("subscription {{ quotes(instruments: [\"AAPL\"]) {HEAVY} }}")}}),
+    )
+    .await;
+    for n in 0.. {
+        app.post_json(&json!([quote("probe", n, "AAPL", "XNAS", "1", "2")]))
+            .await;
+        let seen = tokio::time::timeout(Duration::from_millis(500), recv(&mut ws)).await;
+        if seen.is_ok() {
+            break;
+        }
+    }
+    // Drain the probes that arrived late.
+    while let Ok(m) = tokio::time::timeout(Duration::from_millis(300), recv(&mut ws)).await {
+        m.expect("open");
+    }
+
+    // About 12 MB of messages while the client reads nothing: more than the
+    // server's send buffer (4 MiB at most here) and the client's 4 KiB window.
+    let (batches, per) = (40u64, 500u64);
+    let mut seq = 0;
+    for _ in 0..batches {
+        let quotes: Vec<Value> = (0..per)
+            .map(|_| {
+                seq += 1;
+                quote("mm", seq, "AAPL", "XNAS", &format!("100.{seq:05}"), "101")
+            })
+            .collect();
+        assert_eq!(app.post_json(&json!(quotes)).await["accepted"], per);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let paused = (batches * per) as usize;
+    let got = next_seqs(&mut ws, "mm", paused).await;
+    assert_eq!(got, (1..=seq).collect::<Vec<_>>(), "every event, in order");
+
+    // Reading along again: the next ones come as well, in order.
+    let first = seq + 1;
+    let quotes: Vec<Value> = (0..per)
+        .map(|_| {
+            seq += 1;
+            quote("mm", seq, "AAPL", "XNAS", "100", "101")
+        })
+        .collect();
+    assert_eq!(app.post_json(&json!(quotes)).await["accepted"], per);
+    let got = next_seqs(&mut ws, "mm", per as usize).await;
+    assert_eq!(got, (first..=seq).collect::<Vec<_>>());
+    app.stop().await;
+}
+
 const QUOTE_FIELDS: &str = "id source seq instrument venue ts bid ask bidSize askSize mid spread \
     currency assetClass ingestedAt enrichedAt cursor resume __typename b: bid";
 const TRADE_FIELDS: &str = "id source seq instrument venue ts price qty side tradeId account \
