@@ -323,23 +323,34 @@ async fn connect_small_window(app: &TestApp) -> Ws {
     ws
 }
 
+/// An app whose WebSocket outboxes hold `limit` bytes, without keep-alive pings.
+async fn app_with_outbox_limit(pool: PgPool, limit: usize) -> TestApp {
+    spawn_app_with(pool, 2, |c| {
+        c.api.ws.max_queued_bytes = limit;
+        c.api.ws.keepalive = None;
+    })
+    .await
+}
+
+/// A small-window client, initialised, with `query` subscribed as `id`.
+async fn subscribed_small_window(app: &TestApp, id: &str, query: &str) -> Ws {
+    let mut ws = connect_small_window(app).await;
+    init(&mut ws).await;
+    send(
+        &mut ws,
+        json!({"id": id, "type": "subscribe", "payload": {"query": query}}),
+    )
+    .await;
+    ws
+}
+
 const HEAVY: &str = "{ id source seq instrument venue bid ask bidSize askSize mid spread ts ingestedAt enrichedAt cursor currency assetClass }";
 
 #[sqlx::test(migrations = "../migrations")]
 async fn a_client_that_stops_reading_is_cut_off_and_others_keep_receiving(pool: PgPool) {
-    let limit = 4 << 20;
-    let app = spawn_app_with(pool, 2, |c| {
-        c.api.ws.max_queued_bytes = limit;
-        c.api.ws.keepalive = None;
-    })
-    .await;
-    let mut stalled = connect_small_window(&app).await;
-    init(&mut stalled).await;
-    send(
-        &mut stalled,
-        json!({"id": "all", "type": "subscribe", "payload": {"query": format!("subscription {{ quotes {HEAVY} }}")}}),
-    )
-    .await;
+    let app = app_with_outbox_limit(pool, 4 << 20).await;
+    let mut stalled =
+        subscribed_small_window(&app, "all", &format!("subscription {{ quotes {HEAVY} }}")).await;
     // Many conflated subscriptions on one connection: unheld, their output
     // alone would pass the limit.
     let mut conflated = connect_small_window(&app).await;
@@ -466,18 +477,9 @@ async fn next_seqs(ws: &mut Ws, source: &str, n: usize) -> Vec<u64> {
 /// gets every event, in order, and keeps getting them once it reads again.
 #[sqlx::test(migrations = "../migrations")]
 async fn a_client_that_pauses_gets_every_event_in_order_when_it_reads_again(pool: PgPool) {
-    let app = spawn_app_with(pool, 2, |c| {
-        c.api.ws.max_queued_bytes = 256 << 20;
-        c.api.ws.keepalive = None;
-    })
-    .await;
-    let mut ws = connect_small_window(&app).await;
-    init(&mut ws).await;
-    send(
-        &mut ws,
-        json!({"id": "q", "type": "subscribe", "payload": {"query": format!("subscription {{ quotes(instruments: [\"AAPL\"]) {HEAVY} }}")}}),
-    )
-    .await;
+    let app = app_with_outbox_limit(pool, 256 << 20).await;
+    let query = format!("subscription {{ quotes(instruments: [\"AAPL\"]) {HEAVY} }}");
+    let mut ws = subscribed_small_window(&app, "q", &query).await;
     for n in 0.. {
         app.post_json(&json!([quote("probe", n, "AAPL", "XNAS", "1", "2")]))
             .await;
