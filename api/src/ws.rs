@@ -8,7 +8,7 @@
 //!
 //! Each connection owns an outbox bounded in bytes, drained by a writer task
 //! (while it is empty, the connection's own task writes what the socket takes
-//! at once, see [`Outbox`]), so a client that stops reading costs the server at
+//! at once, see `Outbox`), so a client that stops reading costs the server at
 //! most
 //! [`WsConfig::max_queued_bytes`] and never slows anyone else:
 //! - while more than half of it is queued, the connection's [`Gate`] is shut:
