@@ -271,10 +271,13 @@ fn close_frame(code: u16, reason: impl Into<String>) -> Message {
     }))
 }
 
+/// What a message counts for in the outbox: never 0, so that a queued message
+/// always shows as queued (the connection task writes itself only when nothing
+/// is).
 fn message_len(m: &Message) -> usize {
     match m {
-        Message::Text(t) => t.len(),
-        Message::Binary(b) => b.len(),
+        Message::Text(t) => t.len().max(1),
+        Message::Binary(b) => b.len().max(1),
         _ => 16,
     }
 }
