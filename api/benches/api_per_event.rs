@@ -26,12 +26,10 @@ use tickgraph_api::schema::{self, Limits, Services};
 use tickgraph_api::shared_json::response_json;
 use tickgraph_api::tick::{event_cursor, QuoteTick, Tick, TickMeta, TradeTick};
 use tickgraph_api::{ApiConfig, Filter, Hub};
-use tickgraph_enrich::demo::{demo_refdata, feed_accounts, feed_instruments};
+use tickgraph_enrich::demo::{demo_refdata, feed_records};
 use tickgraph_enrich::refdata::{AssetClass, RefCache, RefData};
 use tickgraph_enrich::{enrich, EnrichedRecord};
-use tickgraph_ingest::feed::Market;
-use tickgraph_ingest::stream::{decode_entry, is_batch, shard_of, RawRecord};
-use tickgraph_ingest::wire::{decode_batch, Format};
+use tickgraph_ingest::stream::{decode_entry, is_batch, shard_of};
 use tickgraph_ingest::Side;
 
 const BATCH: usize = 1000;
@@ -43,20 +41,10 @@ const ENTRY_ID: &str = "1764066667000-0";
 
 /// `BATCH` enriched demo events, `trade_ratio` of them trades.
 fn enriched(refs: &RefData, trade_ratio: f64) -> Vec<EnrichedRecord> {
-    let instruments = feed_instruments(refs);
-    let accounts = feed_accounts(refs);
-    let body =
-        Market::new(instruments, "demo-feed".into(), trade_ratio, accounts, 42).batch(BATCH, false);
-    decode_batch(Format::Json, &body, BATCH)
-        .expect("feed JSON decodes")
-        .into_iter()
-        .map(|item| {
-            let raw = RawRecord {
-                event: item.outcome.expect("the feed sends only valid events"),
-                ingest_ns: INGEST_NS,
-            };
-            enrich(&raw, refs, INGEST_NS + 250_000).expect("demo events enrich")
-        })
+    let raws = feed_records(refs, BATCH, trade_ratio, INGEST_NS);
+    assert_eq!(raws.len(), BATCH, "the feed sends only valid events");
+    raws.iter()
+        .map(|raw| enrich(raw, refs, INGEST_NS + 250_000).expect("demo events enrich"))
         .collect()
 }
 

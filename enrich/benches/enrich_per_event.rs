@@ -14,11 +14,9 @@ use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
-use tickgraph_enrich::demo::{demo_refdata, feed_accounts, feed_instruments};
+use tickgraph_enrich::demo::{demo_refdata, feed_records};
 use tickgraph_enrich::{enrich, EnrichedRecord, RefData};
-use tickgraph_ingest::feed::Market;
 use tickgraph_ingest::stream::{decode_entry, encode_batch, RawRecord};
-use tickgraph_ingest::wire::{decode_batch, Format};
 
 const BATCH: usize = 1000;
 const INGEST_NS: i64 = 1_764_066_667_000_000_000;
@@ -26,17 +24,9 @@ const ENRICHED_NS: i64 = INGEST_NS + 250_000;
 
 /// Demo events over `refs`, built the way `tickgraph all` builds its feed.
 fn raw_records(refs: &RefData) -> Vec<RawRecord> {
-    let instruments = feed_instruments(refs);
-    let accounts = feed_accounts(refs);
-    let body = Market::new(instruments, "demo-feed".into(), 0.2, accounts, 42).batch(BATCH, false);
-    decode_batch(Format::Json, &body, BATCH)
-        .expect("feed JSON decodes")
-        .into_iter()
-        .map(|item| RawRecord {
-            event: item.outcome.expect("the feed sends only valid events"),
-            ingest_ns: INGEST_NS,
-        })
-        .collect()
+    let raws = feed_records(refs, BATCH, 0.2, INGEST_NS);
+    assert_eq!(raws.len(), BATCH, "the feed sends only valid events");
+    raws
 }
 
 fn enriched(raws: &[RawRecord], refs: &RefData) -> Vec<EnrichedRecord> {

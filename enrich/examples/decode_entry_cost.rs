@@ -16,13 +16,11 @@
 use std::hint::black_box;
 use std::process::ExitCode;
 
-use tickgraph_enrich::demo::{demo_refdata, feed_accounts, feed_instruments};
+use tickgraph_enrich::demo::{demo_refdata, feed_records};
 use tickgraph_enrich::{enrich, EnrichedRecord};
-use tickgraph_ingest::feed::Market;
 use tickgraph_ingest::stream::{
     decode_entry, decode_entry_with_serde, encode_batch, CodecError, RawRecord,
 };
-use tickgraph_ingest::wire::{decode_batch, Format};
 
 /// Ingest's and enrich's largest batch entry.
 const EVENTS: usize = 256;
@@ -39,23 +37,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     };
     let refs = demo_refdata();
-    let body = Market::new(
-        feed_instruments(&refs),
-        "demo-feed".into(),
-        0.2,
-        feed_accounts(&refs),
-        42,
-    )
-    .batch(EVENTS, false);
-    let raws: Vec<RawRecord> = decode_batch(Format::Json, &body, EVENTS)
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|item| item.outcome.ok())
-        .map(|event| RawRecord {
-            event,
-            ingest_ns: INGEST_NS,
-        })
-        .collect();
+    let raws = feed_records(&refs, EVENTS, 0.2, INGEST_NS);
     let decoded = match (kind.as_str(), path.as_str()) {
         ("raw", p) => {
             let encoded: Vec<Vec<u8>> = raws.iter().filter_map(|r| r.encode().ok()).collect();

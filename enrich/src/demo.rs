@@ -13,7 +13,9 @@ use std::str::FromStr;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 
-use tickgraph_ingest::feed::FeedInstrument;
+use tickgraph_ingest::feed::{self, FeedInstrument};
+use tickgraph_ingest::stream::RawRecord;
+use tickgraph_ingest::wire::{decode_batch, Format};
 
 use crate::refdata::{Account, AssetClass, Instrument, RefData, Venue};
 
@@ -196,6 +198,27 @@ pub fn feed_instruments(refs: &RefData) -> Vec<FeedInstrument> {
         .collect();
     list.sort_by(|a, b| a.symbol.cmp(&b.symbol));
     list
+}
+
+/// `n` events of the demo feed over `refs` (`trade_ratio` of them trades, the
+/// feed's seed 42), as ingest stores them, stamped `ingest_ns`: what benches,
+/// tests and the decode-cost example decode and enrich. The feed writes only
+/// valid events, so all `n` come back; callers that rely on it check the count.
+pub fn feed_records(refs: &RefData, n: usize, trade_ratio: f64, ingest_ns: i64) -> Vec<RawRecord> {
+    let mut market = feed::Market::new(
+        feed_instruments(refs),
+        "demo-feed".into(),
+        trade_ratio,
+        feed_accounts(refs),
+        42,
+    );
+    let body = market.batch(n, false);
+    decode_batch(Format::Json, &body, n)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|item| item.outcome.ok())
+        .map(|event| RawRecord { event, ingest_ns })
+        .collect()
 }
 
 /// The accounts the demo feed's trades name, sorted for repeatable runs.

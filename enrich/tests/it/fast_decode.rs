@@ -10,15 +10,13 @@ use proptest::prelude::*;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use serde_json::json;
-use tickgraph_enrich::demo::{demo_refdata, feed_accounts, feed_instruments};
+use tickgraph_enrich::demo::{demo_refdata, feed_records};
 use tickgraph_enrich::refdata::AssetClass;
 use tickgraph_enrich::{enrich, Derived, EnrichedRecord};
 use tickgraph_ingest::fast_decode::try_fast;
-use tickgraph_ingest::feed::Market;
+use tickgraph_ingest::stream::decode_entry;
 use tickgraph_ingest::stream::encode_batch;
-use tickgraph_ingest::stream::{decode_entry, RawRecord};
 use tickgraph_ingest::test_support::msgpack::{self, agrees, Change, Value};
-use tickgraph_ingest::wire::{decode_batch, Format};
 use tickgraph_ingest::Event;
 
 const INGEST_NS: i64 = 1_764_066_667_000_000_000;
@@ -26,24 +24,10 @@ const INGEST_NS: i64 = 1_764_066_667_000_000_000;
 /// Demo events as `tickgraph all` feeds them, enriched against the demo data.
 static DEMO: LazyLock<Vec<EnrichedRecord>> = LazyLock::new(|| {
     let refs = demo_refdata();
-    let body = Market::new(
-        feed_instruments(&refs),
-        "demo-feed".into(),
-        0.2,
-        feed_accounts(&refs),
-        42,
-    )
-    .batch(1000, false);
-    decode_batch(Format::Json, &body, 1000)
-        .expect("feed JSON decodes")
-        .into_iter()
-        .map(|item| {
-            let raw = RawRecord {
-                event: item.outcome.expect("the feed sends only valid events"),
-                ingest_ns: INGEST_NS,
-            };
-            enrich(&raw, &refs, INGEST_NS + 250_000).expect("demo events enrich")
-        })
+    let raws = feed_records(&refs, 1000, 0.2, INGEST_NS);
+    assert_eq!(raws.len(), 1000, "the feed sends only valid events");
+    raws.iter()
+        .map(|raw| enrich(raw, &refs, INGEST_NS + 250_000).expect("demo events enrich"))
         .collect()
 });
 
@@ -151,11 +135,7 @@ fn entry() -> impl Strategy<Value = (Vec<(EnrichedRecord, bool)>, bool)> {
 }
 
 fn entry_tree(records: &[(EnrichedRecord, bool)], batch: bool) -> Value {
-    let mut trees: Vec<Value> = records.iter().map(|(r, t)| tree(r, *t)).collect();
-    match trees.pop() {
-        Some(one) if !batch => one,
-        last => Value::Array(trees.into_iter().chain(last).collect()),
-    }
+    msgpack::entry(records.iter().map(|(r, t)| tree(r, *t)).collect(), batch)
 }
 
 fn change() -> impl Strategy<Value = Change> {

@@ -124,14 +124,8 @@ fn entry_bytes(records: &[(RawRecord, bool)], batch: bool) -> Vec<u8> {
 }
 
 fn entry_tree(records: &[(RawRecord, bool)], batch: bool) -> Value {
-    let mut trees: Vec<Value> = records
-        .iter()
-        .map(|(r, t)| msgpack::raw_record(r, *t))
-        .collect();
-    match trees.pop() {
-        Some(one) if !batch => one,
-        last => Value::Array(trees.into_iter().chain(last).collect()),
-    }
+    let trees = records.iter().map(|(r, t)| msgpack::raw_record(r, *t));
+    msgpack::entry(trees.collect(), batch)
 }
 
 fn change() -> impl Strategy<Value = Change> {

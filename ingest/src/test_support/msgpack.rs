@@ -183,6 +183,14 @@ pub fn event(e: &Event, text: bool) -> Value {
     Value::map([(variant, Value::map(fields))])
 }
 
+/// A stream entry's tree: a lone record's own tree, or the array of a batch.
+pub fn entry(mut trees: Vec<Value>, batch: bool) -> Value {
+    match trees.pop() {
+        Some(one) if !batch => one,
+        last => Value::Array(trees.into_iter().chain(last).collect()),
+    }
+}
+
 pub fn raw_record(r: &RawRecord, text: bool) -> Value {
     Value::map([
         ("event", event(&r.event, text)),
