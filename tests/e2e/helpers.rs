@@ -353,6 +353,164 @@ impl Subscription {
             .await
             .expect("a subscription event within the deadline")
     }
+
+    /// Reads on in a task of its own, handing over each payload as it
+    /// arrives, with its arrival time; stops when the receiver is dropped.
+    pub fn forward(mut self) -> Arrivals {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    v = self.next_within(DEADLINE) => match v {
+                        Some(v) => {
+                            if tx.send((Instant::now(), v)).is_err() {
+                                return;
+                            }
+                        }
+                        None => return,
+                    },
+                }
+            }
+        });
+        rx
+    }
+}
+
+/// A subscription's `data` payloads as they arrive, each with its arrival time.
+pub type Arrivals = tokio::sync::mpsc::UnboundedReceiver<(Instant, Value)>;
+
+/// The `maxRate` of the conflated subscription [`conflation_holds`] checks.
+pub const CONFLATED_RATE: u32 = 2;
+/// What the subscriptions [`conflation_holds`] checks select. It also posts
+/// quotes of SPY, which neither may receive.
+pub const CONFLATED_INSTRUMENTS: [&str; 2] = ["AAPL", "MSFT"];
+
+/// One quote a subscription received: when, its instrument and seq.
+type Got = (Instant, String, u64);
+
+/// Takes the `quotes` of source `mm` from `rx` into `got` until `done` holds
+/// (skipping probes), failing after [`DEADLINE`].
+async fn quotes_until(rx: &mut Arrivals, got: &mut Vec<Got>, done: impl Fn(&[Got]) -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !done(got) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (at, v) = tokio::time::timeout(left, rx.recv())
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("timed out; received so far: {got:?}"));
+        let q = &v["quotes"];
+        if q["source"] != "mm" {
+            continue;
+        }
+        let seq = q["seq"].as_str().and_then(|s| s.parse().ok()).expect("seq");
+        let instrument = q["instrument"].as_str().expect("instrument").to_owned();
+        got.push((at, instrument, seq));
+    }
+}
+
+/// The last seq of `instrument` in `got`.
+fn last_of(got: &[Got], instrument: &str) -> Option<u64> {
+    got.iter()
+        .rev()
+        .find(|(_, i, _)| i == instrument)
+        .map(|(_, _, s)| *s)
+}
+
+/// `maxRate` with a filter, whatever the transport: `conflated` is
+/// `quotes(instruments: CONFLATED_INSTRUMENTS, maxRate: CONFLATED_RATE)` and
+/// `every` the same without `maxRate`, both live (selecting `source seq
+/// instrument`). Posts four phases of quotes of AAPL, MSFT and SPY (three
+/// batches 100 ms apart, ten of each instrument per batch), and checks:
+/// - `every` receives every quote of AAPL and MSFT, in order, and no SPY;
+/// - `conflated` receives no SPY, and per instrument only ever a newer value;
+/// - after each phase, `conflated` comes to the latest value of each
+///   instrument: it is never left on a stale one, and the rate applies per
+///   instrument (a single limit, or a single latest value, for the whole
+///   subscription would hold one of them back);
+/// - per instrument, `conflated` receives at most `CONFLATED_RATE + 1` quotes
+///   in any second (sends are `1 / CONFLATED_RATE` apart; one that arrives
+///   late may bunch with the next), where the phases post 100 of each.
+pub async fn conflation_holds(app: &TestApp, mut conflated: Arrivals, mut every: Arrivals) {
+    let mut seq = 0u64;
+    let mut posted: Vec<(&str, u64)> = Vec::new();
+    let (mut got_every, mut got_conflated) = (Vec::new(), Vec::new());
+    for _phase in 0..4 {
+        for _batch in 0..3 {
+            let mut quotes = Vec::new();
+            for _ in 0..10 {
+                for sym in ["AAPL", "MSFT", "SPY"] {
+                    seq += 1;
+                    posted.push((sym, seq));
+                    quotes.push(quote(
+                        "mm",
+                        seq,
+                        sym,
+                        "XNAS",
+                        &format!("100.{seq:05}"),
+                        "101",
+                    ));
+                }
+            }
+            assert_eq!(app.post_json(&json!(quotes)).await["accepted"], 30);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let latest: Vec<(&str, u64)> = CONFLATED_INSTRUMENTS
+            .iter()
+            .map(|sym| {
+                let last = posted.iter().rev().find(|(s, _)| s == sym).map(|(_, q)| *q);
+                (*sym, last.expect("posted"))
+            })
+            .collect();
+        let caught_up = |got: &[Got]| latest.iter().all(|(s, q)| last_of(got, s) == Some(*q));
+        quotes_until(&mut every, &mut got_every, caught_up).await;
+        quotes_until(&mut conflated, &mut got_conflated, caught_up).await;
+    }
+    // Nothing newer was posted: anything more is a repeat, or SPY.
+    while let Ok((_, v)) = every.try_recv().or_else(|_| conflated.try_recv()) {
+        assert_ne!(v["quotes"]["source"], "mm", "after the latest: {v}");
+    }
+
+    for sym in CONFLATED_INSTRUMENTS {
+        let want: Vec<u64> = posted
+            .iter()
+            .filter(|(s, _)| *s == sym)
+            .map(|(_, q)| *q)
+            .collect();
+        let every_got: Vec<u64> = got_every
+            .iter()
+            .filter(|(_, s, _)| s == sym)
+            .map(|(_, _, q)| *q)
+            .collect();
+        assert_eq!(
+            every_got, want,
+            "without maxRate every {sym} quote, in order"
+        );
+
+        let conflated_got: Vec<&Got> = got_conflated.iter().filter(|(_, s, _)| s == sym).collect();
+        let seqs: Vec<u64> = conflated_got.iter().map(|(_, _, q)| *q).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{sym}: never an older value after a newer one: {seqs:?}"
+        );
+        let burst = CONFLATED_RATE as usize + 1;
+        for w in conflated_got.windows(burst + 1) {
+            let (first, last) = (w[0].0, w[burst].0);
+            assert!(
+                last.duration_since(first) >= Duration::from_secs(1),
+                "{sym}: {} quotes within {:?} at maxRate {CONFLATED_RATE}: {seqs:?}",
+                burst + 1,
+                last.duration_since(first)
+            );
+        }
+    }
+    for (_, sym, q) in got_every.iter().chain(&got_conflated) {
+        assert!(
+            CONFLATED_INSTRUMENTS.contains(&sym.as_str()),
+            "{sym} {q} is outside the filter"
+        );
+    }
 }
 
 async fn next_json(ws: &mut Ws) -> Value {

@@ -75,15 +75,37 @@ const AAPL_TRADES: &str = "subscription { trades(instruments: [\"AAPL\"]) { id p
 
 #[sqlx::test(migrations = "../migrations")]
 async fn counters_move_by_exactly_what_flowed(pool: PgPool) {
-    let app = spawn_app(pool, 2).await;
+    let mut app = spawn_app(pool, 2).await;
     let http = reqwest::Client::new();
-    let mut sub = Subscription::start(&app.ws, false, AAPL_TRADES).await;
-    // Registered with the hub: everything dispatched from now on reaches it.
-    scrape_until(&http, &app.api, "the subscription", |m| {
-        get(m, "tickgraph_api_subscriptions{kind=\"trades\"}") == 1.0
-            && get(m, "tickgraph_api_connections{transport=\"ws\"}") == 1.0
+    // Three subscribers of the same trades: each event is read and dispatched
+    // once, and delivered three times.
+    const SUBSCRIBERS: usize = 3;
+    let mut subs = Vec::new();
+    for _ in 0..SUBSCRIBERS {
+        subs.push(Subscription::start(&app.ws, false, AAPL_TRADES).await);
+    }
+    // Registered with the hub: everything dispatched from now on reaches them.
+    scrape_until(&http, &app.api, "the subscriptions", |m| {
+        get(m, "tickgraph_api_subscriptions{kind=\"trades\"}") == SUBSCRIBERS as f64
+            && get(m, "tickgraph_api_connections{transport=\"ws\"}") == SUBSCRIBERS as f64
     })
     .await;
+    // One Redis connection reads each shard for the whole api, whoever subscribes.
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut app.redis)
+        .await
+        .expect("CLIENT LIST");
+    let mut readers: Vec<&str> = list
+        .split_whitespace()
+        .filter_map(|f| f.strip_prefix("name="))
+        .filter(|n| n.starts_with(&format!("{}-hub-", app.layout.prefix())))
+        .collect();
+    readers.sort_unstable();
+    let want: Vec<String> = (0..2)
+        .map(|s| tickgraph_api::hub::reader_name(app.layout.prefix(), s))
+        .collect();
+    assert_eq!(readers, want, "one reader per shard: {list}");
 
     let mut events: Vec<Value> = (0..6)
         .map(|i| trade("oms", i, "AAPL", "XNAS", "101.5", "10", "buy"))
@@ -104,13 +126,15 @@ async fn counters_move_by_exactly_what_flowed(pool: PgPool) {
     let answer = app.post_json(&json!(events)).await;
     assert_eq!(answer["accepted"], 8, "{answer}");
 
-    for _ in 0..6 {
-        assert_eq!(sub.next().await["trades"]["price"], "101.5");
+    for sub in &mut subs {
+        for _ in 0..6 {
+            assert_eq!(sub.next().await["trades"]["price"], "101.5");
+        }
     }
     let m = scrape_until(&http, &app.api, "the events to pass every stage", |m| {
         get(m, "tickgraph_enrich_enriched_events_total") >= 6.0
             && get(m, "tickgraph_load_loaded_events_total") >= 6.0
-            && get(m, "tickgraph_api_delivered_events_total") >= 6.0
+            && get(m, "tickgraph_api_delivered_events_total") >= 18.0
             && get(
                 m,
                 "tickgraph_enrich_dead_letters_total{reason=\"unknown_instrument\"}",
@@ -140,13 +164,14 @@ async fn counters_move_by_exactly_what_flowed(pool: PgPool) {
         ),
         ("tickgraph_enrich_resent_events_total", 0.0),
         ("tickgraph_load_loaded_events_total", 6.0),
-        ("tickgraph_api_delivered_events_total", 6.0),
+        // Once per subscriber.
+        ("tickgraph_api_delivered_events_total", 18.0),
         ("tickgraph_api_conflated_events_total", 0.0),
         // Every event enrich took, once; every event the hub dispatched, once
         // (not once per subscriber).
         ("tickgraph_enrich_freshness_seconds_count", 8.0),
         ("tickgraph_api_freshness_seconds_count", 6.0),
-        ("tickgraph_api_connections{transport=\"ws\"}", 1.0),
+        ("tickgraph_api_connections{transport=\"ws\"}", 3.0),
     ] {
         assert_eq!(get(&m, series), want, "{series} in {m:#?}");
     }
@@ -165,9 +190,12 @@ async fn counters_move_by_exactly_what_flowed(pool: PgPool) {
     assert!(get(&m, "tickgraph_enrich_freshness_seconds_sum") > 0.0);
     // One registry for the process: the ingest listener serves the same one.
     let on_ingest = scrape(&http, &app.ingest).await;
-    assert_eq!(get(&on_ingest, "tickgraph_api_delivered_events_total"), 6.0);
+    assert_eq!(
+        get(&on_ingest, "tickgraph_api_delivered_events_total"),
+        18.0
+    );
 
-    drop(sub);
+    drop(subs);
     scrape_until(&http, &app.api, "the connection to close", |m| {
         get(m, "tickgraph_api_connections{transport=\"ws\"}") == 0.0
     })

@@ -475,19 +475,30 @@ async fn next_seqs(ws: &mut Ws, source: &str, n: usize) -> Vec<u64> {
 /// over to its writer task when the socket is full: a client that pauses for
 /// longer than the sockets can buffer (but not past the outbox limit) still
 /// gets every event, in order, and keeps getting them once it reads again.
+/// Meanwhile another client receives every one of them before the paused one
+/// reads any: delivery never waits on a full socket.
 #[sqlx::test(migrations = "../migrations")]
 async fn a_client_that_pauses_gets_every_event_in_order_when_it_reads_again(pool: PgPool) {
     let app = app_with_outbox_limit(pool, 256 << 20).await;
     let query = format!("subscription {{ quotes(instruments: [\"AAPL\"]) {HEAVY} }}");
     let mut ws = subscribed_small_window(&app, "q", &query).await;
-    for n in 0.. {
+    let mut reader = Subscription::start(&app.ws, false, &query).await;
+    let mut live = false;
+    for n in 0..200 {
         app.post_json(&json!([quote("probe", n, "AAPL", "XNAS", "1", "2")]))
             .await;
         let seen = tokio::time::timeout(Duration::from_millis(500), recv(&mut ws)).await;
-        if seen.is_ok() {
+        if seen.is_ok()
+            && reader
+                .next_within(Duration::from_millis(500))
+                .await
+                .is_some()
+        {
+            live = true;
             break;
         }
     }
+    assert!(live, "the subscriptions never went live");
     // Drain the probes that arrived late.
     while let Ok(m) = tokio::time::timeout(Duration::from_millis(300), recv(&mut ws)).await {
         m.expect("open");
@@ -506,7 +517,18 @@ async fn a_client_that_pauses_gets_every_event_in_order_when_it_reads_again(pool
             .collect();
         assert_eq!(app.post_json(&json!(quotes)).await["accepted"], per);
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut read = Vec::new();
+    while read.last() != Some(&seq) {
+        let q = reader.next().await["quotes"].clone();
+        if q["source"] == "mm" {
+            read.push(q["seq"].as_str().and_then(|s| s.parse().ok()).expect("seq"));
+        }
+    }
+    assert_eq!(
+        read,
+        (1..=seq).collect::<Vec<_>>(),
+        "the reader got every event, in order"
+    );
     let paused = (batches * per) as usize;
     let got = next_seqs(&mut ws, "mm", paused).await;
     assert_eq!(got, (1..=seq).collect::<Vec<_>>(), "every event, in order");

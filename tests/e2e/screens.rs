@@ -3,14 +3,12 @@
 //! ends on the latest value, while an unconflated one receives every event), and
 //! `snapshot` (the latest value first, then live updates).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use sqlx::PgPool;
 
 use crate::helpers::*;
-
-const FIELDS: &str = "{ source seq bid }";
 
 /// Posts probe quotes until `sub` has one, so it is known to be registered.
 async fn until_live(app: &TestApp, sub: &mut Subscription) {
@@ -24,80 +22,27 @@ async fn until_live(app: &TestApp, sub: &mut Subscription) {
     panic!("subscription never went live");
 }
 
-/// Seqs of the real (not probe) quotes `sub` receives up to and including `last`.
-async fn seqs_until(sub: &mut Subscription, last: u64) -> Vec<(u64, Value)> {
-    let mut seen = Vec::new();
-    loop {
-        let q = sub.next().await["quotes"].clone();
-        if q["source"] == "probe" {
-            continue;
-        }
-        let seq: u64 = q["seq"].as_str().and_then(|s| s.parse().ok()).expect("seq");
-        seen.push((seq, q["bid"].clone()));
-        if seq == last {
-            return seen;
-        }
-    }
-}
-
+/// See [`conflation_holds`] for what is checked.
 #[sqlx::test(migrations = "../migrations")]
 async fn a_conflated_subscription_gets_at_most_its_rate_and_always_the_latest(pool: PgPool) {
     let app = spawn_app(pool, 1).await;
+    let filter = format!("instruments: {}", json!(CONFLATED_INSTRUMENTS));
+    let select = "{ source seq instrument }";
     let mut conflated = Subscription::start(
         &app.ws,
         false,
-        &format!("subscription {{ quotes(instruments: [\"AAPL\"], maxRate: 2) {FIELDS} }}"),
+        &format!("subscription {{ quotes({filter}, maxRate: {CONFLATED_RATE}) {select} }}"),
     )
     .await;
     let mut every = Subscription::start(
         &app.ws,
         false,
-        &format!("subscription {{ quotes(instruments: [\"AAPL\"]) {FIELDS} }}"),
+        &format!("subscription {{ quotes({filter}) {select} }}"),
     )
     .await;
     until_live(&app, &mut conflated).await;
     until_live(&app, &mut every).await;
-
-    // 200 quotes over about a second, in ten batches.
-    let started = Instant::now();
-    let last = 200u64;
-    for batch in 0..10u64 {
-        let quotes: Vec<Value> = (1..=20)
-            .map(|i| {
-                let seq = batch * 20 + i;
-                quote("mm", seq, "AAPL", "XNAS", &format!("100.{seq:03}"), "101")
-            })
-            .collect();
-        assert_eq!(app.post_json(&json!(quotes)).await["accepted"], 20);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
-    let all = seqs_until(&mut every, last).await;
-    assert_eq!(
-        all.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
-        (1..=last).collect::<Vec<_>>(),
-        "without maxRate every quote arrives, in order"
-    );
-
-    let got = seqs_until(&mut conflated, last).await;
-    let elapsed = started.elapsed().as_secs_f64();
-    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
-    assert!(
-        seqs.windows(2).all(|w| w[0] < w[1]),
-        "never an older value after a newer one: {seqs:?}"
-    );
-    assert_eq!(
-        got.last().map(|(_, bid)| bid.clone()),
-        Some(json!("100.2")),
-        "the latest value (ingest normalizes 100.200)"
-    );
-    // At most 2 a second, plus the one sent at once at the start.
-    let most = (2.0 * elapsed).ceil() as usize + 1;
-    assert!(
-        seqs.len() <= most,
-        "{} updates in {elapsed:.2} s is over 2 a second: {seqs:?}",
-        seqs.len()
-    );
+    conflation_holds(&app, conflated.forward(), every.forward()).await;
     app.stop().await;
 }
 
