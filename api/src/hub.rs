@@ -11,8 +11,9 @@
 //! visits the subscribers listed under its instrument, its venue and its asset
 //! class, and that list; each subscriber's whole filter is checked on those alone. Every subscriber owns a
 //! bounded queue filled with `try_send`: the hub never waits for a subscriber and
-//! never buffers more than `subscriber_queue` events for one. A subscriber whose
-//! queue is full is closed with [`HubError::TooSlow`] instead, since silently
+//! never buffers more than [`QueueLimits`] allow for one, in events and in bytes
+//! ([`TickMeta::weight`]). A subscriber past either is closed with
+//! [`HubError::TooSlow`] or [`HubError::TooSlowBytes`] instead, since silently
 //! skipping events would hand it a gap it cannot see.
 //!
 //! The hub also keeps the latest trade and quote of every instrument it has seen
@@ -27,7 +28,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -73,6 +74,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub enum HubError {
     #[error("subscriber too slow: queue of {queue} events full")]
     TooSlow { queue: usize },
+    #[error("subscriber too slow: over {bytes} bytes of events queued")]
+    TooSlowBytes { bytes: usize },
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("`{arg}` is an empty list, which selects nothing: omit it to receive every value")]
@@ -99,7 +102,7 @@ impl HubError {
     pub fn code(&self) -> Option<&'static str> {
         match self {
             HubError::CursorExpired { .. } => Some("CURSOR_EXPIRED"),
-            HubError::TooSlow { .. } => Some("TOO_SLOW"),
+            HubError::TooSlow { .. } | HubError::TooSlowBytes { .. } => Some("TOO_SLOW"),
             _ => None,
         }
     }
@@ -245,10 +248,33 @@ impl Check {
     }
 }
 
+/// How much an unconflated subscription may have queued before it is closed
+/// as too slow: both limits hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    pub events: usize,
+    /// Counted by [`TickMeta::weight`].
+    pub bytes: usize,
+}
+
+/// A limit in events alone.
+impl From<usize> for QueueLimits {
+    fn from(events: usize) -> Self {
+        Self {
+            events,
+            bytes: usize::MAX,
+        }
+    }
+}
+
 /// Shared between the hub's copy of a subscriber and its [`Feed`].
 #[derive(Debug, Default)]
 struct SubState {
     overflowed: AtomicBool,
+    /// Set with `overflowed` when the byte limit was the one passed.
+    over_bytes: AtomicBool,
+    /// [`TickMeta::weight`] of the ticks in the queue.
+    queued_bytes: AtomicUsize,
 }
 
 struct Subscriber<T> {
@@ -257,6 +283,8 @@ struct Subscriber<T> {
     check: Arc<Check>,
     sink: Sink<T>,
     state: Arc<SubState>,
+    /// [`QueueLimits::bytes`].
+    max_bytes: usize,
 }
 
 /// Where the hub puts a subscriber's ticks.
@@ -345,6 +373,14 @@ where
                 return true;
             }
         };
+        let weight = t.weight();
+        let queued = self.state.queued_bytes.fetch_add(weight, Ordering::Relaxed);
+        if queued.saturating_add(weight) > self.max_bytes {
+            self.state.over_bytes.store(true, Ordering::Relaxed);
+            self.state.overflowed.store(true, Ordering::Release);
+            stats.overflowed += 1;
+            return false;
+        }
         match tx.try_send(Arc::clone(t)) {
             Ok(()) => {
                 stats.delivered += 1;
@@ -567,7 +603,7 @@ fn keep_newer<T: TickMeta>(slot: &mut Option<Arc<T>>, t: &Arc<T>) {
 struct Inner {
     registry: RwLock<Registry>,
     latest: RwLock<HashMap<String, Latest>>,
-    queue: usize,
+    limits: QueueLimits,
     next_id: AtomicU64,
     /// Per shard, the end of the last batch dispatched. Held for the whole of
     /// each dispatch, so batches are dispatched one at a time: that is what makes
@@ -766,7 +802,7 @@ pub struct Feed<T> {
     hub: Arc<Inner>,
     unregister: fn(&Inner, u64),
     id: u64,
-    queue: usize,
+    limits: QueueLimits,
     finished: bool,
 }
 
@@ -842,7 +878,16 @@ impl<T: TickMeta> Feed<T> {
 impl<T> Feed<T> {
     fn too_slow(&mut self) -> Poll<Option<Result<Arc<T>, HubError>>> {
         self.finished = true;
-        Poll::Ready(Some(Err(HubError::TooSlow { queue: self.queue })))
+        let e = if self.state.over_bytes.load(Ordering::Relaxed) {
+            HubError::TooSlowBytes {
+                bytes: self.limits.bytes,
+            }
+        } else {
+            HubError::TooSlow {
+                queue: self.limits.events,
+            }
+        };
+        Poll::Ready(Some(Err(e)))
     }
 }
 
@@ -899,7 +944,7 @@ impl<T: TickMeta> Stream for Feed<T> {
     }
 }
 
-impl<T> Feed<T> {
+impl<T: TickMeta> Feed<T> {
     fn poll_feed(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -914,7 +959,15 @@ impl<T> Feed<T> {
         }
         let this = &mut *self;
         let polled = match &mut this.rx {
-            Source::Queue(rx) => rx.poll_recv(cx),
+            Source::Queue(rx) => {
+                let polled = rx.poll_recv(cx);
+                if let Poll::Ready(Some(t)) = &polled {
+                    this.state
+                        .queued_bytes
+                        .fetch_sub(t.weight(), Ordering::Relaxed);
+                }
+                polled
+            }
             Source::Conflate {
                 from,
                 period,
@@ -1094,7 +1147,7 @@ impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
             .field("subscribers", &self.subscribers())
-            .field("queue", &self.inner.queue)
+            .field("limits", &self.inner.limits)
             .finish()
     }
 }
@@ -1102,12 +1155,12 @@ impl std::fmt::Debug for Hub {
 impl Hub {
     /// A hub with no readers: it serves subscriptions and the latest-value map,
     /// fed through [`Hub::publish`]. [`Hub::start`] is what a server uses.
-    pub fn new(subscriber_queue: usize) -> Self {
-        Self::with_streams(subscriber_queue, Vec::new(), Vec::new(), None)
+    pub fn new(limits: impl Into<QueueLimits>) -> Self {
+        Self::with_streams(limits.into(), Vec::new(), Vec::new(), None)
     }
 
     fn with_streams(
-        subscriber_queue: usize,
+        limits: QueueLimits,
         dispatched: Vec<Position>,
         epochs: Vec<u64>,
         streams: Option<Streams>,
@@ -1116,8 +1169,11 @@ impl Hub {
             inner: Arc::new(Inner {
                 registry: RwLock::new(Registry::default()),
                 latest: RwLock::new(HashMap::new()),
-                // tokio's bounded channel refuses a capacity of zero.
-                queue: subscriber_queue.max(1),
+                limits: QueueLimits {
+                    // tokio's bounded channel refuses a capacity of zero.
+                    events: limits.events.max(1),
+                    bytes: limits.bytes,
+                },
                 next_id: AtomicU64::new(0),
                 dispatched: Mutex::new(dispatched),
                 epochs: RwLock::new(Arc::from(epochs)),
@@ -1135,7 +1191,7 @@ impl Hub {
     pub async fn start(
         client: impl Into<RedisTarget>,
         layout: &StreamLayout,
-        subscriber_queue: usize,
+        limits: impl Into<QueueLimits>,
         shutdown: CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<Self, redis::RedisError> {
@@ -1166,7 +1222,7 @@ impl Hub {
             keys: layout.shard_ids().map(|s| layout.enriched(s)).collect(),
             epoch_keys: layout.shard_ids().map(|s| layout.epoch(s)).collect(),
         };
-        let hub = Self::with_streams(subscriber_queue, ends, epochs, Some(streams));
+        let hub = Self::with_streams(limits.into(), ends, epochs, Some(streams));
         for ((key, name, last_id, con), shard) in readers.into_iter().zip(layout.shard_ids()) {
             let reader = Reader {
                 hub: Arc::clone(&hub.inner),
@@ -1299,7 +1355,7 @@ impl Hub {
         let (instruments, check) = filter.compile()?;
         let (sink, rx) = match max_rate {
             None => {
-                let (tx, rx) = mpsc::channel(self.inner.queue);
+                let (tx, rx) = mpsc::channel(self.inner.limits.events);
                 (Sink::Queue(tx), Source::Queue(rx))
             }
             Some(rate) => {
@@ -1343,6 +1399,7 @@ impl Hub {
                 check: Arc::clone(&check),
                 sink,
                 state: Arc::clone(&state),
+                max_bytes: self.inner.limits.bytes,
             }));
         }
         // Resuming after a snapshot tick means resuming where live began.
@@ -1364,7 +1421,7 @@ impl Hub {
             hub: Arc::clone(&self.inner),
             unregister: Inner::unregister::<T>,
             id,
-            queue: self.inner.queue,
+            limits: self.inner.limits,
             finished: false,
         };
         Ok((feed, started))
@@ -1730,7 +1787,8 @@ impl Reader {
             tracing::warn!(
                 shard = self.shard,
                 overflowed = stats.overflowed,
-                queue = self.hub.queue,
+                queue = self.hub.limits.events,
+                queue_bytes = self.hub.limits.bytes,
                 "closed subscribers whose queue was full"
             );
         }
@@ -2169,6 +2227,46 @@ mod tests {
         );
         hub.publish(&[quote("MSFT", 4, 4)]);
         assert_eq!(drain(&mut other), [4]);
+    }
+
+    /// The byte limit counts what is queued now: taking ticks frees their
+    /// bytes, and only a backlog past the limit closes the subscriber.
+    #[test]
+    fn a_queue_past_its_byte_limit_closes_that_subscriber() {
+        let weight = |t: &Tick| match t {
+            Tick::Quote(q) => q.weight(),
+            Tick::Trade(t) => t.weight(),
+        };
+        let ticks: Vec<Tick> = (1..=8).map(|n| quote("AAPL", n, n as i64)).collect();
+        // Same-sized ticks: the limit holds three.
+        let bytes = 3 * weight(&ticks[0]);
+        assert!(ticks.iter().all(|t| weight(t) == weight(&ticks[0])));
+        let hub = Hub::new(QueueLimits {
+            events: 1000,
+            bytes,
+        });
+        let mut slow = hub.subscribe_quotes(Filter::default()).expect("subscribe");
+        let mut other = hub.subscribe_quotes(Filter::default()).expect("subscribe");
+
+        hub.publish(&ticks[0..3]);
+        assert_eq!(drain(&mut slow), [1, 2, 3]);
+        assert_eq!(drain(&mut other), [1, 2, 3]);
+        hub.publish(&ticks[3..6]);
+        assert_eq!(drain(&mut other), [4, 5, 6]);
+        assert_eq!(hub.subscribers(), 2, "three queued is within the limit");
+        hub.publish(&ticks[6..7]);
+        assert_eq!(hub.subscribers(), 1, "the fourth passes it");
+        assert_eq!(
+            slow.next().now_or_never().flatten().map(|r| r.err()),
+            Some(Some(HubError::TooSlowBytes { bytes }))
+        );
+        assert!(slow.next().now_or_never().flatten().is_none());
+        assert_eq!(
+            HubError::TooSlowBytes { bytes: 900 }.to_string(),
+            "subscriber too slow: over 900 bytes of events queued"
+        );
+        hub.publish(&ticks[7..8]);
+        assert_eq!(drain(&mut other), [7, 8]);
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub struct ApiConfig {
     pub guard: schema::guard::GuardLimits,
     /// Events buffered per subscription before it is closed as too slow.
     pub subscriber_queue: usize,
+    /// Bytes of events ([`tick::TickMeta::weight`]) buffered per subscription
+    /// before it is closed as too slow.
+    pub subscriber_queue_bytes: usize,
     /// WebSocket protocol timers and the per-connection outbox limit.
     pub ws: ws::WsConfig,
     /// How users authenticate: JWTs, or the explicit dev mode.
@@ -88,6 +91,7 @@ impl ApiConfig {
             introspection: true,
             guard: schema::guard::GuardLimits::default(),
             subscriber_queue: 50_000,
+            subscriber_queue_bytes: 16 << 20,
             ws: ws::WsConfig::default(),
             auth: auth::Authenticator::Dev,
             users: auth::UserLimits::default(),
@@ -140,7 +144,10 @@ impl Api {
         let hub = Hub::start(
             client,
             &cfg.layout,
-            cfg.subscriber_queue,
+            hub::QueueLimits {
+                events: cfg.subscriber_queue,
+                bytes: cfg.subscriber_queue_bytes,
+            },
             shutdown.clone(),
             &tasks,
         )
@@ -172,6 +179,7 @@ impl Api {
             shards = cfg.layout.shards(),
             prefix = cfg.layout.prefix(),
             subscriber_queue = cfg.subscriber_queue,
+            subscriber_queue_bytes = cfg.subscriber_queue_bytes,
             dev_mode = cfg.auth.is_dev(),
             "api hub started"
         );

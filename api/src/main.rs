@@ -349,6 +349,10 @@ struct ApiArgs {
     /// Events buffered per subscription before it is cut off as too slow.
     #[arg(long, env = "TG_SUBSCRIBER_QUEUE", default_value_t = 50_000)]
     subscriber_queue: usize,
+    /// Bytes of events (as held in memory, shared between subscribers)
+    /// buffered per subscription before it is cut off as too slow.
+    #[arg(long, env = "TG_SUBSCRIBER_QUEUE_BYTES", default_value_t = 16 << 20)]
+    subscriber_queue_bytes: usize,
     /// Milliseconds a WebSocket client has to send `connection_init` (else 4408).
     #[arg(long, env = "TG_WS_INIT_TIMEOUT_MS", default_value_t = 3_000)]
     ws_init_timeout_ms: u64,
@@ -544,6 +548,7 @@ impl ApiArgs {
         c.guard.max_nesting = self.max_nesting;
         c.guard.max_selections = self.max_selections;
         c.subscriber_queue = self.subscriber_queue;
+        c.subscriber_queue_bytes = self.subscriber_queue_bytes;
         c.ws.init_timeout = Duration::from_millis(self.ws_init_timeout_ms);
         c.ws.keepalive =
             (self.ws_keepalive_secs > 0).then(|| Duration::from_secs(self.ws_keepalive_secs));

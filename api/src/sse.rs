@@ -24,8 +24,9 @@
 //!   the errors, then `complete`.
 //! - **Slow clients.** The stream is polled only as fast as the client reads,
 //!   with nothing queued in between: a subscription that must receive every
-//!   event backs up into its hub queue (`--subscriber-queue`), and when that
-//!   overflows it gets one `next` with "subscriber too slow: ..." and
+//!   event backs up into its hub queue (`--subscriber-queue` events and
+//!   `--subscriber-queue-bytes` bytes), and when that overflows it gets one
+//!   `next` with "subscriber too slow: ..." and
 //!   `complete`. A conflated (`maxRate`) subscription waits in the hub, which
 //!   keeps only the newest value per instrument, so it is never too slow.
 //! - At shutdown the hub ends every feed; the stream sends what is left and

@@ -162,6 +162,21 @@ pub trait TickMeta {
     fn ts(&self) -> Timestamp {
         self.header().ts
     }
+
+    /// Bytes the event takes in memory as decoded (the struct and its
+    /// strings), without the JSON rendered for subscribers: what a queued
+    /// event counts against a subscriber's byte limit. The same every time,
+    /// so a queue adds and takes away the same amount.
+    fn weight(&self) -> usize;
+}
+
+/// The strings every tick holds: cursor and header.
+fn header_bytes<T: TickMeta>(t: &T) -> usize {
+    let h = t.header();
+    t.cursor().len()
+        + h.source.as_str().len()
+        + h.instrument.as_str().len()
+        + h.venue.as_str().len()
 }
 
 impl TickMeta for TradeTick {
@@ -187,6 +202,15 @@ impl TickMeta for TradeTick {
             ..self.clone()
         }
     }
+
+    fn weight(&self) -> usize {
+        let t = &self.trade;
+        std::mem::size_of::<Self>()
+            + header_bytes(self)
+            + self.currency.len()
+            + t.trade_id.as_ref().map_or(0, |x| x.as_str().len())
+            + t.account.as_ref().map_or(0, |x| x.as_str().len())
+    }
 }
 
 impl TickMeta for QuoteTick {
@@ -211,6 +235,10 @@ impl TickMeta for QuoteTick {
             resume: Some(resume),
             ..self.clone()
         }
+    }
+
+    fn weight(&self) -> usize {
+        std::mem::size_of::<Self>() + header_bytes(self) + self.currency.len()
     }
 }
 

@@ -632,6 +632,106 @@ async fn read_to_end(tcp: &mut TcpStream, mut got: Vec<u8>) -> Vec<Item> {
     }
 }
 
+/// Reads a stalled client's stream, cut off as too slow out of `total`
+/// quotes: what it had (in order per instrument, some but not all), then one
+/// `next` with the error, then `complete`, and the response is over. Returns
+/// the error's message.
+async fn cut_off(tcp: &mut TcpStream, head: Vec<u8>, total: u64) -> String {
+    let items = read_to_end(tcp, head).await;
+    let (last, rest) = items.split_last().expect("items");
+    assert_eq!(*last, Item::End);
+    let events: Vec<&Event> = rest
+        .iter()
+        .filter_map(|i| match i {
+            Item::Event(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    let (complete, nexts) = events.split_last().expect("events");
+    assert_eq!(complete.event, "complete");
+    let (error, quotes) = nexts.split_last().expect("nexts");
+    let error: Value = serde_json::from_str(&error.data).expect("JSON");
+    let message = error["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("subscriber too slow"),
+        "{error} after {} quotes",
+        quotes.len()
+    );
+    assert_eq!(
+        error["errors"][0]["extensions"]["code"], "TOO_SLOW",
+        "{error}"
+    );
+    assert!(!quotes.is_empty(), "it had quotes before it fell behind");
+    assert!(
+        (quotes.len() as u64) < total,
+        "cut off before the end: {} of {total}",
+        quotes.len()
+    );
+    let mut last_of = HashMap::new();
+    for e in quotes {
+        assert_eq!(e.event, "next");
+        let v: Value = serde_json::from_str(&e.data).expect("JSON");
+        let q = &v["data"]["quotes"];
+        let sym = q["instrument"].as_str().expect("instrument").to_owned();
+        let s = seq(q);
+        let prev = last_of.insert(sym.clone(), s).unwrap_or(0);
+        assert!(s > prev, "{sym}: {s} after {prev}");
+    }
+    message.to_owned()
+}
+
+/// Posts `batches` batches of `per` quotes of four instruments, `seq` 1 up.
+async fn post_quotes(app: &TestApp, batches: u64, per: u64) {
+    let symbols = ["AAPL", "MSFT", "SPY", "VOD.L"];
+    for b in 0..batches {
+        let quotes: Vec<Value> = (0..per)
+            .map(|i| {
+                let seq = b * per + i + 1;
+                let sym = symbols[(seq % 4) as usize];
+                let venue = match sym {
+                    "VOD.L" => "XLON",
+                    "SPY" => "ARCX",
+                    _ => "XNAS",
+                };
+                quote("mm", seq, sym, venue, &format!("100.{seq:05}"), "101")
+            })
+            .collect();
+        assert_eq!(app.post_json(&json!(quotes)).await["accepted"], per);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The byte limit holds for an event stream as for any subscription: a
+/// stalled client is cut off once the events queued for it pass
+/// `subscriber_queue_bytes`, long before its event limit.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_stream_past_its_byte_limit_is_cut_off(pool: PgPool) {
+    let bytes = 256 << 10;
+    let app = spawn_app_with(pool, 1, |c| {
+        c.api.subscriber_queue = 1_000_000;
+        c.api.subscriber_queue_bytes = bytes;
+        c.api.ws.keepalive = None;
+    })
+    .await;
+    let (mut stalled, head) = stalled(&app, &format!("subscription {{ quotes {HEAVY} }}")).await;
+    // A conflated client (never too slow) shows when the hub has dispatched
+    // the last quote, and so every one before it (one shard).
+    let mut watcher = open(&app, "subscription { quotes(maxRate: 1000) { seq } }").await;
+    let (batches, per) = (80u64, 250u64);
+    let total = batches * per;
+    let watching = tokio::spawn(async move {
+        collect(&mut watcher, "quotes", |q| seq(q) == total).await;
+    });
+    post_quotes(&app, batches, per).await;
+    watching.await.expect("the watcher saw the last quote");
+    let message = cut_off(&mut stalled, head, total).await;
+    assert_eq!(
+        message,
+        format!("subscriber too slow: over {bytes} bytes of events queued")
+    );
+    app.stop().await;
+}
+
 #[sqlx::test(migrations = "../migrations")]
 async fn clients_that_stop_reading_are_cut_off_or_held_and_never_hold_up_shutdown(pool: PgPool) {
     // More than a batch, which the hub dispatches at once.
@@ -683,62 +783,15 @@ async fn clients_that_stop_reading_are_cut_off_or_held_and_never_hold_up_shutdow
         }
         watcher
     });
-    for b in 0..batches {
-        let quotes: Vec<Value> = (0..per)
-            .map(|i| {
-                let seq = b * per + i + 1;
-                let sym = symbols[(seq % 4) as usize];
-                let venue = match sym {
-                    "VOD.L" => "XLON",
-                    "SPY" => "ARCX",
-                    _ => "XNAS",
-                };
-                quote("mm", seq, sym, venue, &format!("100.{seq:05}"), "101")
-            })
-            .collect();
-        assert_eq!(app.post_json(&json!(quotes)).await["accepted"], per);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    post_quotes(&app, batches, per).await;
     let mut watcher = watching.await.expect("the watcher saw the newest quotes");
 
-    // The unconflated client fell `queue` events behind: what it had, then
-    // the error, then `complete`, and the response is over.
-    let items = read_to_end(&mut every, head_every).await;
-    let (last, rest) = items.split_last().expect("items");
-    assert_eq!(*last, Item::End);
-    let events: Vec<&Event> = rest
-        .iter()
-        .filter_map(|i| match i {
-            Item::Event(e) => Some(e),
-            _ => None,
-        })
-        .collect();
-    let (complete, nexts) = events.split_last().expect("events");
-    assert_eq!(complete.event, "complete");
-    let (error, quotes) = nexts.split_last().expect("nexts");
-    let error: Value = serde_json::from_str(&error.data).expect("JSON");
-    let message = error["errors"][0]["message"].as_str().unwrap_or_default();
-    assert!(
-        message.starts_with("subscriber too slow"),
-        "{error} after {} quotes",
-        quotes.len()
+    // The unconflated client fell `queue` events behind.
+    let message = cut_off(&mut every, head_every, total).await;
+    assert_eq!(
+        message,
+        format!("subscriber too slow: queue of {queue} events full")
     );
-    assert!(!quotes.is_empty(), "it had quotes before it fell behind");
-    assert!(
-        (quotes.len() as u64) < total,
-        "cut off before the end: {} of {total}",
-        quotes.len()
-    );
-    let mut last_of = HashMap::new();
-    for e in quotes {
-        assert_eq!(e.event, "next");
-        let v: Value = serde_json::from_str(&e.data).expect("JSON");
-        let q = &v["data"]["quotes"];
-        let sym = q["instrument"].as_str().expect("instrument").to_owned();
-        let s = seq(q);
-        let prev = last_of.insert(sym.clone(), s).unwrap_or(0);
-        assert!(s > prev, "{sym}: {s} after {prev}");
-    }
 
     // Shutdown does not wait for the client that never reads. The conflated
     // one was never cut off: read now, it ends on the newest quote of every

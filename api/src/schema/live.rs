@@ -256,8 +256,10 @@ impl TradeSubscription {
     /// Live trades matching every given filter (an omitted filter matches all;
     /// an empty list is refused, as it would match nothing, and so is a list of
     /// more than 1000 values). Per instrument, trades arrive in stream order. A
-    /// subscriber that falls `subscriber_queue` events behind gets the error
-    /// "subscriber too slow: ..." and is closed; resubscribe to continue.
+    /// subscriber that falls `subscriber_queue` events, or
+    /// `subscriber_queue_bytes` bytes of events, behind gets the error
+    /// "subscriber too slow: ..." (code `TOO_SLOW`) and is closed; resubscribe
+    /// to continue.
     ///
     /// `maxRate` conflates: at most that many trades per second per instrument
     /// (above 0, at most 1000), each the latest of its instrument when sent; the
@@ -312,8 +314,10 @@ impl QuoteSubscription {
     /// Live quotes matching every given filter (an omitted filter matches all;
     /// an empty list is refused, as it would match nothing, and so is a list of
     /// more than 1000 values). Per instrument, quotes arrive in stream order. A
-    /// subscriber that falls `subscriber_queue` events behind gets the error
-    /// "subscriber too slow: ..." and is closed; resubscribe to continue.
+    /// subscriber that falls `subscriber_queue` events, or
+    /// `subscriber_queue_bytes` bytes of events, behind gets the error
+    /// "subscriber too slow: ..." (code `TOO_SLOW`) and is closed; resubscribe
+    /// to continue.
     ///
     /// `maxRate` conflates: at most that many quotes per second per instrument
     /// (above 0, at most 1000), each the latest of its instrument when sent; the
