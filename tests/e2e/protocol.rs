@@ -352,10 +352,11 @@ async fn a_client_that_stops_reading_is_cut_off_and_others_keep_receiving(pool: 
     let mut stalled =
         subscribed_small_window(&app, "all", &format!("subscription {{ quotes {HEAVY} }}")).await;
     // Many conflated subscriptions on one connection: unheld, their output
-    // alone would pass the limit.
+    // alone would pass the limit (40 batches x 4 instruments x 100 x ~600
+    // bytes: about 9.6 MB against 4 MiB).
     let mut conflated = connect_small_window(&app).await;
     init(&mut conflated).await;
-    let conflated_ids: Vec<String> = (0..50).map(|i| format!("c{i}")).collect();
+    let conflated_ids: Vec<String> = (0..100).map(|i| format!("c{i}")).collect();
     for id in &conflated_ids {
         send(
             &mut conflated,
