@@ -1999,39 +1999,73 @@ mod tests {
         assert_eq!(drain(&mut feed), vec![5, 6]);
     }
 
-    /// Subscribing again and again while a publisher runs: each feed gets its
-    /// snapshot's seq, then every later one, with no gap and no repeat.
+    /// Feeds subscribing while a publisher runs: each gets its snapshot's seq,
+    /// then every later one, with no gap and no repeat. The feeds subscribe at
+    /// staggered points of the run (one after every `K` publishes) while the
+    /// publisher keeps going, so that the snapshot/live handover happens
+    /// mid-stream, against concurrent dispatch, even on a busy machine.
     #[test]
     fn a_snapshot_then_live_has_no_gap_and_no_repeat() {
         const N: u64 = 20_000;
+        const K: u64 = 100;
+        /// How many chunks of `K` the publisher may run ahead of the feeds.
+        const AHEAD: u64 = 2;
         let hub = Hub::new(N as usize);
+        let snapshot = || Filter {
+            snapshot: true,
+            ..Filter::default()
+        };
+        let published = Arc::new(AtomicU64::new(0));
+        let subscribed = Arc::new(AtomicU64::new(0));
+        // Before the first publish: an empty snapshot, then every seq.
+        let mut feeds = vec![(0, hub.subscribe_quotes(snapshot()).expect("subscribe"))];
         let publisher = {
             let hub = hub.clone();
+            let (published, subscribed) = (Arc::clone(&published), Arc::clone(&subscribed));
             std::thread::spawn(move || {
                 for seq in 1..=N {
+                    // Never far ahead of the feeds, so that they do subscribe
+                    // mid-run; but not waiting for the feed due now either, which
+                    // subscribes while this thread goes on publishing.
+                    let chunk = (seq - 1) / K;
+                    while subscribed.load(Ordering::Acquire) + AHEAD < chunk {
+                        std::thread::yield_now();
+                    }
                     hub.publish(&[quote("A", seq, seq as i64)]);
+                    published.store(seq, Ordering::Release);
                 }
             })
         };
-        let mut feeds = Vec::new();
-        while !publisher.is_finished() && feeds.len() < 200 {
-            feeds.push(
-                hub.subscribe_quotes(Filter {
-                    snapshot: true,
-                    ..Filter::default()
-                })
-                .expect("subscribe"),
-            );
+        for i in 1..N / K {
+            let after = i * K;
+            while published.load(Ordering::Acquire) < after {
+                std::thread::yield_now();
+            }
+            feeds.push((after, hub.subscribe_quotes(snapshot()).expect("subscribe")));
+            subscribed.store(i, Ordering::Release);
         }
         publisher.join().expect("publisher");
-        assert!(feeds.len() > 1, "subscribed during the run");
-        for mut feed in feeds {
+        let mut mid_stream = 0;
+        for (after, mut feed) in feeds {
             let seqs = drain(&mut feed);
-            let Some(&first) = seqs.first() else {
-                continue; // subscribed before the first quote, and N is in the queue
-            };
-            assert_eq!(seqs, (first..=N).collect::<Vec<_>>(), "from {first}");
+            let first = *seqs.first().expect("a snapshot or the live quotes");
+            if after == 0 {
+                assert_eq!(first, 1, "subscribed before the first publish");
+            } else {
+                assert!(first >= after, "subscribed after {after}, from {first}");
+            }
+            // The first seq out of line, rather than 20,000 of them.
+            let wrong = seqs.iter().zip(first..).find(|(got, due)| **got != *due);
+            assert_eq!(wrong, None, "subscribed after {after}: (got, due)");
+            assert_eq!(seqs.last(), Some(&N), "subscribed after {after}");
+            if 1 < first && first < N {
+                mid_stream += 1;
+            }
         }
+        assert!(
+            mid_stream > 0,
+            "no feed took its snapshot while the publisher ran"
+        );
     }
 
     #[test]
