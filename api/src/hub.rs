@@ -2222,6 +2222,23 @@ mod tests {
             .expect("subscribe");
         let b = hub.subscribe_trades(Filter::default()).expect("subscribe");
         assert_eq!(hub.subscribers(), 2);
+        {
+            let reg = hub.inner.registry();
+            let q = &reg.quotes;
+            let mut symbols: Vec<_> = q
+                .by_instrument
+                .iter()
+                .map(|(s, l)| (s.as_str(), l.len()))
+                .collect();
+            symbols.sort_unstable();
+            assert_eq!(
+                symbols,
+                [("AAPL", 1), ("MSFT", 1)],
+                "listed under each instrument once"
+            );
+            assert!(q.wildcard.is_empty(), "an instrument filter is looked up");
+            assert_eq!(reg.trades.wildcard.len(), 1, "no filter: everywhere");
+        }
         drop(a);
         assert_eq!(hub.subscribers(), 1);
         assert!(hub.inner.registry().quotes.by_instrument.is_empty());
