@@ -19,6 +19,10 @@ use crate::helpers::*;
 
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// Probe events posted, each waited on for a moment, before a subscription
+/// that has not gone live fails its test (as `screens::until_live` does).
+const PROBES: u64 = 200;
+
 pub(crate) async fn connect(url: &str, protocol: &str) -> Ws {
     let mut req = url.into_client_request().expect("ws request");
     req.headers_mut()
@@ -61,6 +65,21 @@ async fn closed(ws: &mut Ws) -> (u16, String) {
         match recv(ws).await {
             Ok(_) => continue,
             Err(c) => return c,
+        }
+    }
+}
+
+/// The next message other than the server's keep-alive `ping`, which can come
+/// at any time, failing at `until`: the pings alone would keep [`recv`] from
+/// ever timing out.
+async fn recv_not_ping(ws: &mut Ws, until: tokio::time::Instant, what: &str) -> Value {
+    loop {
+        let m = tokio::time::timeout_at(until, recv(ws))
+            .await
+            .unwrap_or_else(|_| panic!("only pings until the deadline, waiting for {what}"))
+            .unwrap_or_else(|c| panic!("closed waiting for {what}: {c:?}"));
+        if m["type"] != "ping" {
+            return m;
         }
     }
 }
@@ -146,18 +165,14 @@ async fn graphql_transport_ws_pings_errors_and_completes(pool: PgPool) {
     .await;
     let mut ws = connect(&app.ws, "graphql-transport-ws").await;
     init(&mut ws).await;
+    let deadline = || tokio::time::Instant::now() + DEADLINE;
 
     // The server's keep-alive ping, then our ping answered.
     assert_eq!(recv(&mut ws).await.expect("ping")["type"], "ping");
     send(&mut ws, json!({"type": "pong"})).await;
     send(&mut ws, json!({"type": "ping"})).await;
-    loop {
-        let m = recv(&mut ws).await.expect("pong");
-        if m["type"] == "pong" {
-            break;
-        }
-        assert_eq!(m["type"], "ping", "{m}");
-    }
+    let m = recv_not_ping(&mut ws, deadline(), "pong").await;
+    assert_eq!(m["type"], "pong", "{m}");
 
     // An operation the server refuses: `error` with its id, and no `complete`;
     // the id is free again at once.
@@ -166,12 +181,7 @@ async fn graphql_transport_ws_pings_errors_and_completes(pool: PgPool) {
         json!({"id": "x", "type": "subscribe", "payload": {"query": "subscription { quotes { nope } }"}}),
     )
     .await;
-    let err = loop {
-        let m = recv(&mut ws).await.expect("error");
-        if m["type"] != "ping" {
-            break m;
-        }
-    };
+    let err = recv_not_ping(&mut ws, deadline(), "error").await;
     assert_eq!(
         (err["type"].as_str(), err["id"].as_str()),
         (Some("error"), Some("x")),
@@ -191,11 +201,9 @@ async fn graphql_transport_ws_pings_errors_and_completes(pool: PgPool) {
     )
     .await;
     let mut kinds = Vec::new();
+    let until = deadline();
     while kinds.last() != Some(&"complete".to_string()) {
-        let m = recv(&mut ws).await.expect("result");
-        if m["type"] == "ping" {
-            continue;
-        }
+        let m = recv_not_ping(&mut ws, until, "result").await;
         assert_eq!(m["id"], "x", "{m}");
         kinds.push(m["type"].as_str().expect("type").to_owned());
     }
@@ -208,14 +216,17 @@ async fn graphql_transport_ws_pings_errors_and_completes(pool: PgPool) {
     )
     .await;
     let mut seq = 0u64;
-    let first = loop {
-        seq += 1;
-        app.post_json(&json!([quote("p", seq, "AAPL", "XNAS", "1", "2")]))
-            .await;
-        match tokio::time::timeout(Duration::from_millis(500), recv(&mut ws)).await {
-            Ok(Ok(m)) if m["type"] == "next" => break m,
-            _ => continue,
+    let first = 'live: {
+        while seq < PROBES {
+            seq += 1;
+            app.post_json(&json!([quote("p", seq, "AAPL", "XNAS", "1", "2")]))
+                .await;
+            match tokio::time::timeout(Duration::from_millis(500), recv(&mut ws)).await {
+                Ok(Ok(m)) if m["type"] == "next" => break 'live m,
+                _ => continue,
+            }
         }
+        panic!("the subscription never went live");
     };
     assert_eq!(first["id"], "s");
     send(&mut ws, json!({"id": "s", "type": "complete"})).await;
@@ -272,15 +283,16 @@ async fn the_legacy_protocol_keeps_alive_sends_data_and_stops(pool: PgPool) {
         json!({"id": "1", "type": "start", "payload": {"query": "subscription { quotes { seq } }"}}),
     )
     .await;
-    let mut seq = 0u64;
-    let data = loop {
-        seq += 1;
-        app.post_json(&json!([quote("p", seq, "AAPL", "XNAS", "1", "2")]))
-            .await;
-        match tokio::time::timeout(Duration::from_millis(500), recv(&mut ws)).await {
-            Ok(Ok(m)) if m["type"] == "data" => break m,
-            _ => continue,
+    let data = 'live: {
+        for seq in 1..=PROBES {
+            app.post_json(&json!([quote("p", seq, "AAPL", "XNAS", "1", "2")]))
+                .await;
+            match tokio::time::timeout(Duration::from_millis(500), recv(&mut ws)).await {
+                Ok(Ok(m)) if m["type"] == "data" => break 'live m,
+                _ => continue,
+            }
         }
+        panic!("the subscription never went live");
     };
     assert_eq!(data["id"], "1");
     assert!(
@@ -371,16 +383,19 @@ async fn a_client_that_stops_reading_is_cut_off_and_others_keep_receiving(pool: 
     )
     .await;
     // Registered once the reader sees a probe (all three subscribed before it).
-    for n in 0.. {
-        app.post_json(&json!([quote("probe", n, "AAPL", "XNAS", "1", "2")]))
-            .await;
-        if reader
-            .next_within(Duration::from_millis(500))
-            .await
-            .is_some()
-        {
-            break;
+    'live: {
+        for n in 0..PROBES {
+            app.post_json(&json!([quote("probe", n, "AAPL", "XNAS", "1", "2")]))
+                .await;
+            if reader
+                .next_within(Duration::from_millis(500))
+                .await
+                .is_some()
+            {
+                break 'live;
+            }
         }
+        panic!("the reading subscription never went live");
     }
 
     // Far more than the limit plus what the sockets buffer: ~600 bytes each.
@@ -484,22 +499,22 @@ async fn a_client_that_pauses_gets_every_event_in_order_when_it_reads_again(pool
     let query = format!("subscription {{ quotes(instruments: [\"AAPL\"]) {HEAVY} }}");
     let mut ws = subscribed_small_window(&app, "q", &query).await;
     let mut reader = Subscription::start(&app.ws, false, &query).await;
-    let mut live = false;
-    for n in 0..200 {
-        app.post_json(&json!([quote("probe", n, "AAPL", "XNAS", "1", "2")]))
-            .await;
-        let seen = tokio::time::timeout(Duration::from_millis(500), recv(&mut ws)).await;
-        if seen.is_ok()
-            && reader
-                .next_within(Duration::from_millis(500))
-                .await
-                .is_some()
-        {
-            live = true;
-            break;
+    'live: {
+        for n in 0..PROBES {
+            app.post_json(&json!([quote("probe", n, "AAPL", "XNAS", "1", "2")]))
+                .await;
+            let seen = tokio::time::timeout(Duration::from_millis(500), recv(&mut ws)).await;
+            if seen.is_ok()
+                && reader
+                    .next_within(Duration::from_millis(500))
+                    .await
+                    .is_some()
+            {
+                break 'live;
+            }
         }
+        panic!("the subscriptions never went live");
     }
-    assert!(live, "the subscriptions never went live");
     // Drain the probes that arrived late.
     while let Ok(m) = tokio::time::timeout(Duration::from_millis(300), recv(&mut ws)).await {
         m.expect("open");
