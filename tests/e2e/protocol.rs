@@ -209,43 +209,73 @@ async fn graphql_transport_ws_pings_errors_and_completes(pool: PgPool) {
     }
     assert_eq!(kinds, ["next", "complete"]);
 
-    // A subscription the client completes gets nothing more, and no echo.
-    send(
-        &mut ws,
-        json!({"id": "s", "type": "subscribe", "payload": {"query": "subscription { quotes { seq source } }"}}),
-    )
-    .await;
+    // A subscription the client completes gets nothing more, and no echo. A
+    // witness on the same socket with the same filter stays: once it has an
+    // event published after the `complete`, so would the completed one have.
+    let quotes = json!({"query": "subscription { quotes { seq source } }"});
+    for id in ["s", "w"] {
+        send(
+            &mut ws,
+            json!({"id": id, "type": "subscribe", "payload": quotes}),
+        )
+        .await;
+    }
     let mut seq = 0u64;
-    let first = 'live: {
-        while seq < PROBES {
-            seq += 1;
-            app.post_json(&json!([quote("p", seq, "AAPL", "XNAS", "1", "2")]))
-                .await;
-            match tokio::time::timeout(Duration::from_millis(500), recv(&mut ws)).await {
-                Ok(Ok(m)) if m["type"] == "next" => break 'live m,
-                _ => continue,
+    let mut live = HashSet::new();
+    for _ in 0..PROBES {
+        if live.len() == 2 {
+            break;
+        }
+        seq += 1;
+        app.post_json(&json!([quote("p", seq, "AAPL", "XNAS", "1", "2")]))
+            .await;
+        let until = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(m) = tokio::time::timeout_at(until, recv(&mut ws)).await {
+            let m = m.expect("open");
+            if m["type"] == "next" {
+                live.insert(m["id"].as_str().expect("id").to_owned());
             }
         }
-        panic!("the subscription never went live");
-    };
-    assert_eq!(first["id"], "s");
+    }
+    assert_eq!(live.len(), 2, "only {live:?} went live");
     send(&mut ws, json!({"id": "s", "type": "complete"})).await;
-    // Past anything already in flight, the only traffic left is pings.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    app.post_json(&json!([quote("p", seq + 1, "AAPL", "XNAS", "1", "2")]))
+    // The server handles a socket's messages in order: once our ping is
+    // answered, it has dropped `s`, and whatever `s` had sent is before the pong.
+    send(&mut ws, json!({"type": "ping"})).await;
+    let until = deadline();
+    loop {
+        let m = recv_not_ping(&mut ws, until, "pong").await;
+        if m["type"] == "pong" {
+            break;
+        }
+        assert_eq!(m["type"], "next", "{m}");
+    }
+    seq += 1;
+    app.post_json(&json!([quote("p", seq, "AAPL", "XNAS", "1", "2")]))
         .await;
-    let until = tokio::time::Instant::now() + Duration::from_secs(1);
-    let mut after_quiet = Vec::new();
+    let is_last = |m: &Value| m["payload"]["data"]["quotes"]["seq"] == json!(seq.to_string());
+    let mut after_complete = Vec::new();
+    let until = deadline();
+    loop {
+        let m = recv_not_ping(&mut ws, until, "the witness's quote").await;
+        let witnessed = m["id"] == "w" && is_last(&m);
+        after_complete.push(m);
+        if witnessed {
+            break;
+        }
+    }
+    // Anything else already on its way. (A deadline, not a quiet spell: the
+    // pings come more often than that.)
+    let until = tokio::time::Instant::now() + Duration::from_millis(300);
     while let Ok(m) = tokio::time::timeout_at(until, recv(&mut ws)).await {
         let m = m.expect("open");
         if m["type"] != "ping" {
-            after_quiet.push(m);
+            after_complete.push(m);
         }
     }
     assert!(
-        after_quiet.iter().all(|m| m["type"] == "next"
-            && m["payload"]["data"]["quotes"]["seq"] != json!((seq + 1).to_string())),
-        "after complete: {after_quiet:?}"
+        after_complete.iter().all(|m| m["id"] != "s"),
+        "after complete: {after_complete:?}"
     );
 
     // The client closes: the server answers the closing handshake.
