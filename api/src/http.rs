@@ -325,7 +325,7 @@ async fn graphiql() -> Html<String> {
 }
 
 /// Serves `router` on `listener` until `shutdown`, then stops accepting and waits
-/// for in-flight requests, at most [`DRAIN_GRACE`]; WebSocket connections close
+/// for in-flight requests, at most `DRAIN_GRACE`; WebSocket connections close
 /// themselves on `shutdown`. Otherwise the same edge as ingest's, so both stop
 /// alike.
 pub async fn serve(

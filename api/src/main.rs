@@ -2,6 +2,10 @@
 //! component in one process. Configuration comes from flags or the environment
 //! variables named in `--help`; defaults point at 127.0.0.1.
 
+// The flags' doc comments are their `--help` text, where `<host>` is a
+// placeholder, not HTML.
+#![allow(rustdoc::invalid_html_tags)]
+
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::Arc;

@@ -98,7 +98,7 @@ pub async fn run(
     Ok(())
 }
 
-/// The per-batch work of the enrich worker: join, then commit (see [`COMMIT_LUA`]).
+/// The per-batch work of the enrich worker: join, then commit (see `COMMIT_LUA`).
 pub struct Enricher {
     cfg: EnrichConfig,
     con: RedisConn,

@@ -14,7 +14,7 @@
 //!   cannot take them.
 //! - [`producers`]: who may send events: producer tokens (by their SHA-256),
 //!   the sources each may claim, per-producer rate limits.
-//! - [`server`]: the HTTP edge (`POST /v1/events`), built by [`server::router`].
+//! - [`server`]: the HTTP edge (`POST /v1/events`), built by [`server::Ingest::router`].
 //! - [`ops`]: what every component serves for operators: `/metrics` (one
 //!   prometheus-client registry per process), `/healthz`, `/readyz` and its
 //!   checks, and the per-batch histogram and naming rules the metrics share.

@@ -227,10 +227,10 @@ impl StreamWriter {
 
 /// Appends one round's entries to one stream, unless the stream already has it.
 ///
-/// KEYS[1]: the stream; KEYS[2]: this writer's marker for it (same slot).
-/// ARGV[1]: the round id; ARGV[2]: the marker's lifetime in seconds;
-/// ARGV[3]: `1` for a round never sent before, else `0`;
-/// ARGV[4]: how many trim arguments follow; then the trim arguments;
+/// `KEYS[1]`: the stream; `KEYS[2]`: this writer's marker for it (same slot).
+/// `ARGV[1]`: the round id; `ARGV[2]`: the marker's lifetime in seconds;
+/// `ARGV[3]`: `1` for a round never sent before, else `0`;
+/// `ARGV[4]`: how many trim arguments follow; then the trim arguments;
 /// then each entry as its field count followed by field, value pairs.
 /// Returns the entries added; 0 when the round was there already; and, for a
 /// round never sent before whose id the marker is already at or past (another

@@ -4,16 +4,16 @@
 //! samples the CPU and memory of every process involved.
 //!
 //! # Layout
-//! - [`load`]: the event generator, the open-loop senders (one per connection)
+//! - `load`: the event generator, the open-loop senders (one per connection)
 //!   and the send log every delivered event is timed against.
-//! - [`subscribers`]: `graphql-transport-ws` subscribers, each one connection
+//! - `subscribers`: `graphql-transport-ws` subscribers, each one connection
 //!   running a few filtered operations; latency in one histogram pair per group.
-//! - [`fanout`]: the `--fanout N` mix of filters, and its per-kind summary.
-//! - [`stages`]: what got through each stage: a tail of the enriched streams and
+//! - `fanout`: the `--fanout N` mix of filters, and its per-kind summary.
+//! - `stages`: what got through each stage: a tail of the enriched streams and
 //!   the history tables.
-//! - [`procstat`]: CPU seconds and RSS from /proc, every second.
-//! - [`ceiling`]: Redis's own pipelined XADD ceiling, measured before the load.
-//! - [`report`]: the figures, the judgement of a step, the plain-text report.
+//! - `procstat`: CPU seconds and RSS from /proc, every second.
+//! - `ceiling`: Redis's own pipelined XADD ceiling, measured before the load.
+//! - `report`: the figures, the judgement of a step, the plain-text report.
 //!
 //! [`run`] drives them: ceiling, subscribers (with `--fanout`, RSS before and
 //! after they sit idle), then each step (send, wait for the answers, drain,
