@@ -1876,6 +1876,13 @@ mod tests {
         }))
     }
 
+    /// An index's keys, each with how many subscribers it lists, sorted.
+    fn listed<V>(map: &HashMap<String, Vec<V>>) -> Vec<(&str, usize)> {
+        let mut keys: Vec<_> = map.iter().map(|(k, l)| (k.as_str(), l.len())).collect();
+        keys.sort_unstable();
+        keys
+    }
+
     /// Seqs of everything queued for the feed right now.
     fn drain<T: TickMeta>(feed: &mut Feed<T>) -> Vec<u64> {
         let mut seqs = Vec::new();
@@ -2162,14 +2169,8 @@ mod tests {
         {
             let reg = hub.inner.registry();
             let t = &reg.trades;
-            let mut venues: Vec<_> = t
-                .by_venue
-                .iter()
-                .map(|(v, l)| (v.as_str(), l.len()))
-                .collect();
-            venues.sort_unstable();
             assert_eq!(
-                venues,
+                listed(&t.by_venue),
                 [("XEUR", 2), ("XLON", 1)],
                 "each venue once per subscriber"
             );
@@ -2225,14 +2226,8 @@ mod tests {
         {
             let reg = hub.inner.registry();
             let q = &reg.quotes;
-            let mut symbols: Vec<_> = q
-                .by_instrument
-                .iter()
-                .map(|(s, l)| (s.as_str(), l.len()))
-                .collect();
-            symbols.sort_unstable();
             assert_eq!(
-                symbols,
+                listed(&q.by_instrument),
                 [("AAPL", 1), ("MSFT", 1)],
                 "listed under each instrument once"
             );

@@ -353,23 +353,34 @@ impl Subscription {
             .await
             .expect("a subscription event within the deadline")
     }
+}
+
+impl Payloads for Subscription {
+    fn next_payload(&mut self) -> impl std::future::Future<Output = Option<Value>> + Send + '_ {
+        self.next_within(DEADLINE)
+    }
+}
+
+/// A subscription read one `data` payload at a time, whatever the transport.
+pub trait Payloads: Send + Sized + 'static {
+    /// The next payload; None when the subscription is over or nothing came
+    /// within [`DEADLINE`].
+    fn next_payload(&mut self) -> impl std::future::Future<Output = Option<Value>> + Send + '_;
 
     /// Reads on in a task of its own, handing over each payload as it
     /// arrives, with its arrival time; stops when the receiver is dropped.
-    pub fn forward(mut self) -> Arrivals {
+    fn forward(mut self) -> Arrivals {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = tx.closed() => return,
-                    v = self.next_within(DEADLINE) => match v {
-                        Some(v) => {
-                            if tx.send((Instant::now(), v)).is_err() {
-                                return;
-                            }
+                    v = self.next_payload() => {
+                        let Some(v) = v else { return };
+                        if tx.send((Instant::now(), v)).is_err() {
+                            return;
                         }
-                        None => return,
-                    },
+                    }
                 }
             }
         });

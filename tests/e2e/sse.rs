@@ -152,32 +152,6 @@ impl Sse {
         }
     }
 
-    /// Reads on in a task of its own, handing over the `data` of each `next`
-    /// as it arrives, with its arrival time; stops when the receiver is
-    /// dropped or the stream ends.
-    fn forward(mut self) -> Arrivals {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tx.closed() => return,
-                    item = self.item_within(DEADLINE) => match item {
-                        Some(Item::Event(e)) if e.event == "next" => {
-                            let v: Value = serde_json::from_str(&e.data).expect("JSON data");
-                            assert!(v.get("errors").is_none(), "errors: {v}");
-                            if tx.send((Instant::now(), v["data"].clone())).is_err() {
-                                return;
-                            }
-                        }
-                        Some(Item::Comment) => continue,
-                        _ => return,
-                    },
-                }
-            }
-        });
-        rx
-    }
-
     /// The rest of the stream must be `complete` (with a `data:` line, or
     /// `EventSource` would not see it) and then the end of the response.
     async fn completes(&mut self) {
@@ -189,6 +163,24 @@ impl Sse {
             })
         );
         assert_eq!(self.event().await, Item::End);
+    }
+}
+
+impl Payloads for Sse {
+    /// The `data` of the next `next`, skipping comments; None at anything
+    /// else (`complete`, the end) or when nothing comes within the deadline.
+    async fn next_payload(&mut self) -> Option<Value> {
+        loop {
+            match self.item_within(DEADLINE).await? {
+                Item::Event(e) if e.event == "next" => {
+                    let v: Value = serde_json::from_str(&e.data).expect("JSON data");
+                    assert!(v.get("errors").is_none(), "errors: {v}");
+                    return Some(v["data"].clone());
+                }
+                Item::Comment => continue,
+                _ => return None,
+            }
+        }
     }
 }
 
