@@ -127,10 +127,81 @@ pub struct Filter {
     pub entitled: Option<Entitlements>,
 }
 
-/// Updates per second per instrument a conflated subscription receives at most.
+/// A field of an event that a conflated subscription may keep one latest
+/// value per (see [`ConflationKey`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConflationField {
+    Instrument,
+    Venue,
+    Source,
+    /// Trades only.
+    Side,
+}
+
+/// What a conflated subscription keeps one latest value of: the combination
+/// of the fields it names, by default the instrument alone. Per instrument
+/// and venue, a quote screen shows every venue's latest quote of a symbol
+/// rather than whichever venue quoted last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConflationKey(u8);
+
+impl ConflationKey {
+    pub const INSTRUMENT: Self = Self(1);
+
+    fn bit(f: ConflationField) -> u8 {
+        match f {
+            ConflationField::Instrument => 1,
+            ConflationField::Venue => 2,
+            ConflationField::Source => 4,
+            ConflationField::Side => 8,
+        }
+    }
+
+    /// The key of these fields, in any order; an empty list is refused.
+    pub fn of(fields: &[ConflationField]) -> Result<Self, HubError> {
+        if fields.is_empty() {
+            return Err(HubError::EmptyList { arg: "conflateBy" });
+        }
+        Ok(Self(fields.iter().fold(0, |m, f| m | Self::bit(*f))))
+    }
+
+    fn has(self, f: ConflationField) -> bool {
+        self.0 & Self::bit(f) != 0
+    }
+
+    /// The tick's key: its instrument alone borrowed, else its named fields
+    /// joined by a separator no field holds.
+    fn key_of<'t, T: TickMeta>(self, t: &'t T) -> std::borrow::Cow<'t, str> {
+        if self == Self::INSTRUMENT {
+            return std::borrow::Cow::Borrowed(t.instrument());
+        }
+        let h = t.header();
+        let parts = [
+            (ConflationField::Instrument, h.instrument.as_str()),
+            (ConflationField::Venue, h.venue.as_str()),
+            (ConflationField::Source, h.source.as_str()),
+            (
+                ConflationField::Side,
+                t.side().map_or("", |side| side.as_str()),
+            ),
+        ];
+        let mut key = String::new();
+        for (f, v) in parts {
+            if self.has(f) {
+                key.push_str(v);
+                key.push('\u{1f}');
+            }
+        }
+        std::borrow::Cow::Owned(key)
+    }
+}
+
+/// Updates per second per instrument (or per [`ConflationKey`]) a conflated
+/// subscription receives at most.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MaxRate {
     period: Duration,
+    key: ConflationKey,
 }
 
 impl MaxRate {
@@ -141,6 +212,7 @@ impl MaxRate {
         if rate.is_finite() && rate > 0.0 && rate <= Self::MAX_PER_SECOND {
             Ok(Self {
                 period: Duration::from_secs_f64(1.0 / rate),
+                key: ConflationKey::INSTRUMENT,
             })
         } else {
             Err(HubError::BadMaxRate { rate })
@@ -150,6 +222,11 @@ impl MaxRate {
     /// The least time between two deliveries.
     pub fn period(&self) -> Duration {
         self.period
+    }
+
+    /// The same rate, per `key` instead of per instrument.
+    pub fn per(self, key: ConflationKey) -> Self {
+        Self { key, ..self }
     }
 }
 
@@ -296,8 +373,8 @@ enum Sink<T> {
     Conflate(ConflateTx<T>),
 }
 
-/// The ticks a conflated feed has not taken yet, newest per instrument, in the
-/// order their instruments first updated since the last take.
+/// The ticks a conflated feed has not taken yet, newest per instrument (per
+/// [`ConflationKey`]), in the order their keys first updated since the last take.
 struct Conflation<T> {
     pending: Mutex<Pending<T>>,
     waker: AtomicWaker,
@@ -317,21 +394,22 @@ impl<T> Conflation<T> {
 
 /// The hub's end of a [`Conflation`]; dropping it ends the feed, as dropping an
 /// mpsc sender does.
-struct ConflateTx<T>(Arc<Conflation<T>>);
+struct ConflateTx<T>(Arc<Conflation<T>>, ConflationKey);
 
 impl<T: TickMeta> ConflateTx<T> {
     /// True when `t` replaced a tick the feed had not taken: that one is
     /// conflated away.
     fn put(&self, t: &Arc<T>) -> bool {
+        let key = self.1.key_of(t.as_ref());
         let replaced = {
             let mut p = self.0.pending();
-            match p.latest.get_mut(t.instrument()) {
+            match p.latest.get_mut(key.as_ref()) {
                 Some(slot) => {
                     *slot = Arc::clone(t);
                     true
                 }
                 None => {
-                    p.latest.insert(t.instrument().to_owned(), Arc::clone(t));
+                    p.latest.insert(key.into_owned(), Arc::clone(t));
                     false
                 }
             }
@@ -1372,7 +1450,7 @@ impl Hub {
                     ready: VecDeque::new(),
                     not_before: None,
                 };
-                (Sink::Conflate(ConflateTx(c)), source)
+                (Sink::Conflate(ConflateTx(c, rate.key)), source)
             }
         };
         let state = Arc::new(SubState::default());
@@ -1954,6 +2032,48 @@ mod tests {
         hub.inner.close();
         assert_eq!(next_quote(&mut feed).await, ("A".into(), 301));
         assert!(feed.next().await.is_none());
+    }
+
+    /// `conflateBy`: one latest value per combination of the fields named,
+    /// where per instrument alone the last venue's would replace the others.
+    #[tokio::test(start_paused = true)]
+    async fn a_conflated_feed_keeps_the_latest_per_key_it_names() {
+        let hub = Hub::new(4);
+        let per = |fields: &[ConflationField]| Filter {
+            max_rate: Some(
+                MaxRate::per_second(1.0)
+                    .expect("rate")
+                    .per(ConflationKey::of(fields).expect("key")),
+            ),
+            ..Filter::default()
+        };
+        let mut by_instrument = hub.subscribe_trades(conflated(1.0)).expect("subscribe");
+        let mut by_venue = hub
+            .subscribe_trades(per(&[ConflationField::Instrument, ConflationField::Venue]))
+            .expect("subscribe");
+        let mut by_side = hub
+            .subscribe_trades(per(&[ConflationField::Side]))
+            .expect("subscribe");
+        let eq = AssetClass::Equity;
+        hub.publish(&[
+            trade("A", "XNAS", 1, Side::Buy, eq),
+            trade("A", "ARCX", 2, Side::Buy, eq),
+            trade("A", "XNAS", 3, Side::Sell, eq),
+            trade("B", "XNAS", 4, Side::Buy, eq),
+        ]);
+        // In the order each key first updated, its newest tick.
+        assert_eq!(drain(&mut by_instrument), [3, 4]);
+        assert_eq!(drain(&mut by_venue), [3, 2, 4]);
+        assert_eq!(drain(&mut by_side), [4, 3]);
+
+        assert_eq!(
+            ConflationKey::of(&[]).err(),
+            Some(HubError::EmptyList { arg: "conflateBy" })
+        );
+        assert_eq!(
+            ConflationKey::of(&[ConflationField::Instrument, ConflationField::Instrument]),
+            Ok(ConflationKey::INSTRUMENT)
+        );
     }
 
     #[test]

@@ -171,3 +171,48 @@ async fn a_snapshot_takes_what_the_server_has_not_seen_from_history(pool: PgPool
     );
     app.stop().await;
 }
+
+/// `conflateBy: [INSTRUMENT, VENUE]`: each venue's latest quote of an
+/// instrument, where per instrument alone the last venue's replaces the rest.
+/// Planned (plain selection) and executed (behind a fragment) alike.
+#[sqlx::test(migrations = "../migrations")]
+async fn conflate_by_venue_sends_each_venues_latest_quote(pool: PgPool) {
+    let app = spawn_app(pool, 1).await;
+    let args = r#"instruments: ["AAPL"], maxRate: 1, conflateBy: [INSTRUMENT, VENUE]"#;
+    let mut planned = Subscription::start(
+        &app.ws,
+        false,
+        &format!("subscription {{ quotes({args}) {{ source seq venue }} }}"),
+    )
+    .await;
+    let mut executed = Subscription::start(
+        &app.ws,
+        false,
+        &format!("subscription {{ quotes({args}) {{ ... on Quote {{ source seq venue }} }} }}"),
+    )
+    .await;
+    until_live(&app, &mut planned).await;
+    until_live(&app, &mut executed).await;
+    // After the probes' period, one batch: XNAS twice, ARCX between.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.post_json(&json!([
+        quote("mm", 1, "AAPL", "XNAS", "189.1", "189.2"),
+        quote("mm", 2, "AAPL", "ARCX", "189.0", "189.3"),
+        quote("mm", 3, "AAPL", "XNAS", "189.2", "189.3"),
+    ]))
+    .await;
+    for sub in [&mut planned, &mut executed] {
+        let mut latest = std::collections::HashMap::new();
+        while latest.get("XNAS") != Some(&3) || latest.get("ARCX") != Some(&2) {
+            let q = sub.next().await["quotes"].clone();
+            if q["source"] != "mm" {
+                continue;
+            }
+            let venue = q["venue"].as_str().expect("venue").to_owned();
+            let seq: u64 = q["seq"].as_str().and_then(|s| s.parse().ok()).expect("seq");
+            let before = latest.insert(venue.clone(), seq).unwrap_or(0);
+            assert!(seq > before, "{venue}: {seq} after {before}");
+        }
+    }
+    app.stop().await;
+}

@@ -28,9 +28,10 @@ use futures_util::StreamExt;
 
 use super::fast::{QUOTE_LEAVES, TRADE_LEAVES};
 use super::live::{hub_error, open_with, LiveArgs, LiveKind};
+use super::types::{QuoteConflationKind, TradeConflationKind};
 use super::{Limits, Services};
 use crate::auth::Principal;
-use crate::hub::Filter;
+use crate::hub::{ConflationField, Filter};
 use crate::shared_json::{write_data, write_response_json, SelectionKey};
 use crate::tick::{QuoteTick, TradeTick};
 use crate::ws::Gate;
@@ -64,6 +65,8 @@ impl Field {
             "assetClasses" => "[AssetClass!]",
             "sides" if self == Field::Trades => "[Side!]",
             "maxRate" => "Float",
+            "conflateBy" if self == Field::Trades => "[TradeConflationField!]",
+            "conflateBy" => "[QuoteConflationField!]",
             "snapshot" => "Boolean!",
             "after" => "String",
             _ => return None,
@@ -194,7 +197,7 @@ pub fn plan(request: &Request, limits: &Limits) -> Option<Plan> {
             // Variables inside lists are valid GraphQL, but not planned.
             _ => return None,
         }
-        set(&mut args, name, value)?;
+        set(&mut args, field, name, value)?;
     }
     if used.len() != declared.len() {
         return None;
@@ -213,12 +216,21 @@ fn variable(vars: &Variables, name: &Name) -> Result<Value, ()> {
     Ok(vars.get(name).cloned().unwrap_or(Value::Null))
 }
 
-/// Coerces one argument with the input type the resolver declares.
-fn set(args: &mut Args, name: &str, value: Value) -> Option<()> {
+/// Coerces one argument of `field` with the input type the resolver declares.
+fn set(args: &mut Args, field: Field, name: &str, value: Value) -> Option<()> {
     fn parse<T: InputType>(v: Value) -> Option<T> {
         T::parse(Some(v)).ok()
     }
+    fn fields<T: Into<ConflationField>>(v: Option<Vec<T>>) -> Option<Vec<ConflationField>> {
+        v.map(|v| v.into_iter().map(Into::into).collect())
+    }
     match name {
+        "conflateBy" => {
+            args.live.conflate_by = match field {
+                Field::Trades => fields(parse::<Option<Vec<TradeConflationKind>>>(value)?),
+                Field::Quotes => fields(parse::<Option<Vec<QuoteConflationKind>>>(value)?),
+            }
+        }
         "instruments" => args.live.instruments = parse(value)?,
         "venues" => args.live.venues = parse(value)?,
         "assetClasses" => args.live.asset_classes = parse(value)?,

@@ -10,11 +10,11 @@ use futures_util::{Stream, StreamExt};
 use sqlx::PgPool;
 
 use super::fast::{quote_json, trade_json, LiveQuote, LiveTrade};
-use super::types::{AssetClassKind, SideKind};
+use super::types::{AssetClassKind, QuoteConflationKind, SideKind, TradeConflationKind};
 use super::{internal, principal, Services, MAX_FILTER_VALUES};
 use crate::auth::Principal;
 use crate::history::{self, Visible};
-use crate::hub::{Feed, Filter, HubError, MaxRate, Resumed};
+use crate::hub::{ConflationField, ConflationKey, Feed, Filter, HubError, MaxRate, Resumed};
 use crate::resume::ResumeCursor;
 use crate::shared_json::SelectionKey;
 use crate::tick::{QuoteRow, QuoteTick, TickError, TickMeta, TradeRow, TradeTick};
@@ -43,6 +43,8 @@ pub(crate) struct LiveArgs {
     /// `trades` only.
     pub sides: Option<Vec<SideKind>>,
     pub max_rate: Option<f64>,
+    /// What `max_rate` is per; None: the instrument.
+    pub conflate_by: Option<Vec<ConflationField>>,
     pub snapshot: bool,
 }
 
@@ -52,6 +54,22 @@ impl LiveArgs {
         check_len("venues", &self.venues)?;
         check_len("assetClasses", &self.asset_classes)?;
         check_len("sides", &self.sides)?;
+        check_len("conflateBy", &self.conflate_by)?;
+        let max_rate =
+            match (self.max_rate, self.conflate_by) {
+                (None, None) => None,
+                (None, Some(_)) => return Err(
+                    "`conflateBy` needs `maxRate`: without it every event is sent, none conflated"
+                        .into(),
+                ),
+                (Some(rate), by) => {
+                    let rate = MaxRate::per_second(rate)?;
+                    Some(match by {
+                        Some(by) => rate.per(ConflationKey::of(&by)?),
+                        None => rate,
+                    })
+                }
+            };
         Ok(Filter {
             instruments: self.instruments,
             venues: self.venues,
@@ -59,7 +77,7 @@ impl LiveArgs {
                 .asset_classes
                 .map(|v| v.into_iter().map(Into::into).collect()),
             sides: self.sides.map(|v| v.into_iter().map(Into::into).collect()),
-            max_rate: self.max_rate.map(MaxRate::per_second).transpose()?,
+            max_rate,
             snapshot: self.snapshot,
             entitled: None,
         })
@@ -264,7 +282,10 @@ impl TradeSubscription {
     /// `maxRate` conflates: at most that many trades per second per instrument
     /// (above 0, at most 1000), each the latest of its instrument when sent; the
     /// ones in between are skipped, never queued, so such a subscriber is never
-    /// too slow. Omitted, every trade is sent.
+    /// too slow. Omitted, every trade is sent. `conflateBy` (with `maxRate`
+    /// only) names what to keep one latest value per instead of the
+    /// instrument: any of `INSTRUMENT`, `VENUE`, `SOURCE`, `SIDE`, combined; `[INSTRUMENT, VENUE]` sends
+    /// each venue's latest trade of an instrument, not only the last venue's.
     ///
     /// `snapshot: true` first sends the latest trade of every selected instrument
     /// that passes the filters (from this server's memory, or from history for
@@ -277,7 +298,8 @@ impl TradeSubscription {
     /// longer hold them (trimmed, or Redis lost them), the subscription is
     /// refused with `extensions.code` `CURSOR_EXPIRED`: reload the current state
     /// (`snapshot: true`) instead. With `maxRate`, `after` means `snapshot: true`:
-    /// a conflated subscription owes only the newest value of each instrument.
+    /// a conflated subscription owes only the newest value of each instrument
+    /// (the snapshot holds that, whatever `conflateBy`).
     /// Not with `snapshot`.
     // Each argument is a GraphQL argument of the field.
     #[allow(clippy::too_many_arguments)]
@@ -289,6 +311,7 @@ impl TradeSubscription {
         asset_classes: Option<Vec<AssetClassKind>>,
         sides: Option<Vec<SideKind>>,
         max_rate: Option<f64>,
+        conflate_by: Option<Vec<TradeConflationKind>>,
         #[graphql(default)] snapshot: bool,
         after: Option<String>,
     ) -> Result<impl Stream<Item = Result<LiveTrade>>> {
@@ -298,6 +321,7 @@ impl TradeSubscription {
             asset_classes,
             sides,
             max_rate,
+            conflate_by: conflate_by.map(|v| v.into_iter().map(Into::into).collect()),
             snapshot,
         }
         .filter()?;
@@ -322,7 +346,10 @@ impl QuoteSubscription {
     /// `maxRate` conflates: at most that many quotes per second per instrument
     /// (above 0, at most 1000), each the latest of its instrument when sent; the
     /// ones in between are skipped, never queued, so such a subscriber is never
-    /// too slow. Omitted, every quote is sent.
+    /// too slow. Omitted, every quote is sent. `conflateBy` (with `maxRate`
+    /// only) names what to keep one latest value per instead of the
+    /// instrument: any of `INSTRUMENT`, `VENUE`, `SOURCE`, combined; `[INSTRUMENT, VENUE]` sends
+    /// each venue's latest quote of an instrument, not only the last venue's.
     ///
     /// `snapshot: true` first sends the latest quote of every selected instrument
     /// that passes the filters (from this server's memory, or from history for
@@ -335,7 +362,8 @@ impl QuoteSubscription {
     /// longer hold them (trimmed, or Redis lost them), the subscription is
     /// refused with `extensions.code` `CURSOR_EXPIRED`: reload the current state
     /// (`snapshot: true`) instead. With `maxRate`, `after` means `snapshot: true`:
-    /// a conflated subscription owes only the newest value of each instrument.
+    /// a conflated subscription owes only the newest value of each instrument
+    /// (the snapshot holds that, whatever `conflateBy`).
     /// Not with `snapshot`.
     // Each argument is a GraphQL argument of the field.
     #[allow(clippy::too_many_arguments)]
@@ -346,6 +374,7 @@ impl QuoteSubscription {
         venues: Option<Vec<String>>,
         asset_classes: Option<Vec<AssetClassKind>>,
         max_rate: Option<f64>,
+        conflate_by: Option<Vec<QuoteConflationKind>>,
         #[graphql(default)] snapshot: bool,
         after: Option<String>,
     ) -> Result<impl Stream<Item = Result<LiveQuote>>> {
@@ -355,10 +384,54 @@ impl QuoteSubscription {
             asset_classes,
             sides: None,
             max_rate,
+            conflate_by: conflate_by.map(|v| v.into_iter().map(Into::into).collect()),
             snapshot,
         }
         .filter()?;
         let feed = open::<QuoteTick>(ctx, filter, after).await?;
         Ok(feed.map(|r| r.map(LiveQuote).map_err(hub_error)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(args: LiveArgs) -> String {
+        match args.filter() {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.message,
+        }
+    }
+
+    #[test]
+    fn conflate_by_needs_max_rate_and_a_field() {
+        let by_venue = Some(vec![ConflationField::Venue]);
+        assert_eq!(
+            refused(LiveArgs {
+                conflate_by: by_venue.clone(),
+                ..LiveArgs::default()
+            }),
+            "`conflateBy` needs `maxRate`: without it every event is sent, none conflated"
+        );
+        assert_eq!(
+            refused(LiveArgs {
+                max_rate: Some(2.0),
+                conflate_by: Some(Vec::new()),
+                ..LiveArgs::default()
+            }),
+            HubError::EmptyList { arg: "conflateBy" }.to_string()
+        );
+        let filter = LiveArgs {
+            max_rate: Some(2.0),
+            conflate_by: by_venue,
+            ..LiveArgs::default()
+        }
+        .filter()
+        .expect("accepted");
+        let want = MaxRate::per_second(2.0)
+            .expect("rate")
+            .per(ConflationKey::of(&[ConflationField::Venue]).expect("key"));
+        assert_eq!(filter.max_rate, Some(want));
     }
 }

@@ -16,6 +16,7 @@ use rust_decimal::Decimal;
 use tickgraph_enrich::refdata;
 
 use super::Services;
+use crate::hub::ConflationField;
 use crate::tick::{QuoteTick, TradeTick};
 
 /// GraphQL `UInt64`.
@@ -60,6 +61,48 @@ pub enum AssetClassKind {
 pub enum SideKind {
     Buy,
     Sell,
+}
+
+/// A field of a quote that a conflated `quotes` subscription (`maxRate`) may
+/// keep one latest value per (`conflateBy`).
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[graphql(name = "QuoteConflationField")]
+pub enum QuoteConflationKind {
+    Instrument,
+    Venue,
+    Source,
+}
+
+impl From<QuoteConflationKind> for ConflationField {
+    fn from(k: QuoteConflationKind) -> Self {
+        match k {
+            QuoteConflationKind::Instrument => ConflationField::Instrument,
+            QuoteConflationKind::Venue => ConflationField::Venue,
+            QuoteConflationKind::Source => ConflationField::Source,
+        }
+    }
+}
+
+/// A field of a trade that a conflated `trades` subscription (`maxRate`) may
+/// keep one latest value per (`conflateBy`).
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[graphql(name = "TradeConflationField")]
+pub enum TradeConflationKind {
+    Instrument,
+    Venue,
+    Source,
+    Side,
+}
+
+impl From<TradeConflationKind> for ConflationField {
+    fn from(k: TradeConflationKind) -> Self {
+        match k {
+            TradeConflationKind::Instrument => ConflationField::Instrument,
+            TradeConflationKind::Venue => ConflationField::Venue,
+            TradeConflationKind::Source => ConflationField::Source,
+            TradeConflationKind::Side => ConflationField::Side,
+        }
+    }
 }
 
 /// Page order of history queries, by event time (ties by source, then seq).
