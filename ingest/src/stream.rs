@@ -550,6 +550,10 @@ mod tests {
         let single: Vec<RawRecord> = decode_entry(&named).expect("single decodes");
         assert_eq!(single, vec![rec(2)]);
         assert!(decode_entry::<RawRecord>(&[0x93, 0x01]).is_err());
+        // A positional record alone is an array: read as a batch, it is not
+        // one, and is refused rather than misread.
+        assert!(is_batch(&encoded[0]));
+        assert!(decode_entry::<RawRecord>(&encoded[0]).is_err());
     }
 
     #[test]
