@@ -292,12 +292,21 @@ pub fn run(
         let Ok(f) = args.live.filter() else {
             return fallback().map(Answer::Response).boxed();
         };
+        // Boxed: this block stays in the subscription's stream for its whole
+        // life, and inline it would keep the opening's state machine (snapshot
+        // and history queries) there after opening.
         let opened = match field {
             Field::Trades => {
-                serve::<TradeTick>(&services, &who, gate, f, args.after, selection, key, pos).await
+                Box::pin(serve::<TradeTick>(
+                    &services, &who, gate, f, args.after, selection, key, pos,
+                ))
+                .await
             }
             Field::Quotes => {
-                serve::<QuoteTick>(&services, &who, gate, f, args.after, selection, key, pos).await
+                Box::pin(serve::<QuoteTick>(
+                    &services, &who, gate, f, args.after, selection, key, pos,
+                ))
+                .await
             }
         };
         opened.unwrap_or_else(|| fallback().map(Answer::Response).boxed())
