@@ -41,8 +41,9 @@ const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
 /// read attempt, and the protocol handler tries a read each time it is polled
 /// for output: with the default 128 KiB, that zeroing was the largest caller of
 /// `memset`, the top symbol of the process at 25k events/s to two subscribers.
-/// Clients send only small control messages.
-const WS_READ_BUFFER: usize = 4 << 10;
+/// Clients send only small control messages; a larger one is read in several
+/// calls. The buffer's capacity stays with the connection while it is open.
+const WS_READ_BUFFER: usize = 1 << 10;
 /// How long, after shutdown, the server waits for open responses: an event
 /// stream whose client stopped reading is never polled again, so it cannot
 /// end itself.
