@@ -360,8 +360,6 @@ struct Subscriber<T> {
     check: Arc<Check>,
     sink: Sink<T>,
     state: Arc<SubState>,
-    /// [`QueueLimits::bytes`].
-    max_bytes: usize,
 }
 
 /// Where the hub puts a subscriber's ticks.
@@ -438,8 +436,9 @@ impl<T> Subscriber<T>
 where
     T: TickMeta,
 {
-    /// Returns false when the subscriber must be removed.
-    fn offer(&self, t: &Arc<T>, stats: &mut Stats) -> bool {
+    /// Returns false when the subscriber must be removed. `weight` is `t`'s
+    /// [`TickMeta::weight`], counted against `max_bytes` if `t` is queued.
+    fn offer(&self, t: &Arc<T>, weight: usize, max_bytes: usize, stats: &mut Stats) -> bool {
         if !self.check.matches(t.as_ref()) || self.state.overflowed.load(Ordering::Relaxed) {
             return true;
         }
@@ -451,9 +450,8 @@ where
                 return true;
             }
         };
-        let weight = t.weight();
         let queued = self.state.queued_bytes.fetch_add(weight, Ordering::Relaxed);
-        if queued.saturating_add(weight) > self.max_bytes {
+        if queued.saturating_add(weight) > max_bytes {
             self.state.over_bytes.store(true, Ordering::Relaxed);
             self.state.overflowed.store(true, Ordering::Release);
             stats.overflowed += 1;
@@ -589,7 +587,8 @@ impl<T: TickMeta> Index<T> {
     /// Offers `t` to the subscribers listed under its instrument, its venue and
     /// its asset class, and to those with none of these filters: each at most
     /// once, since a subscriber is listed under one kind of key only.
-    fn deliver(&self, t: &Arc<T>, stats: &mut Stats, dead: &mut Vec<u64>) {
+    fn deliver(&self, t: &Arc<T>, max_bytes: usize, stats: &mut Stats, dead: &mut Vec<u64>) {
+        let weight = t.weight();
         let by_symbol = self.by_instrument.get(t.instrument()).into_iter().flatten();
         let by_venue = self.by_venue.get(t.venue()).into_iter().flatten();
         let by_class = self.by_class[t.asset_class() as usize].iter();
@@ -598,7 +597,7 @@ impl<T: TickMeta> Index<T> {
             .chain(by_class)
             .chain(self.wildcard.iter());
         for s in candidates {
-            if !s.offer(t, stats) {
+            if !s.offer(t, weight, max_bytes, stats) {
                 dead.push(s.id);
             }
         }
@@ -765,8 +764,14 @@ impl Inner {
             let reg = self.registry();
             for t in ticks {
                 match t {
-                    Tick::Trade(t) => reg.trades.deliver(t, &mut stats, &mut dead_trades),
-                    Tick::Quote(q) => reg.quotes.deliver(q, &mut stats, &mut dead_quotes),
+                    Tick::Trade(t) => {
+                        reg.trades
+                            .deliver(t, self.limits.bytes, &mut stats, &mut dead_trades)
+                    }
+                    Tick::Quote(q) => {
+                        reg.quotes
+                            .deliver(q, self.limits.bytes, &mut stats, &mut dead_quotes)
+                    }
                 }
             }
             // Under the registry lock, so that a subscription taking a snapshot
@@ -880,7 +885,6 @@ pub struct Feed<T> {
     hub: Arc<Inner>,
     unregister: fn(&Inner, u64),
     id: u64,
-    limits: QueueLimits,
     finished: bool,
 }
 
@@ -956,13 +960,14 @@ impl<T: TickMeta> Feed<T> {
 impl<T> Feed<T> {
     fn too_slow(&mut self) -> Poll<Option<Result<Arc<T>, HubError>>> {
         self.finished = true;
+        let limits = self.hub.limits;
         let e = if self.state.over_bytes.load(Ordering::Relaxed) {
             HubError::TooSlowBytes {
-                bytes: self.limits.bytes,
+                bytes: limits.bytes,
             }
         } else {
             HubError::TooSlow {
-                queue: self.limits.events,
+                queue: limits.events,
             }
         };
         Poll::Ready(Some(Err(e)))
@@ -1477,7 +1482,6 @@ impl Hub {
                 check: Arc::clone(&check),
                 sink,
                 state: Arc::clone(&state),
-                max_bytes: self.inner.limits.bytes,
             }));
         }
         // Resuming after a snapshot tick means resuming where live began.
@@ -1499,7 +1503,6 @@ impl Hub {
             hub: Arc::clone(&self.inner),
             unregister: Inner::unregister::<T>,
             id,
-            limits: self.inner.limits,
             finished: false,
         };
         Ok((feed, started))

@@ -397,6 +397,11 @@ pub const CONFLATED_RATE: u32 = 2;
 /// quotes of SPY, which neither may receive.
 pub const CONFLATED_INSTRUMENTS: [&str; 2] = ["AAPL", "MSFT"];
 
+/// The `seq` of an event as the API sends it (a string of digits).
+pub fn seq_of(v: &Value) -> u64 {
+    v["seq"].as_str().and_then(|s| s.parse().ok()).expect("seq")
+}
+
 /// One quote a subscription received: when, its instrument and seq.
 type Got = (Instant, String, u64);
 
@@ -415,7 +420,7 @@ async fn quotes_until(rx: &mut Arrivals, got: &mut Vec<Got>, done: impl Fn(&[Got
         if q["source"] != "mm" {
             continue;
         }
-        let seq = q["seq"].as_str().and_then(|s| s.parse().ok()).expect("seq");
+        let seq = seq_of(q);
         let instrument = q["instrument"].as_str().expect("instrument").to_owned();
         got.push((at, instrument, seq));
     }

@@ -442,7 +442,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_others_keep_receiving(pool: 
             if q["source"] == "probe" {
                 continue;
             }
-            let seq: u64 = q["seq"].as_str().and_then(|s| s.parse().ok()).expect("seq");
+            let seq = seq_of(&q);
             let sym = q["instrument"].as_str().expect("instrument").to_owned();
             let prev = last_of.insert(sym.clone(), seq).unwrap_or(0);
             assert!(seq > prev, "{sym}: {seq} after {prev}");
@@ -489,7 +489,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_others_keep_receiving(pool: 
                 assert_eq!(m["type"], "next", "{m}");
                 let q = &m["payload"]["data"]["quotes"];
                 if q["source"] == "mm" {
-                    let seq: u64 = q["seq"].as_str().and_then(|s| s.parse().ok()).expect("seq");
+                    let seq = seq_of(q);
                     let key = (
                         m["id"].as_str().expect("id").to_owned(),
                         q["instrument"].as_str().expect("instrument").to_owned(),
@@ -511,7 +511,7 @@ async fn next_seqs(ws: &mut Ws, source: &str, n: usize) -> Vec<u64> {
         assert_eq!(m["type"], "next", "{m}");
         let q = &m["payload"]["data"]["quotes"];
         if q["source"] == source {
-            seqs.push(q["seq"].as_str().and_then(|s| s.parse().ok()).expect("seq"));
+            seqs.push(seq_of(q));
         }
     }
     seqs
@@ -567,7 +567,7 @@ async fn a_client_that_pauses_gets_every_event_in_order_when_it_reads_again(pool
     while read.last() != Some(&seq) {
         let q = reader.next().await["quotes"].clone();
         if q["source"] == "mm" {
-            read.push(q["seq"].as_str().and_then(|s| s.parse().ok()).expect("seq"));
+            read.push(seq_of(&q));
         }
     }
     assert_eq!(

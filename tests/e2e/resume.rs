@@ -66,7 +66,7 @@ pub(crate) async fn next_quote(ws: &mut Ws) -> (String, u64, String, String) {
                 assert!(m["payload"].get("errors").is_none(), "{m}");
                 return (
                     q["source"].as_str().expect("source").to_owned(),
-                    q["seq"].as_str().and_then(|s| s.parse().ok()).expect("seq"),
+                    seq_of(q),
                     q["instrument"].as_str().expect("instrument").to_owned(),
                     q["resume"].as_str().expect("a resume cursor").to_owned(),
                 );

@@ -209,7 +209,7 @@ async fn conflate_by_venue_sends_each_venues_latest_quote(pool: PgPool) {
                 continue;
             }
             let venue = q["venue"].as_str().expect("venue").to_owned();
-            let seq: u64 = q["seq"].as_str().and_then(|s| s.parse().ok()).expect("seq");
+            let seq = seq_of(&q);
             let before = latest.insert(venue.clone(), seq).unwrap_or(0);
             assert!(seq > before, "{venue}: {seq} after {before}");
         }

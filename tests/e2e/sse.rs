@@ -229,10 +229,6 @@ async fn collect(sse: &mut Sse, field: &str, mut done: impl FnMut(&Value) -> boo
     }
 }
 
-fn seq(v: &Value) -> u64 {
-    v["seq"].as_str().and_then(|s| s.parse().ok()).expect("seq")
-}
-
 fn keys(v: &Value) -> Vec<String> {
     let mut k: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
     k.sort();
@@ -285,7 +281,7 @@ async fn filtered_subscriptions_over_post_and_get_receive_exactly_their_events(p
         .await;
     assert_eq!(answer["accepted"], 11, "{answer}");
 
-    let got = collect(&mut buys, "trades", |t| seq(t) == 10).await;
+    let got = collect(&mut buys, "trades", |t| seq_of(t) == 10).await;
     assert_eq!(
         got,
         vec![
@@ -296,9 +292,9 @@ async fn filtered_subscriptions_over_post_and_get_receive_exactly_their_events(p
         ],
         "exactly the Apple and Microsoft buys, in order, with the fields selected"
     );
-    let got = collect(&mut london, "quotes", |q| seq(q) == 11).await;
+    let got = collect(&mut london, "quotes", |q| seq_of(q) == 11).await;
     assert_eq!(
-        got.iter().map(seq).collect::<Vec<_>>(),
+        got.iter().map(seq_of).collect::<Vec<_>>(),
         vec![5, 8, 11],
         "exactly the London quotes: {got:?}"
     );
@@ -679,7 +675,7 @@ async fn cut_off(tcp: &mut TcpStream, head: Vec<u8>, total: u64) -> String {
         let v: Value = serde_json::from_str(&e.data).expect("JSON");
         let q = &v["data"]["quotes"];
         let sym = q["instrument"].as_str().expect("instrument").to_owned();
-        let s = seq(q);
+        let s = seq_of(q);
         let prev = last_of.insert(sym.clone(), s).unwrap_or(0);
         assert!(s > prev, "{sym}: {s} after {prev}");
     }
@@ -726,7 +722,7 @@ async fn a_stream_past_its_byte_limit_is_cut_off(pool: PgPool) {
     let (batches, per) = (80u64, 250u64);
     let total = batches * per;
     let watching = tokio::spawn(async move {
-        collect(&mut watcher, "quotes", |q| seq(q) == total).await;
+        collect(&mut watcher, "quotes", |q| seq_of(q) == total).await;
     });
     post_quotes(&app, batches, per).await;
     watching.await.expect("the watcher saw the last quote");
@@ -784,7 +780,7 @@ async fn clients_that_stop_reading_are_cut_off_or_held_and_never_hold_up_shutdow
             let q = watcher.next_data().await["quotes"].clone();
             last.insert(
                 q["instrument"].as_str().expect("instrument").to_owned(),
-                seq(&q),
+                seq_of(&q),
             );
         }
         watcher
@@ -815,7 +811,7 @@ async fn clients_that_stop_reading_are_cut_off_or_held_and_never_hold_up_shutdow
                 let q = &v["data"]["quotes"];
                 last_of.insert(
                     q["instrument"].as_str().expect("instrument").to_owned(),
-                    seq(q),
+                    seq_of(q),
                 );
             }
             Item::Event(e) => {

@@ -27,11 +27,11 @@ use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 
 use super::fast::{QUOTE_LEAVES, TRADE_LEAVES};
-use super::live::{hub_error, open_with, LiveArgs, LiveKind};
+use super::live::{conflation_fields, hub_error, open_with, LiveArgs, LiveKind};
 use super::types::{QuoteConflationKind, TradeConflationKind};
 use super::{Limits, Services};
 use crate::auth::Principal;
-use crate::hub::{ConflationField, Filter};
+use crate::hub::Filter;
 use crate::shared_json::{write_data, write_response_json, SelectionKey};
 use crate::tick::{QuoteTick, TradeTick};
 use crate::ws::Gate;
@@ -221,14 +221,15 @@ fn set(args: &mut Args, field: Field, name: &str, value: Value) -> Option<()> {
     fn parse<T: InputType>(v: Value) -> Option<T> {
         T::parse(Some(v)).ok()
     }
-    fn fields<T: Into<ConflationField>>(v: Option<Vec<T>>) -> Option<Vec<ConflationField>> {
-        v.map(|v| v.into_iter().map(Into::into).collect())
-    }
     match name {
         "conflateBy" => {
             args.live.conflate_by = match field {
-                Field::Trades => fields(parse::<Option<Vec<TradeConflationKind>>>(value)?),
-                Field::Quotes => fields(parse::<Option<Vec<QuoteConflationKind>>>(value)?),
+                Field::Trades => {
+                    conflation_fields(parse::<Option<Vec<TradeConflationKind>>>(value)?)
+                }
+                Field::Quotes => {
+                    conflation_fields(parse::<Option<Vec<QuoteConflationKind>>>(value)?)
+                }
             }
         }
         "instruments" => args.live.instruments = parse(value)?,

@@ -34,6 +34,13 @@ fn check_len<T>(arg: &str, values: &Option<Vec<T>>) -> Result<()> {
     }
 }
 
+/// `conflateBy` as the hub takes it, from either field's GraphQL enum.
+pub(crate) fn conflation_fields<K: Into<ConflationField>>(
+    by: Option<Vec<K>>,
+) -> Option<Vec<ConflationField>> {
+    by.map(|v| v.into_iter().map(Into::into).collect())
+}
+
 /// The filter arguments of `trades` and `quotes` as the client gave them.
 #[derive(Default)]
 pub(crate) struct LiveArgs {
@@ -55,21 +62,19 @@ impl LiveArgs {
         check_len("assetClasses", &self.asset_classes)?;
         check_len("sides", &self.sides)?;
         check_len("conflateBy", &self.conflate_by)?;
-        let max_rate =
-            match (self.max_rate, self.conflate_by) {
-                (None, None) => None,
-                (None, Some(_)) => return Err(
-                    "`conflateBy` needs `maxRate`: without it every event is sent, none conflated"
-                        .into(),
-                ),
-                (Some(rate), by) => {
-                    let rate = MaxRate::per_second(rate)?;
-                    Some(match by {
-                        Some(by) => rate.per(ConflationKey::of(&by)?),
-                        None => rate,
-                    })
-                }
-            };
+        if self.max_rate.is_none() && self.conflate_by.is_some() {
+            return Err(
+                "`conflateBy` needs `maxRate`: without it every event is sent, none conflated"
+                    .into(),
+            );
+        }
+        let rate = self.max_rate.map(MaxRate::per_second).transpose()?;
+        let key = self
+            .conflate_by
+            .as_deref()
+            .map(ConflationKey::of)
+            .transpose()?;
+        let max_rate = rate.map(|r| key.map_or(r, |k| r.per(k)));
         Ok(Filter {
             instruments: self.instruments,
             venues: self.venues,
@@ -321,7 +326,7 @@ impl TradeSubscription {
             asset_classes,
             sides,
             max_rate,
-            conflate_by: conflate_by.map(|v| v.into_iter().map(Into::into).collect()),
+            conflate_by: conflation_fields(conflate_by),
             snapshot,
         }
         .filter()?;
@@ -384,7 +389,7 @@ impl QuoteSubscription {
             asset_classes,
             sides: None,
             max_rate,
-            conflate_by: conflate_by.map(|v| v.into_iter().map(Into::into).collect()),
+            conflate_by: conflation_fields(conflate_by),
             snapshot,
         }
         .filter()?;
