@@ -15,6 +15,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
+use tickgraph_ingest::listener::{self, ConnLimits, ConnMetrics};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::limit::RequestBodyLimitLayer;
@@ -327,14 +328,16 @@ async fn graphiql() -> Html<String> {
 
 /// Serves `router` on `listener` until `shutdown`, then stops accepting and waits
 /// for in-flight requests, at most `DRAIN_GRACE`; WebSocket connections close
-/// themselves on `shutdown`. Otherwise the same edge as ingest's, so both stop
-/// alike.
+/// themselves on `shutdown`. Otherwise the same edge as ingest's (connection cap
+/// and deadlines: [`listener`]), so both stop alike.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    limits: ConnLimits,
+    metrics: ConnMetrics,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let server = tickgraph_ingest::server::serve(listener, router, shutdown.clone());
+    let server = listener::serve(listener, router, limits, metrics, shutdown.clone());
     let grace = async {
         shutdown.cancelled().await;
         tokio::time::sleep(DRAIN_GRACE).await;

@@ -77,11 +77,18 @@ pub struct ApiConfig {
     pub ws: ws::WsConfig,
     /// How users authenticate: JWTs, or the explicit dev mode.
     pub auth: auth::Authenticator,
+    /// The listener's connection cap and deadlines.
+    pub conn: tickgraph_ingest::listener::ConnLimits,
     /// Connections and requests per user.
     pub users: auth::UserLimits,
 }
 
 impl ApiConfig {
+    /// Every WebSocket and SSE stream holds one: room for 10,000 subscribers on
+    /// connections of their own, with ingest's 4,096 under an open-file limit
+    /// of 20,000.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 12_288;
+
     /// The defaults, on `layout`'s streams.
     pub fn new(layout: StreamLayout) -> Self {
         Self {
@@ -95,6 +102,9 @@ impl ApiConfig {
             ws: ws::WsConfig::default(),
             auth: auth::Authenticator::Dev,
             users: auth::UserLimits::default(),
+            conn: tickgraph_ingest::listener::ConnLimits::with_max_connections(
+                Self::DEFAULT_MAX_CONNECTIONS,
+            ),
         }
     }
 }

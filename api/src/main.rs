@@ -26,6 +26,7 @@ use tickgraph_enrich::loader::LoadConfig;
 use tickgraph_enrich::refdata::RefCache;
 use tickgraph_enrich::worker::EnrichConfig;
 use tickgraph_ingest::feed::FeedConfig;
+use tickgraph_ingest::listener::{self, ConnLimits, ConnMetrics};
 use tickgraph_ingest::ops::{Ops, Thresholds};
 use tickgraph_ingest::producers::Producers;
 use tickgraph_ingest::redis_link::RedisTarget;
@@ -131,9 +132,48 @@ struct Common {
         global = true
     )]
     pg_statement_timeout_ms: u64,
+    /// Seconds every HTTP listener gives a client to send a request's headers,
+    /// from the connection's opening or the request's first byte.
+    #[arg(
+        long,
+        env = "TG_HTTP_HEADER_TIMEOUT_SECS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=3600),
+        global = true
+    )]
+    http_header_timeout_secs: u64,
+    /// Seconds every HTTP listener gives a request's body to arrive in full,
+    /// from the end of its headers (else 408).
+    #[arg(
+        long,
+        env = "TG_HTTP_BODY_TIMEOUT_SECS",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..=3600),
+        global = true
+    )]
+    http_body_timeout_secs: u64,
+    /// Seconds a kept-alive HTTP connection may wait for its next request.
+    #[arg(
+        long,
+        env = "TG_HTTP_IDLE_TIMEOUT_SECS",
+        default_value_t = 75,
+        value_parser = clap::value_parser!(u64).range(1..=3600),
+        global = true
+    )]
+    http_idle_timeout_secs: u64,
 }
 
 impl Common {
+    /// A listener's bounds: the shared deadlines, and its own cap.
+    fn conn_limits(&self, max_connections: usize) -> ConnLimits {
+        ConnLimits {
+            max_connections,
+            header_timeout: Duration::from_secs(self.http_header_timeout_secs),
+            body_timeout: Duration::from_secs(self.http_body_timeout_secs),
+            idle_timeout: Duration::from_secs(self.http_idle_timeout_secs),
+        }
+    }
+
     fn thresholds(&self) -> Thresholds {
         Thresholds {
             max_lag: self.ready_max_lag,
@@ -234,6 +274,15 @@ struct IngestArgs {
     /// token, the sources it may claim, and optionally its events per second.
     #[arg(long, env = "TG_PRODUCER_TOKENS")]
     producer_tokens: Option<std::path::PathBuf>,
+    /// Connections ingest's listener holds at once; past it a new one takes
+    /// the place of the longest-waiting connection without a request.
+    #[arg(
+        long,
+        env = "TG_INGEST_MAX_CONNECTIONS",
+        default_value_t = IngestConfig::DEFAULT_MAX_CONNECTIONS,
+        value_parser = at_least_one()
+    )]
+    ingest_max_connections: usize,
 }
 
 #[derive(Args, Clone)]
@@ -282,6 +331,8 @@ struct EnrichCmd {
         default_value = "127.0.0.1:8082"
     )]
     metrics_listen: SocketAddr,
+    #[command(flatten)]
+    metrics_conn: MetricsConnArgs,
 }
 
 /// `tickgraph load`: the loader, and its own listener for the operations
@@ -297,6 +348,26 @@ struct LoadCmd {
         default_value = "127.0.0.1:8083"
     )]
     metrics_listen: SocketAddr,
+    #[command(flatten)]
+    metrics_conn: MetricsConnArgs,
+}
+
+/// The cap of a worker's operations listener.
+#[derive(Args, Clone)]
+struct MetricsConnArgs {
+    /// Connections the operations listener (`/metrics`, `/healthz`, `/readyz`)
+    /// holds at once.
+    #[arg(
+        long,
+        env = "TG_METRICS_MAX_CONNECTIONS",
+        default_value_t = 256,
+        value_parser = at_least_one()
+    )]
+    metrics_max_connections: usize,
+}
+
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
 }
 
 #[derive(Args, Clone)]
@@ -333,6 +404,16 @@ struct ApiArgs {
         default_value = "127.0.0.1:8080"
     )]
     api_listen: SocketAddr,
+    /// Connections the api's listener holds at once, WebSockets and SSE
+    /// streams included; past it a new one takes the place of the
+    /// longest-waiting connection without a request.
+    #[arg(
+        long,
+        env = "TG_API_MAX_CONNECTIONS",
+        default_value_t = ApiConfig::DEFAULT_MAX_CONNECTIONS,
+        value_parser = at_least_one()
+    )]
+    api_max_connections: usize,
     #[arg(long, env = "TG_MAX_DEPTH", default_value_t = 16)]
     max_depth: usize,
     #[arg(long, env = "TG_MAX_COMPLEXITY", default_value_t = 10_000)]
@@ -478,6 +559,7 @@ impl IngestArgs {
         };
         c.max_batch_events = self.max_batch_events;
         c.max_body_bytes = self.max_body_bytes;
+        c.conn = common.conn_limits(self.ingest_max_connections);
         let w = &mut c.writer;
         w.dlq_trim = self.dlq_trim;
         w.linger = Duration::from_millis(self.ingest_linger_ms);
@@ -516,8 +598,10 @@ impl LoadArgs {
 }
 
 impl ApiArgs {
-    fn config(&self, layout: StreamLayout, dev_mode: bool) -> anyhow::Result<ApiConfig> {
-        let mut c = ApiConfig::new(layout);
+    fn config(&self, common: &Common) -> anyhow::Result<ApiConfig> {
+        let mut c = ApiConfig::new(common.layout());
+        c.conn = common.conn_limits(self.api_max_connections);
+        let dev_mode = common.dev_mode;
         let jwt = JwtConfig {
             hs256_secret_file: self.jwt_hs256_secret_file.clone(),
             rs256_public_key_file: self.jwt_rs256_public_key_file.clone(),
@@ -561,6 +645,19 @@ impl ApiArgs {
     }
 }
 
+/// Raises the open-file limit to the hard limit, then lowers the listeners'
+/// caps if they would still not fit under it: a flood of connections must
+/// meet the caps, never the process's limit.
+fn fit_to_fd_limit(caps: &mut [(&str, &mut ConnLimits)]) {
+    match listener::raise_fd_limit() {
+        Ok(limit) => {
+            tracing::debug!(limit, "open-file limit");
+            listener::fit_to_fd_limit(limit, caps);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
 /// Cancels `token` on ctrl-c or SIGTERM.
 fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
@@ -590,17 +687,22 @@ async fn run_ingest(
     args: &IngestArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let ingest = Ingest::build(args.config(common)?, common.redis()?, shutdown.clone())
+    let mut cfg = args.config(common)?;
+    fit_to_fd_limit(&mut [("ingest", &mut cfg.conn)]);
+    let conn = cfg.conn;
+    let ingest = Ingest::build(cfg, common.redis()?, shutdown.clone())
         .await
         .context("starting ingest")?;
     let mut ops = Ops::new();
     ingest.register_ops(&mut ops, common.redis()?);
+    let conns = ConnMetrics::new("ingest");
+    conns.register(ops.registry_mut());
     let router = ingest.router().merge(Arc::new(ops).router());
     let listener = tokio::net::TcpListener::bind(args.ingest_listen)
         .await
         .with_context(|| format!("binding ingest to {}", args.ingest_listen))?;
     tracing::info!(addr = %args.ingest_listen, "ingest listening: POST /v1/events, GET /v1/stream, /metrics, /healthz, /readyz");
-    tickgraph_ingest::server::serve(listener, router, shutdown).await?;
+    listener::serve(listener, router, conn, conns, shutdown).await?;
     ingest.finished().await;
     Ok(())
 }
@@ -608,11 +710,13 @@ async fn run_ingest(
 async fn run_api(
     common: &Common,
     args: &ApiArgs,
-    cfg: ApiConfig,
+    mut cfg: ApiConfig,
     pool: PgPool,
     refs: RefCache,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    fit_to_fd_limit(&mut [("api", &mut cfg.conn)]);
+    let conn = cfg.conn;
     let api = Api::build(cfg, common.redis()?, pool.clone(), refs, shutdown.clone())
         .await
         .context("starting api")?;
@@ -624,6 +728,8 @@ async fn run_api(
         pool,
         common.thresholds().max_hub_behind,
     );
+    let conns = ConnMetrics::new("api");
+    conns.register(ops.registry_mut());
     let router = api.router().merge(Arc::new(ops).router());
     let listener = tokio::net::TcpListener::bind(args.api_listen)
         .await
@@ -632,24 +738,33 @@ async fn run_api(
         graphiql = %format!("http://{}/graphiql", args.api_listen),
         "api listening: POST /graphql, WebSocket /graphql/ws"
     );
-    tickgraph_api::serve(listener, router, shutdown).await?;
+    tickgraph_api::serve(listener, router, conn, conns, shutdown).await?;
     Ok(())
 }
 
 /// Serves `ops` on `addr` until `stop`; binds before returning, so a port in use
 /// stops the process at start.
 async fn serve_ops(
+    common: &Common,
+    component: &'static str,
     addr: SocketAddr,
-    ops: Ops,
+    conn: &MetricsConnArgs,
+    mut ops: Ops,
     stop: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut limits = common.conn_limits(conn.metrics_max_connections);
+    fit_to_fd_limit(&mut [(component, &mut limits)]);
+    let conns = ConnMetrics::new(component);
+    conns.register(ops.registry_mut());
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics listener to {addr}"))?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");
     Ok(tokio::spawn(async move {
-        if let Err(e) = tickgraph_ingest::ops::serve(listener, Arc::new(ops), stop).await {
+        if let Err(e) =
+            tickgraph_ingest::ops::serve(listener, Arc::new(ops), limits, conns, stop).await
+        {
             tracing::error!(error = %e, "the metrics listener failed");
         }
     }))
@@ -745,7 +860,15 @@ async fn main() -> anyhow::Result<()> {
             )?;
             cfg.metrics.register(ops.registry_mut());
             let stop = shutdown.child_token();
-            let server = serve_ops(cmd.metrics_listen, ops, stop.clone()).await?;
+            let server = serve_ops(
+                &common,
+                "enrich",
+                cmd.metrics_listen,
+                &cmd.metrics_conn,
+                ops,
+                stop.clone(),
+            )
+            .await?;
             let refs = refdata(&pool, &shutdown).await?;
             let result = tickgraph_enrich::worker::run(cfg, common.redis()?, refs, shutdown).await;
             stop.cancel();
@@ -769,7 +892,15 @@ async fn main() -> anyhow::Result<()> {
             )?;
             cfg.metrics.register(ops.registry_mut());
             let stop = shutdown.child_token();
-            let server = serve_ops(cmd.metrics_listen, ops, stop.clone()).await?;
+            let server = serve_ops(
+                &common,
+                "load",
+                cmd.metrics_listen,
+                &cmd.metrics_conn,
+                ops,
+                stop.clone(),
+            )
+            .await?;
             let result = tickgraph_enrich::loader::run(cfg, common.redis()?, pool, shutdown).await;
             stop.cancel();
             let _ = server.await;
@@ -777,7 +908,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Api(args) => {
             // Configuration errors first, before any connection is tried.
-            let cfg = args.config(common.layout(), common.dev_mode)?;
+            let cfg = args.config(&common)?;
             let pool = common.pool().await?;
             let refs = refdata(&pool, &shutdown).await?;
             run_api(&common, &args, cfg, pool, refs, shutdown).await?;
@@ -829,15 +960,16 @@ async fn run_all(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let layout = common.layout();
-    let cfg = PipelineConfig {
+    let mut cfg = PipelineConfig {
         ingest: args.ingest.config(common)?,
         ingest_listen: args.ingest.ingest_listen,
         enrich: args.enrich.config(layout.clone()),
         load: args.load.config(common),
-        api: args.api.config(layout, common.dev_mode)?,
+        api: args.api.config(common)?,
         api_listen: args.api.api_listen,
         ready: common.thresholds(),
     };
+    fit_to_fd_limit(&mut [("ingest", &mut cfg.ingest.conn), ("api", &mut cfg.api.conn)]);
     let pool = common.pool().await?;
     let refs = refdata(&pool, &shutdown).await?;
     let mut pipeline = Pipeline::start(cfg, common.redis()?, pool, refs.clone(), shutdown.clone())

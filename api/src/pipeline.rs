@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tickgraph_enrich::loader::{self, LoadConfig};
 use tickgraph_enrich::refdata::RefCache;
 use tickgraph_enrich::worker::{self, EnrichConfig};
+use tickgraph_ingest::listener::{self, ConnMetrics};
 use tickgraph_ingest::ops::{Ops, Thresholds};
 use tickgraph_ingest::redis_link::RedisTarget;
 use tickgraph_ingest::server::{Ingest, IngestConfig};
@@ -87,6 +88,8 @@ impl Pipeline {
         let api_listener = bind(cfg.api_listen).await?;
         let ingest_addr = ingest_listener.local_addr()?;
         let api_addr = api_listener.local_addr()?;
+        let (ingest_conn, api_conn) = (cfg.ingest.conn, cfg.api.conn);
+        let (ingest_conns, api_conns) = (ConnMetrics::new("ingest"), ConnMetrics::new("api"));
 
         let ingest = Ingest::build(cfg.ingest, client.clone(), shutdown.clone()).await?;
         let api = Api::build(
@@ -109,6 +112,8 @@ impl Pipeline {
         );
         cfg.enrich.metrics.register(ops.registry_mut());
         cfg.load.metrics.register(ops.registry_mut());
+        ingest_conns.register(ops.registry_mut());
+        api_conns.register(ops.registry_mut());
         let layout = &cfg.enrich.layout;
         let raw = layout.shard_ids().map(|s| (s, layout.raw(s))).collect();
         let enriched = layout
@@ -135,7 +140,7 @@ impl Pipeline {
         let s = shutdown.clone();
         let router = ingest.router().merge(ops.router());
         tasks.spawn(async move {
-            tickgraph_ingest::server::serve(ingest_listener, router, s).await?;
+            listener::serve(ingest_listener, router, ingest_conn, ingest_conns, s).await?;
             ingest.finished().await;
             Ok(())
         });
@@ -143,7 +148,7 @@ impl Pipeline {
         let s = shutdown.clone();
         let router = api.router().merge(ops.router());
         tasks.spawn(async move {
-            crate::serve(api_listener, router, s).await?;
+            crate::serve(api_listener, router, api_conn, api_conns, s).await?;
             drop(api);
             Ok(())
         });

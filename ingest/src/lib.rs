@@ -15,6 +15,8 @@
 //! - [`producers`]: who may send events: producer tokens (by their SHA-256),
 //!   the sources each may claim, per-producer rate limits.
 //! - [`server`]: the HTTP edge (`POST /v1/events`), built by [`server::Ingest::router`].
+//! - [`listener`]: what every HTTP listener holds its clients to: a cap on
+//!   connections, deadlines for headers, bodies and idle keep-alive.
 //! - [`ops`]: what every component serves for operators: `/metrics` (one
 //!   prometheus-client registry per process), `/healthz`, `/readyz` and its
 //!   checks, and the per-batch histogram and naming rules the metrics share.
@@ -27,6 +29,7 @@ pub mod decimal;
 pub mod event;
 pub mod fast_decode;
 pub mod feed;
+pub mod listener;
 pub mod metrics;
 pub mod ops;
 pub mod producers;

@@ -22,12 +22,12 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::now_nanos;
+use crate::listener::ConnLimits;
 use crate::metrics::IngestMetrics;
 use crate::producers::{Producer, ProducerRefusal, Producers};
 use crate::redis_link::RedisTarget;
@@ -46,9 +46,14 @@ pub struct IngestConfig {
     pub writer: WriterConfig,
     /// Who may send: producer tokens, or the open dev mode.
     pub producers: Producers,
+    /// The listener's connection cap and deadlines.
+    pub conn: ConnLimits,
 }
 
 impl IngestConfig {
+    /// Producers hold few connections each, kept alive.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
     pub fn new(layout: StreamLayout) -> Self {
         Self {
             writer: WriterConfig::new(layout.clone()),
@@ -56,6 +61,7 @@ impl IngestConfig {
             max_batch_events: 10_000,
             max_body_bytes: 16 * 1024 * 1024,
             producers: Producers::Open,
+            conn: ConnLimits::with_max_connections(Self::DEFAULT_MAX_CONNECTIONS),
         }
     }
 }
@@ -365,24 +371,4 @@ async fn stream_session(
             break;
         }
     }
-}
-
-/// Serves a router until `shutdown`, then lets in-flight requests finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    // Without TCP_NODELAY, Nagle's algorithm holds each small write until the
-    // previous one is acked, and the peer delays its acks: a WebSocket pushing
-    // tens of thousands of messages a second was held to one burst per ack,
-    // so a subscriber fell behind with the CPU half idle.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "cannot set TCP_NODELAY on a connection");
-        }
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
 }

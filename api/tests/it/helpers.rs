@@ -175,6 +175,7 @@ pub async fn spawn_app_with(
     };
     let mut cfg = ApiConfig::new(layout.clone());
     tweak(&mut cfg);
+    let conn = cfg.conn;
     let refs = RefCache::load(&pool).await.expect("load reference data");
     let shutdown = CancellationToken::new();
     let api = Api::build(cfg, client.clone(), pool.clone(), refs, shutdown.clone())
@@ -187,6 +188,8 @@ pub async fn spawn_app_with(
     let server = tokio::spawn(tickgraph_api::serve(
         listener,
         api.router(),
+        conn,
+        tickgraph_ingest::listener::ConnMetrics::new("api"),
         shutdown.clone(),
     ));
     let redis = client

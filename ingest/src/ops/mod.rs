@@ -28,6 +28,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
+use crate::listener::{ConnLimits, ConnMetrics};
 use crate::redis_link::{ConnOpts, RedisConn, RedisTarget};
 use axum::{Json, Router};
 use futures_util::future::BoxFuture;
@@ -254,11 +255,11 @@ async fn readyz(axum::extract::State(ops): axum::extract::State<Arc<Ops>>) -> Re
 pub async fn serve(
     listener: tokio::net::TcpListener,
     ops: Arc<Ops>,
+    limits: ConnLimits,
+    metrics: ConnMetrics,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, ops.router())
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    crate::listener::serve(listener, ops.router(), limits, metrics, shutdown).await
 }
 
 /// A new connection for a check: connecting and every reply bounded by

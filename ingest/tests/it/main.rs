@@ -3,6 +3,7 @@
 
 mod alloc;
 mod decoders;
+mod listener;
 
 #[global_allocator]
 static ALLOC: alloc::Counting = alloc::Counting;
