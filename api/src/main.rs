@@ -229,6 +229,9 @@ enum Command {
     /// List dead-lettered events with their reasons; replay those a reference-data
     /// fix can cure.
     Dlq(tickgraph_api::dlq::DlqArgs),
+    /// Load-test the listeners: hold half-open connections against them while
+    /// probing as a producer and a user, and report how each was answered.
+    Flood(tickgraph_api::bench::flood::FloodArgs),
 }
 
 #[derive(Args, Clone)]
@@ -941,6 +944,7 @@ async fn main() -> anyhow::Result<()> {
             };
             tickgraph_api::bench::run(target, args, shutdown).await?;
         }
+        Command::Flood(args) => tickgraph_api::bench::flood::run(args, shutdown).await?,
         Command::Dlq(args) => {
             let dead = tickgraph_enrich::DeadLetters::new(&common.redis()?, common.layout())?;
             let counts = tickgraph_api::dlq::run(&args, &dead, &mut std::io::stdout()).await?;

@@ -18,7 +18,7 @@ use crate::helpers::*;
 use crate::protocol::{connect, recv, send, Ws};
 
 const SECRET: &str = "an-hs256-secret-of-at-least-32-bytes!";
-const PRODUCER_TOKEN: &str = "producer-token-of-feed-a";
+pub(crate) const PRODUCER_TOKEN: &str = "producer-token-of-feed-a";
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(concat!(
@@ -36,7 +36,7 @@ fn now_secs() -> u64 {
 }
 
 /// A user token signed with the HS256 secret.
-fn hs256(claims: Value) -> String {
+pub(crate) fn hs256(claims: Value) -> String {
     encode(
         &Header::new(Algorithm::HS256),
         &claims,
@@ -59,12 +59,12 @@ fn rs256(claims: Value) -> String {
 }
 
 /// Claims of `sub` valid for `secs`, with these entitlements.
-fn claims(sub: &str, secs: u64, venues: Value, asset_classes: Value) -> Value {
+pub(crate) fn claims(sub: &str, secs: u64, venues: Value, asset_classes: Value) -> Value {
     json!({"sub": sub, "exp": now_secs() + secs, "venues": venues, "asset_classes": asset_classes})
 }
 
 /// The pipeline with producer tokens and JWT users; `tweak` adjusts limits.
-async fn secured(
+pub(crate) async fn secured(
     pool: PgPool,
     tweak: impl FnOnce(&mut PipelineConfig),
 ) -> (TestApp, tempfile::TempDir) {
@@ -97,7 +97,7 @@ async fn secured(
 }
 
 impl TestApp {
-    async fn post_as(&self, token: Option<&str>, events: &Value) -> reqwest::Response {
+    pub(crate) async fn post_as(&self, token: Option<&str>, events: &Value) -> reqwest::Response {
         let mut req = self
             .http
             .post(format!("{}/v1/events", self.ingest))
@@ -108,7 +108,7 @@ impl TestApp {
         req.send().await.expect("ingest answers")
     }
 
-    async fn graphql_as(&self, token: Option<&str>, body: Value) -> (u16, Value) {
+    pub(crate) async fn graphql_as(&self, token: Option<&str>, body: Value) -> (u16, Value) {
         let mut req = self.http.post(format!("{}/graphql", self.api)).json(&body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -141,7 +141,7 @@ async fn init(app: &TestApp, payload: Value) -> (Ws, Result<Value, (u16, String)
     (ws, first)
 }
 
-async fn ws_as(app: &TestApp, token: &str) -> Ws {
+pub(crate) async fn ws_as(app: &TestApp, token: &str) -> Ws {
     let (ws, first) = init(app, json!({"Authorization": format!("Bearer {token}")})).await;
     let ack = first.expect("connection_ack");
     assert_eq!(ack["type"], "connection_ack", "{ack}");

@@ -7,6 +7,7 @@ mod auth;
 mod bad_input;
 mod cluster;
 mod faults;
+mod flood;
 mod flow;
 mod helpers;
 mod history;

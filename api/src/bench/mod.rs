@@ -13,6 +13,8 @@
 //!   the history tables.
 //! - `procstat`: CPU seconds and RSS from /proc, every second.
 //! - `ceiling`: Redis's own pipelined XADD ceiling, measured before the load.
+//! - [`flood`]: `tickgraph flood`, half-open connections against the listeners
+//!   while a producer and a user are probed.
 //! - `report`: the figures, the judgement of a step, the plain-text report.
 //!
 //! [`run`] drives them: ceiling, subscribers (with `--fanout`, RSS before and
@@ -21,6 +23,7 @@
 
 mod ceiling;
 mod fanout;
+pub mod flood;
 mod load;
 mod procstat;
 mod report;
