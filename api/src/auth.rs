@@ -389,19 +389,48 @@ impl JwtVerifier {
         let mut v = Validation::new(header.alg);
         v.leeway = self.leeway.as_secs();
         v.validate_nbf = true;
-        v.set_required_spec_claims(&["exp", "sub"]);
+        // jsonwebtoken checks `iss` and `aud` only when the token has them, so
+        // a configured one must also be required, or leaving it out would pass.
+        let mut required = vec!["exp", "sub"];
         if let Some(iss) = &self.issuer {
             v.set_issuer(&[iss]);
+            required.push("iss");
         }
         match &self.audience {
-            Some(aud) => v.set_audience(&[aud]),
+            Some(aud) => {
+                v.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => v.validate_aud = false,
         }
-        let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-            _ => AuthError::Invalid(e.to_string()),
+        v.set_required_spec_claims(&required);
+        let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::MissingRequiredClaim(claim) => AuthError::Invalid(missing(claim)),
+                ErrorKind::InvalidIssuer => {
+                    AuthError::Invalid("claim `iss` is not the issuer this server trusts".into())
+                }
+                ErrorKind::InvalidAudience => {
+                    AuthError::Invalid("claim `aud` does not name this server".into())
+                }
+                _ => AuthError::Invalid(e.to_string()),
+            }
         })?;
         Ok(data.claims.into_principal(self.leeway))
+    }
+}
+
+/// Why a required claim counts as missing: jsonwebtoken also says so of one it
+/// cannot read (`exp` must be an integer it can hold).
+fn missing(claim: &str) -> String {
+    match claim {
+        "exp" => "claim `exp` is missing or not whole seconds since 1970 (0 to 2^64-1)".into(),
+        "iss" | "aud" => {
+            format!("claim `{claim}` is missing or malformed, and this server requires it")
+        }
+        _ => format!("claim `{claim}` is missing or malformed"),
     }
 }
 
@@ -633,11 +662,15 @@ mod tests {
     }
 
     fn verifier(dir: &std::path::Path) -> JwtVerifier {
+        verifier_with(dir, JwtConfig::default())
+    }
+
+    fn verifier_with(dir: &std::path::Path, cfg: JwtConfig) -> JwtVerifier {
         let secret = dir.join("secret");
         std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").expect("write");
         JwtVerifier::load(&JwtConfig {
             hs256_secret_file: Some(secret),
-            ..JwtConfig::default()
+            ..cfg
         })
         .expect("loads")
     }
@@ -685,6 +718,55 @@ mod tests {
         ] {
             assert!(matches!(v.verify(&sign(bad)), Err(AuthError::Invalid(_))));
         }
+    }
+
+    #[test]
+    fn a_configured_issuer_and_audience_are_required_not_only_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let v = verifier_with(
+            dir.path(),
+            JwtConfig {
+                issuer: Some("https://idp.example".into()),
+                audience: Some("tickgraph".into()),
+                ..JwtConfig::default()
+            },
+        );
+        let token = |iss: Option<&str>, aud: Option<serde_json::Value>| {
+            let mut c = serde_json::json!({"sub": "a", "exp": exp()});
+            if let Some(iss) = iss {
+                c["iss"] = iss.into();
+            }
+            if let Some(aud) = aud {
+                c["aud"] = aud;
+            }
+            sign(c)
+        };
+        let good = Some("https://idp.example");
+        assert!(v.verify(&token(good, Some("tickgraph".into()))).is_ok());
+        assert!(v
+            .verify(&token(
+                good,
+                Some(serde_json::json!(["other", "tickgraph"]))
+            ))
+            .is_ok());
+        for (bad, says) in [
+            (token(None, Some("tickgraph".into())), "`iss` is missing"),
+            (token(good, None), "`aud` is missing"),
+            (token(None, None), "is missing"),
+            (
+                token(Some("https://evil.example"), Some("tickgraph".into())),
+                "`iss`",
+            ),
+            (token(good, Some("other".into())), "`aud`"),
+        ] {
+            match v.verify(&bad) {
+                Err(AuthError::Invalid(m)) => assert!(m.contains(says), "{m}"),
+                other => panic!("expected a refusal saying {says:?}, got {other:?}"),
+            }
+        }
+        // Not configured: neither is needed.
+        let open = verifier(dir.path());
+        assert!(open.verify(&token(None, None)).is_ok());
     }
 
     #[test]

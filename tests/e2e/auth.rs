@@ -581,3 +581,152 @@ async fn per_user_and_per_connection_limits_refuse_with_clear_errors(pool: PgPoo
 async fn next_message_any(ws: &mut Ws) -> Value {
     recv(ws).await.expect("message")
 }
+
+/// What one transport made of a token.
+#[derive(Debug, Clone, PartialEq)]
+enum Verdict {
+    /// It served the user.
+    Served,
+    /// It refused with this message (HTTP and SSE: 401; WebSocket: 4403).
+    Refused(String),
+}
+
+impl Verdict {
+    fn refused_saying(&self, words: &str) -> bool {
+        matches!(self, Verdict::Refused(m) if m.contains(words))
+    }
+}
+
+/// `token` over HTTP, graphql-transport-ws, the legacy graphql-ws and SSE, in
+/// that order. A transport that neither serves nor refuses cleanly (a dropped
+/// connection, another status or close code) fails the test.
+async fn everywhere(app: &TestApp, token: &str) -> [Verdict; 4] {
+    let (status, body) = app
+        .graphql_as(Some(token), json!({"query": "{ venues { mic } }"}))
+        .await;
+    let http = match status {
+        200 if body["data"]["venues"].is_array() => Verdict::Served,
+        401 => Verdict::Refused(body["errors"][0]["message"].as_str().unwrap_or("").into()),
+        _ => panic!("HTTP answered {status}: {body}"),
+    };
+
+    let mut ws = [Verdict::Served, Verdict::Served];
+    for (verdict, (protocol, start)) in ws.iter_mut().zip([
+        ("graphql-transport-ws", "subscribe"),
+        ("graphql-ws", "start"),
+    ]) {
+        let mut socket = connect(&app.ws, protocol).await;
+        send(
+            &mut socket,
+            json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {token}")}}),
+        )
+        .await;
+        match recv(&mut socket).await {
+            Ok(m) if m["type"] == "connection_ack" => {
+                // The connection goes on serving once its expiry is armed.
+                send(
+                    &mut socket,
+                    json!({"id": "q", "type": start, "payload": {"query": "{ venues { mic } }"}}),
+                )
+                .await;
+                loop {
+                    match recv(&mut socket).await {
+                        Ok(m) if matches!(m["type"].as_str(), Some("next" | "data")) => {
+                            assert!(m["payload"]["data"]["venues"].is_array(), "{m}");
+                            break;
+                        }
+                        Ok(m) if matches!(m["type"].as_str(), Some("ka" | "ping" | "pong")) => {}
+                        other => panic!("{protocol}: expected the query's result, got {other:?}"),
+                    }
+                }
+            }
+            Err((4403, reason)) => *verdict = Verdict::Refused(reason),
+            other => panic!("{protocol}: expected connection_ack or 4403, got {other:?}"),
+        }
+    }
+
+    let mut sse = app
+        .http
+        .post(format!("{}/graphql/stream", app.api))
+        .header("accept", "text/event-stream")
+        .bearer_auth(token)
+        .json(&json!({"query": "subscription { quotes { instrument } }"}))
+        .send()
+        .await
+        .expect("SSE answers");
+    let sse = match sse.status().as_u16() {
+        200 => {
+            let first = tokio::time::timeout(DEADLINE, sse.chunk())
+                .await
+                .expect("the stream opens in time")
+                .expect("SSE body");
+            assert!(first.is_some(), "the stream ended at once");
+            Verdict::Served
+        }
+        401 => {
+            let body: Value = sse.json().await.expect("JSON refusal");
+            Verdict::Refused(body["errors"][0]["message"].as_str().unwrap_or("").into())
+        }
+        other => panic!("SSE answered {other}"),
+    };
+    let [transport_ws, legacy] = ws;
+    [http, transport_ws, legacy, sse]
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_configured_issuer_and_audience_are_required_on_every_transport(pool: PgPool) {
+    const ISSUER: &str = "https://idp.example";
+    const AUDIENCE: &str = "tickgraph";
+    let (app, _dir) = secured(pool, |cfg| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("hs256.secret");
+        std::fs::write(&secret, SECRET).expect("write secret");
+        cfg.api.auth = Authenticator::jwt(&JwtConfig {
+            hs256_secret_file: Some(secret),
+            issuer: Some(ISSUER.into()),
+            audience: Some(AUDIENCE.into()),
+            ..JwtConfig::default()
+        })
+        .expect("JWT keys load");
+    })
+    .await;
+    let token = |sub: &str, iss: Option<&str>, aud: Option<&str>| {
+        let mut c = claims(sub, 300, json!("*"), json!("*"));
+        if let Some(iss) = iss {
+            c["iss"] = iss.into();
+        }
+        if let Some(aud) = aud {
+            c["aud"] = aud.into();
+        }
+        hs256(c)
+    };
+
+    let good = token("alice", Some(ISSUER), Some(AUDIENCE));
+    assert_eq!(
+        everywhere(&app, &good).await,
+        [const { Verdict::Served }; 4]
+    );
+    for (sub, iss, aud, says) in [
+        ("no-iss", None, Some(AUDIENCE), "`iss` is missing"),
+        ("no-aud", Some(ISSUER), None, "`aud` is missing"),
+        ("neither", None, None, "is missing"),
+        (
+            "wrong-iss",
+            Some("https://evil.example"),
+            Some(AUDIENCE),
+            "`iss`",
+        ),
+        ("wrong-aud", Some(ISSUER), Some("another-service"), "`aud`"),
+    ] {
+        for (transport, verdict) in ["HTTP", "graphql-transport-ws", "graphql-ws", "SSE"]
+            .into_iter()
+            .zip(everywhere(&app, &token(sub, iss, aud)).await)
+        {
+            assert!(
+                verdict.refused_saying(says),
+                "{sub} over {transport}: expected a refusal saying {says:?}, got {verdict:?}"
+            );
+        }
+    }
+    app.stop().await;
+}
