@@ -409,6 +409,9 @@ impl JwtVerifier {
             match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 ErrorKind::MissingRequiredClaim(claim) => AuthError::Invalid(missing(claim)),
+                ErrorKind::ImmatureSignature => {
+                    AuthError::Invalid("not valid yet: claim `nbf` is in the future".into())
+                }
                 ErrorKind::InvalidIssuer => {
                     AuthError::Invalid("claim `iss` is not the issuer this server trusts".into())
                 }
@@ -440,6 +443,11 @@ fn missing(claim: &str) -> String {
 struct Claims {
     sub: String,
     exp: u64,
+    /// Read only to refuse a value jsonwebtoken skips: it checks `nbf` when it
+    /// can hold it as an integer and ignores it otherwise, so `1e300` (never
+    /// valid) would pass as if absent.
+    #[serde(default, deserialize_with = "whole_seconds", rename = "nbf")]
+    _nbf: Option<u64>,
     #[serde(default)]
     venues: Option<ScopeClaim<String>>,
     #[serde(default)]
@@ -447,6 +455,17 @@ struct Claims {
     #[serde(default)]
     roles: Vec<String>,
 }
+
+fn whole_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Option::<u64>::deserialize(d).map_err(|_| {
+        serde::de::Error::custom("claim `nbf` is not whole seconds since 1970 (0 to 2^64-1)")
+    })
+}
+
+/// The latest expiry a principal keeps, 9999-12-31T23:59:59Z: `exp` may be up
+/// to 2^64-1 seconds, which no `SystemTime` holds, and any time this far ahead
+/// means the same to a connection.
+const LATEST_EXPIRY_SECS: u64 = 253_402_300_799;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -482,7 +501,7 @@ impl<T> ScopeClaim<T> {
 
 impl Claims {
     /// The principal, valid as long as `decode` accepts the token: until
-    /// `exp` plus the clock-skew `leeway`.
+    /// `exp` plus the clock-skew `leeway` (an `exp` past 9999 counts as then).
     fn into_principal(self, leeway: Duration) -> Principal {
         let admin = self.roles.iter().any(|r| r == ADMIN_ROLE);
         Principal::new(
@@ -492,7 +511,9 @@ impl Claims {
                 asset_classes: ScopeClaim::scope(self.asset_classes),
             },
             admin,
-            Some(UNIX_EPOCH + Duration::from_secs(self.exp) + leeway),
+            UNIX_EPOCH.checked_add(
+                Duration::from_secs(self.exp.min(LATEST_EXPIRY_SECS)).saturating_add(leeway),
+            ),
         )
     }
 }
@@ -767,6 +788,59 @@ mod tests {
         // Not configured: neither is needed.
         let open = verifier(dir.path());
         assert!(open.verify(&token(None, None)).is_ok());
+    }
+
+    /// A token whose `claim` is the JSON number `literal`, as written.
+    fn with_claim(claim: &str, literal: &str) -> String {
+        let mut c = serde_json::json!({"sub": "a", "exp": exp()});
+        c[claim] = serde_json::from_str(literal).expect("a JSON number");
+        sign(c)
+    }
+
+    #[test]
+    fn numeric_claims_at_their_extremes_are_refused_or_accepted_without_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let v = verifier_with(
+            dir.path(),
+            JwtConfig {
+                leeway: Duration::from_secs(30),
+                ..JwtConfig::default()
+            },
+        );
+        let later = format!("{}.5", exp());
+        let extremes = [
+            "0",
+            "-1",
+            "9223372036854775808",
+            "18446744073709551615",
+            "18446744073709551616",
+            "1e300",
+            later.as_str(),
+        ];
+        // Per claim, the literals accepted; every other one is refused.
+        for (claim, accepted) in [
+            ("exp", &["9223372036854775808", "18446744073709551615"][..]),
+            ("nbf", &["0"][..]),
+            ("iat", &extremes[..]),
+        ] {
+            for literal in extremes {
+                let got = v.verify(&with_claim(claim, literal));
+                if accepted.contains(&literal) {
+                    let p = got.unwrap_or_else(|e| panic!("{claim}: {literal}: {e}"));
+                    let left = p.expires_in().expect("an expiry");
+                    if claim == "exp" {
+                        // Far enough ahead to be never, and still a time.
+                        assert!(left > Duration::from_secs(1 << 32), "{literal}");
+                    }
+                } else {
+                    let e = got.expect_err(&format!("{claim}: {literal} is refused"));
+                    assert!(
+                        e.to_string().contains(claim) || e == AuthError::Expired,
+                        "{claim}: {literal}: {e}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -730,3 +730,59 @@ async fn a_configured_issuer_and_audience_are_required_on_every_transport(pool: 
     }
     app.stop().await;
 }
+
+/// Every numeric claim the server reads, and `iat` which it does not, at the
+/// extremes of what JSON can write: each token is served or refused cleanly,
+/// alike on every transport, and the server goes on serving.
+#[sqlx::test(migrations = "../migrations")]
+async fn numeric_claims_at_their_extremes_are_served_or_refused_on_every_transport(pool: PgPool) {
+    let (app, _dir) = secured(pool, |_| {}).await;
+    let later = format!("{}.5", now_secs() + 300);
+    let extremes = [
+        "0",
+        "-1",
+        "9223372036854775808",
+        "18446744073709551615",
+        "18446744073709551616",
+        "1e300",
+        "-1e300",
+        later.as_str(),
+    ];
+    for (claim, served) in [
+        // Past 9999 the expiry is kept as then; a fraction is refused, as
+        // jsonwebtoken reads only whole seconds.
+        ("exp", &["9223372036854775808", "18446744073709551615"][..]),
+        ("nbf", &["0"][..]),
+        ("iat", &extremes[..]),
+    ] {
+        for (n, literal) in extremes.iter().enumerate() {
+            let sub = format!("{claim}-{n}");
+            let mut c = claims(&sub, 300, json!("*"), json!("*"));
+            c[claim] = serde_json::from_str(literal).expect("a JSON number");
+            let verdicts = everywhere(&app, &hs256(c)).await;
+            for (transport, verdict) in ["HTTP", "graphql-transport-ws", "graphql-ws", "SSE"]
+                .into_iter()
+                .zip(verdicts)
+            {
+                if served.contains(literal) {
+                    assert_eq!(
+                        verdict,
+                        Verdict::Served,
+                        "{claim}: {literal} over {transport}"
+                    );
+                } else {
+                    assert!(
+                        verdict.refused_saying(claim) || verdict.refused_saying("token expired"),
+                        "{claim}: {literal} over {transport}: expected a refusal naming it, got {verdict:?}"
+                    );
+                }
+            }
+        }
+    }
+    let fine = hs256(claims("after", 300, json!("*"), json!("*")));
+    assert_eq!(
+        everywhere(&app, &fine).await,
+        [const { Verdict::Served }; 4]
+    );
+    app.stop().await;
+}
