@@ -80,9 +80,7 @@ pub enum HubError {
     ShuttingDown,
     #[error("`{arg}` is an empty list, which selects nothing: omit it to receive every value")]
     EmptyList { arg: &'static str },
-    #[error(
-        "`maxRate` must be above 0 and at most 1000 updates per second per instrument, got {rate}"
-    )]
+    #[error("`maxRate` must be from 0.001 to 1000 updates per second per instrument, got {rate}")]
     BadMaxRate { rate: f64 },
     #[error(transparent)]
     BadCursor(#[from] CursorError),
@@ -207,16 +205,20 @@ pub struct MaxRate {
 impl MaxRate {
     /// The most a subscription may ask for; above it conflation saves little.
     pub const MAX_PER_SECOND: f64 = 1000.0;
+    /// The least: one update per 1,000 seconds. Below about 5e-20 the period
+    /// no longer fits a `Duration`, and long before that it means "never".
+    pub const MIN_PER_SECOND: f64 = 0.001;
 
     pub fn per_second(rate: f64) -> Result<Self, HubError> {
-        if rate.is_finite() && rate > 0.0 && rate <= Self::MAX_PER_SECOND {
-            Ok(Self {
-                period: Duration::from_secs_f64(1.0 / rate),
-                key: ConflationKey::INSTRUMENT,
-            })
-        } else {
-            Err(HubError::BadMaxRate { rate })
+        if !(Self::MIN_PER_SECOND..=Self::MAX_PER_SECOND).contains(&rate) {
+            return Err(HubError::BadMaxRate { rate });
         }
+        let period =
+            Duration::try_from_secs_f64(1.0 / rate).map_err(|_| HubError::BadMaxRate { rate })?;
+        Ok(Self {
+            period,
+            key: ConflationKey::INSTRUMENT,
+        })
     }
 
     /// The least time between two deliveries.
@@ -2200,12 +2202,32 @@ mod tests {
 
     #[test]
     fn max_rate_outside_its_range_is_refused() {
-        for bad in [0.0, -1.0, 1000.5, f64::NAN, f64::INFINITY] {
-            assert!(MaxRate::per_second(bad).is_err(), "{bad}");
+        for bad in [
+            0.0,
+            -0.0,
+            -1.0,
+            1000.5,
+            1e-300,
+            5e-20,
+            f64::MIN_POSITIVE,
+            0.000_999,
+            1e300,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ] {
+            let refused = MaxRate::per_second(bad).expect_err("refused");
+            assert!(refused.to_string().contains("`maxRate`"), "{refused}");
         }
         assert_eq!(
             MaxRate::per_second(4.0).expect("rate").period(),
             Duration::from_millis(250)
+        );
+        assert_eq!(
+            MaxRate::per_second(MaxRate::MIN_PER_SECOND)
+                .expect("the least rate")
+                .period(),
+            Duration::from_secs(1000)
         );
     }
 

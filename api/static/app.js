@@ -308,8 +308,8 @@ function readControls() {
   const fields = QUOTE_FIELDS.filter((f) => document.querySelector(`[data-field-choice="${f}"]`).checked);
   const rateText = $('#max-rate').value.trim();
   const maxRate = rateText === '' ? null : Number(rateText);
-  if (maxRate !== null && !(maxRate > 0 && maxRate <= 1000)) {
-    say('max rate must be above 0 and at most 1000, or empty for every quote');
+  if (maxRate !== null && !(maxRate >= 0.001 && maxRate <= 1000)) {
+    say('max rate must be from 0.001 to 1000, or empty for every quote');
     return null;
   }
   return { instruments: pickedSymbols(), fields, maxRate };

@@ -285,7 +285,7 @@ impl TradeSubscription {
     /// to continue.
     ///
     /// `maxRate` conflates: at most that many trades per second per instrument
-    /// (above 0, at most 1000), each the latest of its instrument when sent; the
+    /// (0.001 to 1000), each the latest of its instrument when sent; the
     /// ones in between are skipped, never queued, so such a subscriber is never
     /// too slow. Omitted, every trade is sent. `conflateBy` (with `maxRate`
     /// only) names what to keep one latest value per instead of the
@@ -349,7 +349,7 @@ impl QuoteSubscription {
     /// to continue.
     ///
     /// `maxRate` conflates: at most that many quotes per second per instrument
-    /// (above 0, at most 1000), each the latest of its instrument when sent; the
+    /// (0.001 to 1000), each the latest of its instrument when sent; the
     /// ones in between are skipped, never queued, so such a subscriber is never
     /// too slow. Omitted, every quote is sent. `conflateBy` (with `maxRate`
     /// only) names what to keep one latest value per instead of the
