@@ -3,12 +3,14 @@
 //!
 //! [`RefCache`]: tickgraph_enrich::refdata::RefCache
 
+use std::collections::HashSet;
+
 use async_graphql::connection::{Connection, Edge};
 use async_graphql::{Context, Object, Result, SimpleObject};
 use tickgraph_enrich::refdata::{AssetClass, Instrument};
 
 use super::types::{AccountNode, AssetClassKind, FxRate, InstrumentNode, VenueNode};
-use super::{page_cost, page_size, Services};
+use super::{page_cost, page_size, Services, MAX_INSTRUMENTS};
 
 /// Extra fields on `InstrumentConnection`.
 #[derive(SimpleObject, Debug, Default)]
@@ -20,7 +22,7 @@ pub struct InstrumentTotal {
 /// The `instruments` filters; every one given must match.
 #[derive(Debug, Default)]
 struct InstrumentFilter {
-    symbols: Option<Vec<String>>,
+    symbols: Option<HashSet<String>>,
     venue: Option<String>,
     asset_class: Option<AssetClass>,
     currency: Option<String>,
@@ -55,8 +57,9 @@ pub struct RefDataQuery;
 impl RefDataQuery {
     /// Instruments matching every given filter, ordered by symbol. `search` is a
     /// case-insensitive substring of the symbol or the name; `currency` and
-    /// `sector` ignore case. Pages hold `first` instruments (at most 1000); pass a
-    /// page's `pageInfo.endCursor` as `after` for the next.
+    /// `sector` ignore case; `symbols` holds at most 1000. Pages hold `first`
+    /// instruments (at most 1000); pass a page's `pageInfo.endCursor` as
+    /// `after` for the next.
     #[allow(clippy::too_many_arguments)]
     #[graphql(complexity = "page_cost(first, child_complexity)")]
     async fn instruments(
@@ -71,9 +74,20 @@ impl RefDataQuery {
         #[graphql(default = 100)] first: i32,
         after: Option<String>,
     ) -> Result<Connection<String, InstrumentNode, InstrumentTotal>> {
+        // Every instrument is matched against the list, so it is bounded like
+        // every other list argument.
+        if let Some(s) = &symbols {
+            if s.len() > MAX_INSTRUMENTS {
+                return Err(format!(
+                    "at most {MAX_INSTRUMENTS} `symbols` per request, got {}",
+                    s.len()
+                )
+                .into());
+            }
+        }
         let first = page_size(first)?;
         let filter = InstrumentFilter {
-            symbols,
+            symbols: symbols.map(HashSet::from_iter),
             venue,
             asset_class: asset_class.map(Into::into),
             currency,

@@ -83,6 +83,30 @@ async fn instruments_filter_and_page(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn instruments_takes_at_most_1000_symbols(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let many = |n: usize| -> Vec<String> {
+        std::iter::once("AAPL".to_owned())
+            .chain((1..n).map(|i| format!("S{i}")))
+            .collect()
+    };
+    let at_most = app.data(INSTRUMENTS, json!({"symbols": many(1000)})).await;
+    assert_eq!(symbols(&at_most["instruments"]), ["AAPL"]);
+    // One more, and the size that held a worker for half a second.
+    for n in [1001, 100_000] {
+        let body = app.post(INSTRUMENTS, json!({"symbols": many(n)})).await;
+        assert_eq!(body["data"], Value::Null, "{n}");
+        let message = body["errors"][0]["message"].as_str().unwrap_or("");
+        assert_eq!(
+            message,
+            format!("at most 1000 `symbols` per request, got {n}"),
+            "{body}"
+        );
+    }
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn venues_accounts_and_fx_rates(pool: PgPool) {
     let app = spawn_app(pool).await;
     let data = app
