@@ -3,6 +3,7 @@
 //! DATABASE_URL=postgres://root@127.0.0.1:5432/root).
 
 mod deadletters;
+mod extremes;
 mod helpers;
 mod history;
 mod hostile;
