@@ -1,14 +1,59 @@
 //! `tickgraph dlq list|replay`: the operator's command over the dead-letter
 //! streams (`tickgraph_enrich::deadletter` does the work). [`run`] writes to any
-//! `Write`, so the tests call what the binary calls.
+//! `Write`, so the tests call what the binary calls. [`letter_venue`] and
+//! [`may_see`] decide which letters an administrator's entitlements show
+//! over GraphQL; the command needs no token, so it shows them all.
 
 use std::io::Write;
 
 use clap::{Args, Subcommand};
 use tickgraph_enrich::deadletter::{
     DeadLetterError, DeadLetterId, DeadLetterView, DeadLetters, Filter, ListRequest, Order,
-    ReplayCounts, ReplayCursor, ReplayReport, Stage,
+    PayloadFormat, ReplayCounts, ReplayCursor, ReplayReport, Stage,
 };
+
+use crate::auth::{Principal, Scope};
+
+/// The venue of a dead letter's event, when its payload names one where each
+/// stage writes it: an ingest letter holds the event as the producer sent it
+/// (`venue` at its top, JSON or a MessagePack map), an enrich letter the
+/// accepted event (`{"<kind>": {"header": {"venue": ..}}}`), a load letter the
+/// enriched record (that event under `event`). A payload in any other shape
+/// (not JSON or MessagePack, cut at 16 KiB, a positional record, a whole raw
+/// entry) has none.
+pub fn letter_venue(d: &DeadLetterView) -> Option<String> {
+    if !matches!(
+        d.payload.format,
+        PayloadFormat::Json | PayloadFormat::MessagePack
+    ) {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&d.payload.text).ok()?;
+    let event_venue = |e: &serde_json::Value| {
+        let kinds = e.as_object().filter(|o| o.len() == 1)?;
+        let (_, body) = kinds.iter().next()?;
+        body.get("header")?
+            .get("venue")?
+            .as_str()
+            .map(str::to_owned)
+    };
+    match d.stage.as_str() {
+        "ingest" => v.get("venue")?.as_str().map(str::to_owned),
+        "enrich" => event_venue(&v),
+        "load" => event_venue(v.get("event")?),
+        _ => None,
+    }
+}
+
+/// Whether `who` may see this letter: one of a venue it is entitled to. A
+/// letter whose venue is unknown (see [`letter_venue`]) is shown only to a
+/// principal entitled to every venue, since it may be any venue's.
+pub fn may_see(who: &Principal, d: &DeadLetterView) -> bool {
+    match &who.entitlements().venues {
+        Scope::All => true,
+        Scope::Only(venues) => letter_venue(d).is_some_and(|v| venues.contains(&v)),
+    }
+}
 
 #[derive(Args, Debug, Clone)]
 pub struct DlqArgs {
@@ -327,6 +372,108 @@ mod tests {
         assert!(!ok(&["replay", "--id", "tg:dlq:{0}/1-0", "--reason", "x"]));
         assert!(!ok(&["list", "--stage", "transform"]));
         assert!(ok(&["list", "--stage", "ingest", "--limit", "5", "--json"]));
+    }
+
+    fn letter(stage: &str, payload: &[u8]) -> DeadLetterView {
+        DeadLetterView {
+            id: "tg:dlq:{0}/1-0".parse().expect("id"),
+            stage: stage.into(),
+            reason: "test".into(),
+            at_ns: None,
+            event_id: None,
+            payload: tickgraph_enrich::deadletter::Payload::render(payload),
+            replayable: false,
+            not_replayable_reason: None,
+        }
+    }
+
+    /// The event enrich and load write into their letters.
+    fn record() -> tickgraph_enrich::record::EnrichedRecord {
+        use tickgraph_ingest::event::{Header, Mic, Source, Symbol};
+        let d = |s: &str| s.parse::<rust_decimal::Decimal>().expect("decimal");
+        tickgraph_enrich::record::EnrichedRecord {
+            event: tickgraph_ingest::Event::Quote(tickgraph_ingest::Quote {
+                header: Header {
+                    source: Source::parse("feed").expect("source"),
+                    seq: 1,
+                    instrument: Symbol::parse("VOD.L").expect("symbol"),
+                    venue: Mic::parse("XLON").expect("mic"),
+                    ts: tickgraph_ingest::Timestamp::from_nanos(1_732_550_000_000_000_000)
+                        .expect("ts"),
+                },
+                bid: d("1"),
+                ask: d("2"),
+                bid_size: d("1"),
+                ask_size: d("1"),
+            }),
+            ingest_ns: 1,
+            enriched_ns: 2,
+            asset_class: tickgraph_enrich::refdata::AssetClass::Equity,
+            currency: "GBP".into(),
+            derived: tickgraph_enrich::record::Derived::Quote {
+                mid: d("1.5"),
+                spread: d("1"),
+            },
+        }
+    }
+
+    #[test]
+    fn a_letter_has_the_venue_its_stage_wrote_or_none() {
+        let rec = record();
+        let enrich = serde_json::to_vec(&rec.event).expect("event JSON");
+        let load = serde_json::to_vec(&rec).expect("record JSON");
+        let ingest_json = br#"{"kind":"quote","venue":"XNAS","bid":true}"#;
+        let ingest_msgpack =
+            rmp_serde::to_vec_named(&serde_json::json!({"kind": "quote", "venue": "XNAS"}))
+                .expect("MessagePack");
+        for (stage, payload, want) in [
+            ("enrich", enrich.as_slice(), Some("XLON")),
+            ("load", load.as_slice(), Some("XLON")),
+            ("ingest", ingest_json.as_slice(), Some("XNAS")),
+            ("ingest", ingest_msgpack.as_slice(), Some("XNAS")),
+            // Another stage's shape, a batch, text, binary, a cut payload.
+            ("ingest", enrich.as_slice(), None),
+            ("enrich", ingest_json.as_slice(), None),
+            ("ingest", br#"[{"venue":"XNAS"}]"#.as_slice(), None),
+            ("ingest", br#"{"venue": 7}"#.as_slice(), None),
+            ("ingest", b"venue=XNAS".as_slice(), None),
+            ("ingest", b"\xff\x00".as_slice(), None),
+            ("ingest", br#"{"venue":"XNAS","bid":"#.as_slice(), None),
+        ] {
+            let got = letter_venue(&letter(stage, payload));
+            assert_eq!(
+                got.as_deref(),
+                want,
+                "{stage}: {}",
+                String::from_utf8_lossy(payload)
+            );
+        }
+    }
+
+    #[test]
+    fn an_admin_sees_the_letters_of_its_venues_and_unknown_ones_only_with_all() {
+        use crate::auth::Entitlements;
+        let rec = record();
+        let xlon = letter("enrich", &serde_json::to_vec(&rec.event).expect("JSON"));
+        let unknown = letter("ingest", b"not an event");
+        let with = |venues: Scope<String>| {
+            Principal::new(
+                "ops",
+                Entitlements {
+                    venues,
+                    asset_classes: Scope::All,
+                },
+                true,
+                None,
+            )
+        };
+        let all = with(Scope::All);
+        let london = with(Scope::Only(vec!["XLON".into()]));
+        let nasdaq = with(Scope::Only(vec!["XNAS".into()]));
+        assert!(may_see(&all, &xlon) && may_see(&all, &unknown));
+        assert!(may_see(&london, &xlon) && !may_see(&london, &unknown));
+        assert!(!may_see(&nasdaq, &xlon) && !may_see(&nasdaq, &unknown));
+        assert!(may_see(&Principal::dev(), &unknown));
     }
 
     #[test]

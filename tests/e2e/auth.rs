@@ -786,3 +786,114 @@ async fn numeric_claims_at_their_extremes_are_served_or_refused_on_every_transpo
     );
     app.stop().await;
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_admin_sees_only_the_dead_letters_of_its_venues(pool: PgPool) {
+    let (mut app, _dir) = secured(pool, |_| {}).await;
+    let bad = |seq: u64, venue: Option<&str>| {
+        let mut e = json!({"kind": "quote", "source": "feed-a", "seq": seq,
+                           "instrument": "AAPL", "bid": true});
+        if let Some(v) = venue {
+            e["venue"] = v.into();
+        }
+        e
+    };
+    // Unknown instruments (enrich's letters, the event as accepted), invalid
+    // events (ingest's, as sent), and one whose venue nobody can tell.
+    let batch = json!([
+        quote("feed-a", 1, "NEWCO", "XNAS", "10.00", "10.02"),
+        quote("feed-a", 2, "NEWCO.L", "XLON", "10.00", "10.02"),
+        bad(3, Some("XNAS")),
+        bad(4, Some("XLON")),
+        bad(5, None),
+    ]);
+    let res = app.post_as(Some(PRODUCER_TOKEN), &batch).await;
+    assert_eq!(res.status(), 200);
+    app.eventually("five dead letters", async |app| {
+        let mut n = 0;
+        for key in app.layout.all_dlqs() {
+            n += app.xrange(&key).await.len();
+        }
+        (n == 5).then_some(())
+    })
+    .await;
+
+    let admin = |sub: &str, venues: Value| {
+        hs256(
+            json!({"sub": sub, "exp": now_secs() + 300, "venues": venues,
+                     "asset_classes": "*", "roles": ["admin"]}),
+        )
+    };
+    let list =
+        json!({"query": "{ deadLetters(first: 50) { items { stage payload } hasNextPage } }"});
+    let listed = async |token: &str| {
+        let (status, body) = app.graphql_as(Some(token), list.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.get("errors").is_none(), "{body}");
+        body
+    };
+
+    let everything = listed(&admin("ops", json!("*"))).await;
+    assert_eq!(
+        everything["data"]["deadLetters"]["items"]
+            .as_array()
+            .map(Vec::len),
+        Some(5),
+        "{everything}"
+    );
+    let nasdaq = listed(&admin("ops-ny", json!(["XNAS"]))).await;
+    let items = nasdaq["data"]["deadLetters"]["items"]
+        .as_array()
+        .expect("items");
+    let mut stages: Vec<&str> = items.iter().filter_map(|i| i["stage"].as_str()).collect();
+    stages.sort_unstable();
+    assert_eq!(stages, ["enrich", "ingest"], "{nasdaq}");
+    assert!(
+        items
+            .iter()
+            .all(|i| i["payload"].as_str().unwrap_or("").contains("XNAS")),
+        "{nasdaq}"
+    );
+    // Not a byte of another venue's letters.
+    let text = nasdaq.to_string();
+    assert!(
+        !text.contains("XLON") && !text.contains("NEWCO.L"),
+        "{text}"
+    );
+    // No `venues` claim: no venue, so no letters.
+    let none = hs256(json!({"sub": "ops-none", "exp": now_secs() + 300, "roles": ["admin"]}));
+    let nothing = listed(&none).await;
+    assert_eq!(
+        nothing["data"]["deadLetters"]["items"],
+        json!([]),
+        "{nothing}"
+    );
+
+    // Replay acts on letters an admin of some venues has not seen.
+    let replay =
+        json!({"query": "mutation { replayDeadLetters(all: true, dryRun: true) { wouldReplay } }"});
+    let (status, body) = app
+        .graphql_as(Some(&admin("ops-ny", json!(["XNAS"]))), replay.clone())
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"], Value::Null, "{body}");
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"], "FORBIDDEN",
+        "{body}"
+    );
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("every venue"),
+        "{body}"
+    );
+    let (_, body) = app
+        .graphql_as(Some(&admin("ops", json!("*"))), replay)
+        .await;
+    assert_eq!(
+        body["data"]["replayDeadLetters"]["wouldReplay"], 2,
+        "{body}"
+    );
+    app.stop().await;
+}

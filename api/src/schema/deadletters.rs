@@ -2,6 +2,12 @@
 //! `deadLetters` lists them a page at a time, the mutation `replayDeadLetters`
 //! replays those a reference-data fix can cure. The work is
 //! `tickgraph_enrich::deadletter`'s; this is its GraphQL face.
+//!
+//! An admin whose token limits venues sees only the letters of those venues
+//! ([`crate::dlq::may_see`]); a letter whose venue cannot be read from its
+//! payload (malformed input, a positional record, a raw entry) could be any
+//! venue's, so only an admin entitled to every venue sees it. Replay acts on
+//! letters it has not shown, so it is for an admin entitled to every venue.
 
 use async_graphql::{Context, Enum, ErrorExtensions, Guard, Object, Result, SimpleObject, ID};
 use chrono::{DateTime, Utc};
@@ -10,8 +16,9 @@ use tickgraph_enrich::deadletter::{
 };
 
 use super::types::SortOrder;
-use super::{internal, page_cost, page_size, Services};
-use crate::auth::Principal;
+use super::{internal, page_cost, page_size, principal, Services};
+use crate::auth::{Principal, Scope};
+use crate::dlq::may_see;
 
 /// Most letters one `replayDeadLetters` call names or, with `all`, looks at.
 pub const MAX_REPLAY: usize = 1000;
@@ -258,7 +265,9 @@ pub struct DeadLetterQuery;
 impl DeadLetterQuery {
     /// Dead-lettered events of every dead-letter stream (or of `stream`), newest
     /// first (`order: ASC`: oldest first), optionally only of one `stage` or
-    /// whose reason contains `reason` (case-insensitive). Admins only.
+    /// whose reason contains `reason` (case-insensitive). Admins only, and only
+    /// the letters of the venues the admin is entitled to; a letter whose venue
+    /// is unknown only to an admin entitled to every venue.
     #[allow(clippy::too_many_arguments)]
     #[graphql(
         guard = "AdminGuard",
@@ -275,6 +284,7 @@ impl DeadLetterQuery {
         #[graphql(default_with = "SortOrder::Desc")] order: SortOrder,
     ) -> Result<DeadLetterPage> {
         let s = ctx.data::<Services>()?;
+        let who = principal(ctx)?;
         let first = page_size(first)?;
         let after = after
             .map(|a| a.parse::<DeadLetterId>())
@@ -294,10 +304,18 @@ impl DeadLetterQuery {
             limit: first,
         };
         let page = s.dead_letters.list(&req).await.map_err(user_error)?;
+        // The cursor stays where the scan stopped, so leaving letters out
+        // here loses none on the next page: the page is only shorter, as one
+        // narrowed by `reason` can be.
         Ok(DeadLetterPage {
             has_next_page: page.next.is_some(),
             end_cursor: page.next.map(|n| n.to_string()),
-            items: page.items.into_iter().map(DeadLetter).collect(),
+            items: page
+                .items
+                .into_iter()
+                .filter(|d| may_see(who, d))
+                .map(DeadLetter)
+                .collect(),
         })
     }
 }
@@ -313,7 +331,8 @@ impl DeadLetterMutation {
     /// Either `ids` (at most 1000), or `all: true` with optional `stage` and
     /// `reason` filters (oldest first, 1000 letters looked at per call; go on
     /// with `after: <next>`). Letters that cannot be cured by a replay are
-    /// reported `NOT_REPLAYABLE` with why. `dryRun` changes nothing. Admins only.
+    /// reported `NOT_REPLAYABLE` with why. `dryRun` changes nothing. Admins
+    /// entitled to every venue only.
     #[allow(clippy::too_many_arguments)]
     #[graphql(guard = "AdminGuard")]
     async fn replay_dead_letters(
@@ -327,6 +346,12 @@ impl DeadLetterMutation {
         #[graphql(default)] dry_run: bool,
     ) -> Result<ReplayReport> {
         let s = ctx.data::<Services>()?;
+        if principal(ctx)?.entitlements().venues != Scope::All {
+            return Err(forbidden(
+                "replaying dead letters needs an admin entitled to every venue, \
+                 and this token's `venues` claim names only some",
+            ));
+        }
         let report = match (ids, all) {
             (Some(_), true) => return Err("pass either `ids` or `all: true`, not both".into()),
             (None, false) => return Err("pass `ids`, or `all: true` to replay every match".into()),
