@@ -123,6 +123,116 @@ async fn graphiql_is_served_and_the_root_redirects_to_it(pool: PgPool) {
     app.stop().await;
 }
 
+/// The `(tag, value)` of each `attr` of each `<tag` in `html`.
+fn attributes<'a>(html: &'a str, tag: &str, attr: &str) -> Vec<(&'a str, &'a str)> {
+    let open = format!("<{tag}");
+    let key = format!("{attr}=\"");
+    html.split(open.as_str())
+        .skip(1)
+        .filter_map(|rest| {
+            let (inside, _) = rest.split_once('>')?;
+            let (_, value) = inside.split_once(key.as_str())?;
+            let (value, _) = value.split_once('"')?;
+            Some((inside, value))
+        })
+        .collect()
+}
+
+/// `scheme://host` of an absolute URL.
+fn origin(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let end = url[after_scheme..]
+        .find('/')
+        .map_or(url.len(), |i| after_scheme + i);
+    &url[..end]
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn graphiql_may_not_be_framed_and_runs_only_its_own_scripts(pool: PgPool) {
+    use base64::Engine;
+    use sha2::Digest;
+    let app = spawn_app(pool).await;
+    let resp = app
+        .http
+        .get(app.url("/graphiql"))
+        .send()
+        .await
+        .expect("GET /graphiql");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("no {name} header"))
+            .to_owned()
+    };
+    assert_eq!(header("x-frame-options"), "DENY");
+    assert_eq!(header("x-content-type-options"), "nosniff");
+    let csp = header("content-security-policy");
+    let policy: std::collections::HashMap<&str, Vec<&str>> = csp
+        .split(';')
+        .filter_map(|d| {
+            let mut words = d.split_whitespace();
+            Some((words.next()?, words.collect()))
+        })
+        .collect();
+    let sources = |d: &str| {
+        policy
+            .get(d)
+            .unwrap_or_else(|| panic!("no {d} in {csp}"))
+            .clone()
+    };
+    assert_eq!(sources("default-src"), ["'none'"], "{csp}");
+    assert_eq!(sources("frame-ancestors"), ["'none'"], "{csp}");
+    let scripts = sources("script-src");
+    assert!(
+        !scripts.contains(&"'unsafe-inline'") && !scripts.contains(&"'unsafe-eval'"),
+        "{csp}"
+    );
+    let connect = sources("connect-src");
+    assert!(connect.contains(&"'self'"), "{csp}");
+    let socket = format!("ws://{}", app.addr);
+    assert!(connect.contains(&socket.as_str()), "{csp}");
+
+    // Today's page still works under it: everything it loads is allowed, and
+    // its inline script is, by its hash.
+    let html = resp.text().await.expect("html");
+    let external = attributes(&html, "script", "src");
+    assert!(!external.is_empty(), "no external script: {html}");
+    for (_, src) in external {
+        assert!(scripts.contains(&origin(src)), "script {src}: {csp}");
+    }
+    for (tag, href) in attributes(&html, "link", "href") {
+        let directive = if tag.contains("stylesheet") {
+            "style-src"
+        } else {
+            "img-src"
+        };
+        assert!(
+            sources(directive).contains(&origin(href)),
+            "{href} ({directive}): {csp}"
+        );
+    }
+    let mut inline = 0;
+    for body in html.split("<script>").skip(1) {
+        let (body, _) = body.split_once("</script>").expect("a closed script");
+        let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(body));
+        assert!(
+            scripts.contains(&format!("'sha256-{hash}'").as_str()),
+            "the inline script is not allowed: {csp}"
+        );
+        inline += 1;
+    }
+    assert_eq!(inline, 1, "{html}");
+    for path in ["'/graphql'", "'/graphql/ws'"] {
+        assert!(
+            html.contains(path),
+            "GraphiQL talks to another origin: {html}"
+        );
+    }
+    app.stop().await;
+}
+
 /// Every operation of a batch runs with its own complexity budget, so a batch
 /// is capped in length.
 #[sqlx::test(migrations = "../migrations")]
