@@ -656,9 +656,14 @@ impl Connection {
                 let request: Request = match msg
                     .payload
                     .as_deref()
-                    .map(|p| serde_json::from_str(p.get()))
+                    .map(|p| serde_json::from_str::<Request>(p.get()))
                 {
-                    Some(Ok(r)) => r,
+                    // Before the planner reads them, which comes before the
+                    // executor's own pass.
+                    Some(Ok(mut r)) => {
+                        crate::schema::restore_numbers(&mut r.variables);
+                        r
+                    }
                     Some(Err(e)) => {
                         return Some(bad_request(format!("invalid subscribe payload: {e}")))
                     }

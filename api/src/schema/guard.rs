@@ -301,7 +301,8 @@ impl<'a> Walk<'a> {
 
 /// The async-graphql extension that runs [`check_text`] and
 /// [`check_document`] before anything else sees a request's document, and
-/// hands the parsed document on, so that it is parsed once.
+/// hands the parsed document on, so that it is parsed once; and that puts
+/// numeric variables back as numbers ([`super::restore_numbers`]).
 pub struct Guard(pub GuardLimits);
 
 impl ExtensionFactory for Guard {
@@ -323,6 +324,8 @@ impl Extension for GuardExtension {
         check_text(&request.query, &self.0)?;
         let doc = request.parsed_query().map_err(shorten)?;
         check_document(doc, &self.0)?;
+        // Every executed request passes here, over every transport.
+        super::restore_numbers(&mut request.variables);
         next.run(ctx, request).await
     }
 }

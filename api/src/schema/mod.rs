@@ -146,6 +146,35 @@ pub(crate) fn page_size(first: i32) -> async_graphql::Result<usize> {
         .ok_or_else(|| format!("`first` must be between 0 and {MAX_PAGE}, got {first}").into())
 }
 
+/// The key under which serde_json's `arbitrary_precision` (on in this
+/// workspace, for exact decimals) hands over a number that is not a 64-bit
+/// integer, as a one-entry map, to a deserializer that takes any value.
+const PRIVATE_NUMBER: &str = "$serde_json::private::Number";
+
+/// Puts back as numbers the variables that were deserialized straight into a
+/// request: async-graphql's `ConstValue` reads the map above as an object, so
+/// `{"maxRate": 0.5}` was refused as not a Float, and `1e300` as an Int showed
+/// the private key in its error.
+pub fn restore_numbers(variables: &mut async_graphql::Variables) {
+    fn restore(v: &mut async_graphql::Value) {
+        match v {
+            async_graphql::Value::List(items) => items.iter_mut().for_each(restore),
+            async_graphql::Value::Object(fields) => {
+                let number = match (fields.len(), fields.get(PRIVATE_NUMBER)) {
+                    (1, Some(async_graphql::Value::String(text))) => text.parse().ok(),
+                    _ => None,
+                };
+                match number {
+                    Some(n) => *v = async_graphql::Value::Number(n),
+                    None => fields.values_mut().for_each(restore),
+                }
+            }
+            _ => {}
+        }
+    }
+    variables.values_mut().for_each(restore);
+}
+
 /// The principal the request runs as: the request's own (authenticated at
 /// the edge), else the schema's (dev mode). None at all is refused, so a
 /// forgotten edge can never serve data unauthenticated.
@@ -167,6 +196,28 @@ pub(crate) fn internal(what: &'static str, e: impl std::fmt::Display) -> async_g
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn numbers_deserialized_into_a_request_are_numbers() {
+        let mut r: async_graphql::Request = serde_json::from_str(
+            r#"{"query": "{ a }", "variables": {"f": 0.5, "big": 1e400, "i": 7,
+                "l": [1.5, [2e-3]], "o": {"x": -0.25, "s": "t"}}}"#,
+        )
+        .expect("a request");
+        super::restore_numbers(&mut r.variables);
+        let back = r.variables.into_value().into_json().expect("JSON");
+        assert_eq!(back["f"].as_f64(), Some(0.5), "{back}");
+        assert_eq!(back["i"].as_u64(), Some(7), "{back}");
+        assert_eq!(back["l"][0].as_f64(), Some(1.5), "{back}");
+        assert_eq!(back["l"][1][0].as_f64(), Some(0.002), "{back}");
+        assert_eq!(back["o"]["x"].as_f64(), Some(-0.25), "{back}");
+        assert_eq!(back["o"]["s"], "t", "{back}");
+        // Kept as written: too large for a float, so no Float takes it.
+        assert!(
+            back["big"].is_number() && back["big"].as_f64().is_none(),
+            "{back}"
+        );
+    }
+
     #[test]
     fn schema_graphql_is_up_to_date() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../schema.graphql");

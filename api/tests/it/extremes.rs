@@ -780,6 +780,18 @@ async fn every_numeric_argument_at_its_extremes_gets_a_clean_answer(pool: PgPool
             let numeric = |s: &Schema, t: &Ty| s.numeric(t.base());
             for slot in r.walk.schema.slots(&arg.ty, &numeric, 0) {
                 walked.push(format!("{}.{}", f.name, arg.name));
+                // A valid value (a fraction, for Float) is taken both ways, so
+                // a refusal below is the value's, not the way it was sent.
+                for inline in [false, true] {
+                    let valid = r.walk.schema.valid(&arg.ty);
+                    let call = Call::new(&r.walk.schema, &f, arg, valid, inline, false);
+                    let answer = r.run(&f, &call).await;
+                    assert!(
+                        matches!(answer, Answer::Served),
+                        "{}: {answer:?}",
+                        call.what
+                    );
+                }
                 for text in r.walk.schema.extremes(slot.ty.base()) {
                     let one: Value = serde_json::from_str(text).expect("JSON");
                     let value = match slot.ty.list() {
