@@ -31,9 +31,7 @@ async fn half_open(addr: &str, n: usize) -> Vec<TcpStream> {
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn a_producer_and_a_user_are_served_through_a_flood_of_half_open_connections(
-    pool: PgPool,
-) {
+async fn a_producer_and_a_user_are_served_through_a_flood_of_half_open_connections(pool: PgPool) {
     let (app, _dir) = secured(pool, |cfg| {
         // Deadlines far off: only the cap and its eviction make room here.
         let limits = ConnLimits {
@@ -68,9 +66,7 @@ async fn a_producer_and_a_user_are_served_through_a_flood_of_half_open_connectio
         .expect("client");
     let mut delivered = false;
     for seq in 1..=20u64 {
-        let batch = json!([quote(
-            "feed-a", seq, "AAPL", "XNAS", "100.00", "100.02"
-        )]);
+        let batch = json!([quote("feed-a", seq, "AAPL", "XNAS", "100.00", "100.02")]);
         let answer: Value = fresh
             .post(format!("{}/v1/events", app.ingest))
             .bearer_auth(PRODUCER_TOKEN)
@@ -90,10 +86,18 @@ async fn a_producer_and_a_user_are_served_through_a_flood_of_half_open_connectio
                 .send()
                 .await
                 .expect("the user is answered");
-            (res.status().as_u16(), res.json().await.expect("JSON answer"))
+            (
+                res.status().as_u16(),
+                res.json().await.expect("JSON answer"),
+            )
         };
         assert_eq!(status, 200, "{body}");
-        assert!(body["data"]["venues"].as_array().is_some_and(|v| !v.is_empty()), "{body}");
+        assert!(
+            body["data"]["venues"]
+                .as_array()
+                .is_some_and(|v| !v.is_empty()),
+            "{body}"
+        );
         flood.extend(half_open(&ingest_addr, CAP / 4).await);
         flood.extend(half_open(&api_addr, CAP / 4).await);
         if !delivered {
@@ -105,7 +109,10 @@ async fn a_producer_and_a_user_are_served_through_a_flood_of_half_open_connectio
             }
         }
     }
-    assert!(delivered, "the subscriber received nothing through the flood");
+    assert!(
+        delivered,
+        "the subscriber received nothing through the flood"
+    );
 
     let metrics = fresh
         .get(format!("{}/metrics", app.ingest))
@@ -116,10 +123,14 @@ async fn a_producer_and_a_user_are_served_through_a_flood_of_half_open_connectio
         .await
         .expect("text");
     for listener in ["ingest", "api"] {
-        let evicted = metric(&metrics, &format!(
-            "tickgraph_{listener}_connections_closed_total{{reason=\"evicted\"}}"
-        ));
-        assert!(evicted >= (FLOOD - CAP) as f64, "{listener}: {evicted} evicted");
+        let evicted = metric(
+            &metrics,
+            &format!("tickgraph_{listener}_connections_closed_total{{reason=\"evicted\"}}"),
+        );
+        assert!(
+            evicted >= (FLOOD - CAP) as f64,
+            "{listener}: {evicted} evicted"
+        );
         let open = metric(&metrics, &format!("tickgraph_{listener}_connections_open"));
         assert!(open <= (CAP + 1) as f64, "{listener}: {open} open");
     }

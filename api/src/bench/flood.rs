@@ -157,12 +157,18 @@ pub async fn run(args: FloodArgs, shutdown: CancellationToken) -> anyhow::Result
             tasks.spawn(probes.clone().round());
         }
     }
-    let held_at_end: Vec<usize> = tallies.iter().map(|t| t.held.load(Ordering::Relaxed)).collect();
+    let held_at_end: Vec<usize> = tallies
+        .iter()
+        .map(|t| t.held.load(Ordering::Relaxed))
+        .collect();
     let server = probes.server_metrics().await;
     stop.cancel();
     tasks.close();
     tasks.wait().await;
-    print!("{}", report(&args, &tallies, &held_at_end, &probes, &server));
+    print!(
+        "{}",
+        report(&args, &tallies, &held_at_end, &probes, &server)
+    );
     Ok(())
 }
 
@@ -183,14 +189,14 @@ async fn flood(
         if tally.held.load(Ordering::Relaxed) >= args.connections {
             continue;
         }
-        let s = match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&target)).await
-        {
-            Ok(Ok(s)) => s,
-            _ => {
-                tally.connect_failed.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-        };
+        let s =
+            match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&target)).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    tally.connect_failed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            };
         tally.opened.fetch_add(1, Ordering::Relaxed);
         let held = tally.held.fetch_add(1, Ordering::Relaxed) + 1;
         tally.peak_held.fetch_max(held, Ordering::Relaxed);
@@ -355,20 +361,24 @@ impl Probes {
         self.health.record(outcome, started.elapsed());
     }
 
-    /// The connection lines of both listeners' `/metrics`.
+    /// Each listener's connection figures, from its own `/metrics`.
     async fn server_metrics(&self) -> Vec<String> {
         let mut lines = Vec::new();
-        for base in [&self.args.ingest_url, &self.args.api_url] {
-            let text = match self.http.get(format!("{base}/metrics")).send().await {
-                Ok(res) => res.text().await.unwrap_or_default(),
-                Err(e) => format!("# {base}/metrics: {}", failure(&e)),
-            };
-            for l in text.lines() {
-                if l.contains("_connections_") && !l.starts_with("# HELP") && !l.starts_with("# TYPE")
-                    && !lines.iter().any(|seen| seen == l)
-                {
-                    lines.push(l.to_owned());
+        for (component, base) in [
+            ("ingest", &self.args.ingest_url),
+            ("api", &self.args.api_url),
+        ] {
+            let prefix = format!("tickgraph_{component}_connections_");
+            match self.http.get(format!("{base}/metrics")).send().await {
+                Ok(res) => {
+                    let text = res.text().await.unwrap_or_default();
+                    lines.extend(
+                        text.lines()
+                            .filter(|l| l.starts_with(&prefix))
+                            .map(str::to_owned),
+                    );
                 }
+                Err(e) => lines.push(format!("{base}/metrics: {}", failure(&e))),
             }
         }
         lines
