@@ -164,7 +164,16 @@ impl Timestamp {
         }
     }
 
+    /// RFC 3339's `date-time` exactly: `T` between date and time (a space,
+    /// which chrono takes too, is refused), at most nine fractional digits
+    /// (chrono drops the rest without a word), and `Z` or a `±hh:mm` offset.
     pub fn parse_rfc3339(s: &str) -> Result<Self, Rejection> {
+        rfc3339_shape(s.as_bytes()).map_err(|why| {
+            Rejection(format!(
+                "`ts` {} is not an RFC 3339 timestamp: {why}",
+                shown(s)
+            ))
+        })?;
         let dt = chrono::DateTime::parse_from_rfc3339(s).map_err(|e| {
             Rejection(format!(
                 "`ts` {} is not an RFC 3339 timestamp: {e}",
@@ -188,6 +197,48 @@ impl Timestamp {
 
     pub fn to_datetime(self) -> chrono::DateTime<chrono::Utc> {
         chrono::DateTime::from_timestamp_nanos(self.0)
+    }
+}
+
+/// The shape of RFC 3339's `date-time` (`YYYY-MM-DDThh:mm:ss[.f]Z|±hh:mm`,
+/// `T` and `Z` in either case, as its ABNF allows); chrono then checks the
+/// calendar.
+fn rfc3339_shape(b: &[u8]) -> Result<(), &'static str> {
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    let at = |i: usize, c: u8| b.get(i) == Some(&c);
+    if !(digits(0..4) && at(4, b'-') && digits(5..7) && at(7, b'-') && digits(8..10)) {
+        return Err("the date must be YYYY-MM-DD");
+    }
+    match b.get(10) {
+        Some(b'T' | b't') => {}
+        Some(b' ') => return Err("a space between date and time, where RFC 3339 has `T`"),
+        _ => return Err("`T` must follow the date"),
+    }
+    if !(digits(11..13) && at(13, b':') && digits(14..16) && at(16, b':') && digits(17..19)) {
+        return Err("the time must be hh:mm:ss");
+    }
+    let mut i = 19;
+    if at(i, b'.') {
+        let start = i + 1;
+        i = start;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        match i - start {
+            0 => return Err("no digit after the point"),
+            1..=9 => {}
+            _ => return Err("more than 9 fractional digits (finer than a nanosecond)"),
+        }
+    }
+    match b.get(i..) {
+        Some([b'Z' | b'z']) => Ok(()),
+        Some([b'+' | b'-', h1, h2, b':', m1, m2])
+            if [h1, h2, m1, m2].iter().all(|d| d.is_ascii_digit()) =>
+        {
+            Ok(())
+        }
+        _ => Err("the time must end in Z or an offset +hh:mm / -hh:mm"),
     }
 }
 
@@ -308,38 +359,29 @@ impl Event {
 
 /// One event as decoded from any wire format, before validation. Every field is
 /// optional so that a missing field becomes a named rejection, not a parse failure.
-#[derive(Debug, Default, Deserialize)]
-#[serde(expecting = "an event object")]
+///
+/// Decoded by hand ([`de`]), not by serde's derive, which is lenient where a
+/// producer's mistake should be named: it takes a struct written as an array
+/// (fields by position), MessagePack map keys that are integers (a field's
+/// index) or `bin`, and `bin` values as strings. Here an event is a map whose
+/// keys are strings, string fields are strings, and a field given twice is
+/// refused; unknown fields are skipped.
+#[derive(Debug, Default)]
 pub struct WireEvent<'a> {
-    #[serde(default, borrow, deserialize_with = "de::kind")]
     pub kind: Option<Cow<'a, str>>,
-    #[serde(default, borrow, deserialize_with = "de::source")]
     pub source: Option<Cow<'a, str>>,
-    #[serde(default, deserialize_with = "de::seq")]
     pub seq: Option<u64>,
-    #[serde(default, borrow, deserialize_with = "de::instrument")]
     pub instrument: Option<Cow<'a, str>>,
-    #[serde(default, borrow, deserialize_with = "de::venue")]
     pub venue: Option<Cow<'a, str>>,
-    #[serde(default, deserialize_with = "de::ts")]
     pub ts: Option<Timestamp>,
-    #[serde(default, deserialize_with = "de::price")]
     pub price: Option<Decimal>,
-    #[serde(default, deserialize_with = "de::qty")]
     pub qty: Option<Decimal>,
-    #[serde(default, borrow, deserialize_with = "de::side")]
     pub side: Option<Cow<'a, str>>,
-    #[serde(default, borrow, deserialize_with = "de::trade_id")]
     pub trade_id: Option<Cow<'a, str>>,
-    #[serde(default, borrow, deserialize_with = "de::account")]
     pub account: Option<Cow<'a, str>>,
-    #[serde(default, deserialize_with = "de::bid")]
     pub bid: Option<Decimal>,
-    #[serde(default, deserialize_with = "de::ask")]
     pub ask: Option<Decimal>,
-    #[serde(default, deserialize_with = "de::bid_size")]
     pub bid_size: Option<Decimal>,
-    #[serde(default, deserialize_with = "de::ask_size")]
     pub ask_size: Option<Decimal>,
 }
 
@@ -451,18 +493,20 @@ impl WireEvent<'_> {
     }
 }
 
-/// Field deserializers. Each wraps its error with the field's name so that a wrong
-/// type reads "`price`: invalid type: boolean `true`, expected a decimal ...".
+/// The strict decoding of [`WireEvent`]: field by field, each error wrapped
+/// with the field's name so that a wrong type reads "`price`: invalid type:
+/// boolean `true`, expected a decimal ...".
 mod de {
     use std::borrow::Cow;
     use std::fmt;
+    use std::marker::PhantomData;
     use std::str::FromStr;
 
     use rust_decimal::Decimal;
-    use serde::de::{self, Deserializer, MapAccess, Visitor};
+    use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
     use serde::Deserialize;
 
-    use super::Timestamp;
+    use super::{Timestamp, WireEvent};
 
     /// The key serde_json uses for numbers under its `arbitrary_precision` feature,
     /// which keeps a decimal literal's exact digits instead of rounding through f64.
@@ -472,58 +516,192 @@ mod de {
         E::custom(format_args!("`{field}`: {e}"))
     }
 
-    macro_rules! field {
-        ($name:ident, str) => {
-            pub fn $name<'de: 'a, 'a, D: Deserializer<'de>>(
-                d: D,
-            ) -> Result<Option<Cow<'a, str>>, D::Error> {
-                <Option<Cow<'a, str>>>::deserialize(d).map_err(|e| named(stringify!($name), e))
-            }
-        };
-        ($name:ident, decimal) => {
-            pub fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
-                <Option<DecimalValue>>::deserialize(d)
-                    .map(|v| v.map(|v| v.0))
-                    .map_err(|e| named(stringify!($name), e))
-            }
-        };
+    /// The fields of an event, by the key naming them; any other string key is
+    /// `Other`, skipped.
+    #[derive(Clone, Copy)]
+    enum Field {
+        Kind,
+        Source,
+        Seq,
+        Instrument,
+        Venue,
+        Ts,
+        Price,
+        Qty,
+        Side,
+        TradeId,
+        Account,
+        Bid,
+        Ask,
+        BidSize,
+        AskSize,
+        Other,
     }
 
-    field!(kind, str);
-    field!(source, str);
-    field!(instrument, str);
-    field!(venue, str);
-    field!(side, str);
-    field!(trade_id, str);
-    field!(account, str);
-    field!(price, decimal);
-    field!(qty, decimal);
-    field!(bid, decimal);
-    field!(ask, decimal);
-    field!(bid_size, decimal);
-    field!(ask_size, decimal);
+    impl Field {
+        fn of(key: &str) -> Self {
+            match key {
+                "kind" => Field::Kind,
+                "source" => Field::Source,
+                "seq" => Field::Seq,
+                "instrument" => Field::Instrument,
+                "venue" => Field::Venue,
+                "ts" => Field::Ts,
+                "price" => Field::Price,
+                "qty" => Field::Qty,
+                "side" => Field::Side,
+                "trade_id" => Field::TradeId,
+                "account" => Field::Account,
+                "bid" => Field::Bid,
+                "ask" => Field::Ask,
+                "bid_size" => Field::BidSize,
+                "ask_size" => Field::AskSize,
+                _ => Field::Other,
+            }
+        }
 
-    pub fn seq<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-        <Option<u64>>::deserialize(d).map_err(|e| named("seq", e))
+        fn name(self) -> &'static str {
+            match self {
+                Field::Kind => "kind",
+                Field::Source => "source",
+                Field::Seq => "seq",
+                Field::Instrument => "instrument",
+                Field::Venue => "venue",
+                Field::Ts => "ts",
+                Field::Price => "price",
+                Field::Qty => "qty",
+                Field::Side => "side",
+                Field::TradeId => "trade_id",
+                Field::Account => "account",
+                Field::Bid => "bid",
+                Field::Ask => "ask",
+                Field::BidSize => "bid_size",
+                Field::AskSize => "ask_size",
+                Field::Other => "",
+            }
+        }
     }
 
-    pub fn ts<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Timestamp>, D::Error> {
-        <Option<TsValue>>::deserialize(d)
-            .map(|v| v.map(|v| v.0))
-            .map_err(|e| named("ts", e))
+    /// A map key: a string, nothing else (MessagePack allows any value).
+    impl<'de> Deserialize<'de> for Field {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = Field;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a field name (a string)")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Field, E> {
+                    Ok(Field::of(v))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+
+    /// A string value, and only a string: MessagePack `bin` is refused.
+    struct Text<'a>(Cow<'a, str>);
+
+    impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<'a>(PhantomData<&'a ()>);
+            impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+                type Value = Text<'a>;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'a>, E> {
+                    Ok(Text(Cow::Borrowed(v)))
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'a>, E> {
+                    Ok(Text(Cow::Owned(v.to_owned())))
+                }
+                fn visit_string<E: de::Error>(self, v: String) -> Result<Text<'a>, E> {
+                    Ok(Text(Cow::Owned(v)))
+                }
+            }
+            d.deserialize_str(V(PhantomData))
+        }
+    }
+
+    impl<'de: 'a, 'a> Deserialize<'de> for WireEvent<'a> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(EventVisitor(PhantomData))
+        }
+    }
+
+    struct EventVisitor<'a>(PhantomData<&'a ()>);
+
+    impl<'de: 'a, 'a> Visitor<'de> for EventVisitor<'a> {
+        type Value = WireEvent<'a>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an event object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            fn value<'de, T: Deserialize<'de>, A: MapAccess<'de>>(
+                map: &mut A,
+                field: Field,
+            ) -> Result<Option<T>, A::Error> {
+                map.next_value::<Option<T>>()
+                    .map_err(|e| named(field.name(), e))
+            }
+            fn text<'de, A: MapAccess<'de>>(
+                map: &mut A,
+                field: Field,
+            ) -> Result<Option<Cow<'de, str>>, A::Error> {
+                Ok(value::<Text<'de>, A>(map, field)?.map(|t| t.0))
+            }
+            fn decimal<'de, A: MapAccess<'de>>(
+                map: &mut A,
+                field: Field,
+            ) -> Result<Option<Decimal>, A::Error> {
+                Ok(value::<DecimalValue, A>(map, field)?.map(|d| d.0))
+            }
+            let mut e = WireEvent::default();
+            // One bit per field seen, so a repeated one is refused (null too).
+            let mut seen = 0u32;
+            while let Some(field) = map.next_key::<Field>()? {
+                if let Field::Other = field {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+                let bit = 1 << (field as u32);
+                if seen & bit != 0 {
+                    return Err(de::Error::duplicate_field(field.name()));
+                }
+                seen |= bit;
+                match field {
+                    Field::Kind => e.kind = text(&mut map, field)?,
+                    Field::Source => e.source = text(&mut map, field)?,
+                    Field::Seq => e.seq = value(&mut map, field)?,
+                    Field::Instrument => e.instrument = text(&mut map, field)?,
+                    Field::Venue => e.venue = text(&mut map, field)?,
+                    Field::Ts => e.ts = value::<TsValue, A>(&mut map, field)?.map(|t| t.0),
+                    Field::Price => e.price = decimal(&mut map, field)?,
+                    Field::Qty => e.qty = decimal(&mut map, field)?,
+                    Field::Side => e.side = text(&mut map, field)?,
+                    Field::TradeId => e.trade_id = text(&mut map, field)?,
+                    Field::Account => e.account = text(&mut map, field)?,
+                    Field::Bid => e.bid = decimal(&mut map, field)?,
+                    Field::Ask => e.ask = decimal(&mut map, field)?,
+                    Field::BidSize => e.bid_size = decimal(&mut map, field)?,
+                    Field::AskSize => e.ask_size = decimal(&mut map, field)?,
+                    Field::Other => {}
+                }
+            }
+            Ok(e)
+        }
     }
 
     /// A decimal from a JSON number (exact digits), a string, or a MessagePack
-    /// integer or float.
+    /// integer or float, in the one syntax of [`crate::decimal::parse`].
     pub struct DecimalValue(pub Decimal);
 
     pub fn parse_decimal(s: &str) -> Result<Decimal, String> {
-        let parsed = if s.contains(['e', 'E']) {
-            Decimal::from_scientific(s)
-        } else {
-            Decimal::from_str_exact(s)
-        };
-        parsed.map_err(|e| format!("{} is not a decimal number ({e})", super::shown(s)))
+        crate::decimal::parse(s)
+            .map_err(|e| format!("{} is not a decimal number ({e})", super::shown(s)))
     }
 
     impl<'de> Deserialize<'de> for DecimalValue {
@@ -540,18 +718,28 @@ mod de {
                 fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
                     Ok(DecimalValue(Decimal::from(v)))
                 }
+                // Display gives the shortest digits that round-trip in the float's
+                // own width: a MessagePack float32 1.1 is 1.1, where widening it
+                // to f64 first would give 1.100000023841858.
+                fn visit_f32<E: de::Error>(self, v: f32) -> Result<Self::Value, E> {
+                    if !v.is_finite() {
+                        return Err(E::custom("not a finite number"));
+                    }
+                    parse_decimal(&v.to_string())
+                        .map(DecimalValue)
+                        .map_err(E::custom)
+                }
                 fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
                     if !v.is_finite() {
                         return Err(E::custom("not a finite number"));
                     }
-                    // Display gives the shortest digits that round-trip, which are the
-                    // digits the producer wrote for any price of up to 15 digits.
+                    // The digits the producer wrote, for any price of up to 15 digits.
                     parse_decimal(&v.to_string())
                         .map(DecimalValue)
                         .map_err(E::custom)
                 }
                 fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                    parse_decimal(v.trim()).map(DecimalValue).map_err(E::custom)
+                    parse_decimal(v).map(DecimalValue).map_err(E::custom)
                 }
                 fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                     match map.next_key::<Cow<'de, str>>()? {
@@ -683,6 +871,206 @@ mod tests {
     fn unknown_kind_is_refused() {
         let err = parse(&TRADE.replace("\"trade\"", "\"order\"")).unwrap_err();
         assert!(err.0.contains("`kind`"), "{err}");
+    }
+
+    fn quote_json(bid: &str, ts: &str) -> String {
+        format!(
+            r#"{{"kind":"quote","source":"s","seq":1,"instrument":"X","venue":"XLON","ts":{ts},"bid":{bid},"ask":"2","bid_size":10,"ask_size":0}}"#
+        )
+    }
+
+    #[test]
+    fn decimals_are_written_as_json_numbers_and_nothing_looser() {
+        for bad in [
+            "1_000", " 1.5", "1.5 ", "+1.5", ".5", "5.", "01.5", "00", "1e", "1e+", "0x10", "1,5",
+            "", "-", "Infinity", "1.5.", "1__0",
+        ] {
+            let err =
+                parse(&quote_json(&format!("{bad:?}"), "1764066667000000001")).expect_err(bad);
+            assert!(
+                err.0.contains("`bid`") && err.0.contains("is not a decimal number"),
+                "{bad:?}: {err}"
+            );
+        }
+        let err = parse(&quote_json("\"1_000\"", "1764066667000000001")).unwrap_err();
+        assert!(err.0.contains("an underscore"), "{err}");
+        for (good, want) in [
+            ("\"1000\"", "1000"),
+            ("\"0.50\"", "0.5"),
+            ("\"1.5e3\"", "1500"),
+            ("\"1.5E-3\"", "0.0015"),
+            ("\"2e+2\"", "200"),
+            ("1.5e3", "1500"),
+            ("189.1234567890123456789", "189.1234567890123456789"),
+        ] {
+            let Event::Quote(q) = parse(&quote_json(good, "1764066667000000001")).expect(good)
+            else {
+                panic!("not a quote")
+            };
+            assert_eq!(q.bid.to_string(), want, "{good}");
+        }
+        // More places than a decimal holds is refused, not rounded.
+        let err = parse(&quote_json(
+            "\"1.00000000000000000000000000001\"",
+            "1764066667000000001",
+        ))
+        .unwrap_err();
+        assert!(err.0.contains("`bid`"), "{err}");
+    }
+
+    #[test]
+    fn timestamps_are_rfc_3339_date_times_exactly() {
+        for bad in [
+            "2026-11-25 10:31:07Z",
+            "2026-11-25T10:31:07",
+            "2026-11-25T10:31:07.1234567891Z",
+            "2026-11-25T10:31:07.Z",
+            "2026-11-25T10:31:07+0100",
+            "2026-11-25T10:31Z",
+            "2026-11-25T10:31:07Z ",
+            " 2026-11-25T10:31:07Z",
+            "20261125T103107Z",
+            "2026-13-25T10:31:07Z",
+        ] {
+            let err = parse(&quote_json("1", &format!("{bad:?}"))).expect_err(bad);
+            assert!(
+                err.0.contains("is not an RFC 3339 timestamp"),
+                "{bad:?}: {err}"
+            );
+        }
+        let err = parse(&quote_json("1", "\"2026-11-25 10:31:07Z\"")).unwrap_err();
+        assert!(err.0.contains("a space between date and time"), "{err}");
+        for (good, nanos) in [
+            ("2026-11-25T10:31:07Z", 1_795_602_667_000_000_000),
+            ("2026-11-25t10:31:07.5z", 1_795_602_667_500_000_000),
+            (
+                "2026-11-25T11:31:07.123456789+01:00",
+                1_795_602_667_123_456_789,
+            ),
+        ] {
+            let e = parse(&quote_json("1", &format!("{good:?}"))).expect(good);
+            assert_eq!(e.header().ts.nanos(), nanos, "{good}");
+        }
+    }
+
+    /// A MessagePack map of `pairs`, each value written by its closure.
+    fn msgpack_event(pairs: &[(&[u8], bool, &dyn Fn(&mut Vec<u8>))]) -> Vec<u8> {
+        let mut out = Vec::new();
+        rmp::encode::write_map_len(&mut out, pairs.len() as u32).expect("vec");
+        for (key, key_is_bin, value) in pairs {
+            if *key_is_bin {
+                rmp::encode::write_bin(&mut out, key).expect("vec");
+            } else {
+                rmp::encode::write_str(&mut out, std::str::from_utf8(key).expect("utf8"))
+                    .expect("vec");
+            }
+            value(&mut out);
+        }
+        out
+    }
+
+    fn decode_msgpack(bytes: &[u8]) -> Result<Event, Rejection> {
+        rmp_serde::from_slice::<WireEvent>(bytes)
+            .map_err(|e| Rejection(e.to_string()))?
+            .into_event()
+    }
+
+    fn msgpack_quote(kind_as_bin: bool, key_as_bin: bool) -> Vec<u8> {
+        let s = |v: &'static str| move |o: &mut Vec<u8>| rmp::encode::write_str(o, v).expect("vec");
+        let u = |v: u64| move |o: &mut Vec<u8>| drop(rmp::encode::write_uint(o, v));
+        let kind = move |o: &mut Vec<u8>| {
+            if kind_as_bin {
+                rmp::encode::write_bin(o, b"quote").expect("vec");
+            } else {
+                rmp::encode::write_str(o, "quote").expect("vec");
+            }
+        };
+        msgpack_event(&[
+            (b"kind", false, &kind),
+            (b"source", key_as_bin, &s("s")),
+            (b"seq", false, &u(1)),
+            (b"instrument", false, &s("X")),
+            (b"venue", false, &s("XLON")),
+            (b"ts", false, &u(1_764_066_667_000_000_001)),
+            (b"bid", false, &s("1")),
+            (b"ask", false, &s("2")),
+            (b"bid_size", false, &u(10)),
+            (b"ask_size", false, &u(0)),
+        ])
+    }
+
+    #[test]
+    fn messagepack_bin_is_not_a_string() {
+        assert!(decode_msgpack(&msgpack_quote(false, false)).is_ok());
+        let err = decode_msgpack(&msgpack_quote(true, false)).unwrap_err();
+        assert!(
+            err.0.contains("`kind`") && err.0.contains("expected a string"),
+            "{err}"
+        );
+        let err = decode_msgpack(&msgpack_quote(false, true)).unwrap_err();
+        assert!(err.0.contains("expected a field name"), "{err}");
+    }
+
+    #[test]
+    fn messagepack_keys_are_names_not_field_indexes() {
+        // Key 0 would be the first field, `kind`, to serde's derive.
+        let mut bytes = Vec::new();
+        rmp::encode::write_map_len(&mut bytes, 1).expect("vec");
+        rmp::encode::write_uint(&mut bytes, 0).expect("vec");
+        rmp::encode::write_str(&mut bytes, "quote").expect("vec");
+        let err = decode_msgpack(&bytes).unwrap_err();
+        assert!(err.0.contains("expected a field name"), "{err}");
+    }
+
+    #[test]
+    fn an_event_is_an_object_never_an_array_of_its_fields() {
+        let positional = r#"["quote","s",1,"X","XLON",1764066667000000001,"1","2","10","0"]"#;
+        let err = parse(positional).unwrap_err();
+        assert!(err.0.contains("expected an event object"), "{err}");
+        let mut bytes = Vec::new();
+        rmp::encode::write_array_len(&mut bytes, 2).expect("vec");
+        rmp::encode::write_str(&mut bytes, "quote").expect("vec");
+        rmp::encode::write_str(&mut bytes, "s").expect("vec");
+        let err = decode_msgpack(&bytes).unwrap_err();
+        assert!(err.0.contains("expected an event object"), "{err}");
+    }
+
+    #[test]
+    fn a_field_given_twice_is_refused_even_as_null() {
+        let err = parse(&TRADE.replace("\"side\":\"buy\"", "\"side\":null,\"side\":\"buy\""))
+            .unwrap_err();
+        assert!(err.0.contains("duplicate field `side`"), "{err}");
+        // Unknown fields are skipped, whatever they hold.
+        assert!(parse(&TRADE.replace("\"side\"", "\"x\":[{\"y\":1}],\"side\"")).is_ok());
+    }
+
+    #[test]
+    fn a_messagepack_float32_keeps_its_own_shortest_digits() {
+        let f32_bid = |o: &mut Vec<u8>| rmp::encode::write_f32(o, 1.1).expect("vec");
+        let f64_bid = |o: &mut Vec<u8>| rmp::encode::write_f64(o, 187.25).expect("vec");
+        let s = |v: &'static str| move |o: &mut Vec<u8>| rmp::encode::write_str(o, v).expect("vec");
+        let u = |v: u64| move |o: &mut Vec<u8>| drop(rmp::encode::write_uint(o, v));
+        for (bid, want) in [
+            (&f32_bid as &dyn Fn(&mut Vec<u8>), "1.1"),
+            (&f64_bid, "187.25"),
+        ] {
+            let bytes = msgpack_event(&[
+                (b"kind", false, &s("quote")),
+                (b"source", false, &s("s")),
+                (b"seq", false, &u(1)),
+                (b"instrument", false, &s("X")),
+                (b"venue", false, &s("XLON")),
+                (b"ts", false, &u(1_764_066_667_000_000_001)),
+                (b"bid", false, bid),
+                (b"ask", false, &s("2")),
+                (b"bid_size", false, &u(10)),
+                (b"ask_size", false, &u(0)),
+            ]);
+            let Event::Quote(q) = decode_msgpack(&bytes).expect("valid") else {
+                panic!("not a quote")
+            };
+            assert_eq!(q.bid.to_string(), want);
+        }
     }
 
     #[test]

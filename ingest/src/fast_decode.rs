@@ -238,7 +238,7 @@ impl<'a> Reader<'a> {
             }
             m @ (Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32) => {
                 let text = std::str::from_utf8(self.str_bytes_after(m)?).ok()?;
-                Decimal::from_str_exact(text).ok()
+                crate::decimal::parse_plain(text).ok()
             }
             _ => None,
         }
