@@ -26,8 +26,15 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 /// A token bucket: `rate` tokens a second, holding at most one second's worth.
+///
+/// A take of more than a second's worth is admitted when the bucket is full,
+/// and leaves it in debt: the average rate still holds, and the takes after it
+/// wait until the debt is repaid. Without that, a batch larger than a second's
+/// worth would never fit, however long its sender waited, and a source that
+/// cannot split its batches would lose them.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenBucket {
+    /// Below zero while in debt.
     tokens: f64,
     at: Instant,
 }
@@ -45,18 +52,23 @@ impl TokenBucket {
         rate.max(1.0)
     }
 
-    /// Takes `n` tokens, or tells how long until they would be there. More than
-    /// a second's worth never fits.
+    /// Takes `n` tokens, or tells how long until they could be taken: until
+    /// `n` are there, or, for more than the bucket holds, until it is full.
     pub fn take(&mut self, n: f64, rate: f64, now: Instant) -> Result<(), Duration> {
+        let capacity = Self::capacity(rate);
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(Self::capacity(rate));
+        self.tokens = (self.tokens + elapsed * rate).min(capacity);
         self.at = now;
-        if self.tokens >= n {
+        let needed = n.min(capacity);
+        // A refill computed from the wait we answered can fall short of
+        // `needed` by a rounding error; a millionth of a token is not worth a
+        // second refusal.
+        if self.tokens + capacity * 1e-9 >= needed {
             self.tokens -= n;
             Ok(())
         } else {
             Err(Duration::from_secs_f64(
-                (n - self.tokens) / rate.max(f64::MIN_POSITIVE),
+                (needed - self.tokens) / rate.max(f64::MIN_POSITIVE),
             ))
         }
     }
@@ -150,7 +162,7 @@ pub enum ProducerRefusal {
     #[error(
         "rate limit: producer {producer:?} may send {per_sec} events per second; \
          a batch of {events} fits in {} ms",
-        retry_after.as_millis()
+        retry_after.as_millis().max(1)
     )]
     RateLimited {
         producer: String,
@@ -337,6 +349,31 @@ mod tests {
             .expect_err("refused")
             .contains("sources"));
         assert!(Producers::parse(br#"{"producers":[{"name":"gw","tokn":"x"}]}"#).is_err());
+    }
+
+    /// A batch over a second's worth waited for, as its 429 said, is taken,
+    /// and the bucket is in debt for the excess.
+    #[test]
+    fn a_batch_over_a_seconds_worth_is_taken_once_the_bucket_is_full() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket {
+            tokens: 40.0,
+            at: t0,
+        };
+        let wait = b.take(250.0, 100.0, t0).expect_err("not full yet");
+        assert!(
+            (wait.as_secs_f64() - 0.6).abs() < 1e-6,
+            "until full: {wait:?}"
+        );
+        b.take(250.0, 100.0, t0 + wait)
+            .expect("full: taken, into debt");
+        // 150 events of debt and a second's refill: 1.5 s before 1 more fits.
+        let wait = b
+            .take(1.0, 100.0, t0 + Duration::from_millis(600))
+            .expect_err("in debt");
+        assert!((wait.as_secs_f64() - 1.51).abs() < 1e-6, "{wait:?}");
+        assert!(!b.is_full(100.0, t0 + Duration::from_millis(3000)));
+        assert!(b.is_full(100.0, t0 + Duration::from_millis(3100)));
     }
 
     #[test]
