@@ -6,6 +6,9 @@
 //!   unknown Content-Type; 429 over the producer's rate (with `Retry-After`,
 //!   nothing of the batch taken); 503 event store down. An event whose `source`
 //!   the token does not own is rejected, with that reason, like any invalid one.
+//!   A refusal made before the body is read to its end (401, 415, 413 on size,
+//!   a broken body) says `Connection: close`, since that connection cannot
+//!   carry another request.
 //! - `GET /v1/stream`: a WebSocket for high-rate producers. Each text message is a
 //!   JSON array or NDJSON batch, each binary message a MessagePack array; each gets
 //!   one answer message, in order, carrying the batch's number on the connection.
@@ -161,7 +164,9 @@ enum BatchFailure {
     Batch(#[from] BatchError),
     #[error("body is larger than {0} bytes")]
     TooLarge(usize),
-    #[error("unsupported Content-Type {0:?}; use one of: {accepted}", accepted = Format::ACCEPTED)]
+    /// The header as [`crate::event::shown`] quotes it: a hostile one is not
+    /// echoed whole.
+    #[error("unsupported Content-Type {0}; use one of: {accepted}", accepted = Format::ACCEPTED)]
     UnsupportedType(String),
     #[error("could not read the body: {0}")]
     Body(String),
@@ -208,6 +213,21 @@ impl IntoResponse for BatchFailure {
             }
             _ => {}
         }
+        out
+    }
+}
+
+/// A refusal answered before the request's body was read to its end. hyper
+/// cannot reuse such a connection (the rest of the body is still in it) and
+/// closes it after the answer; without `Connection: close` the client would
+/// send its next request into a closed connection.
+struct BeforeBody(BatchFailure);
+
+impl IntoResponse for BeforeBody {
+    fn into_response(self) -> Response {
+        let mut out = self.0.into_response();
+        out.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
         out
     }
 }
@@ -277,27 +297,41 @@ async fn post_events(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     body: axum::body::Body,
-) -> Result<Json<BatchAnswer>, BatchFailure> {
+) -> Result<Json<BatchAnswer>, Response> {
+    let early = |e: BatchFailure| BeforeBody(e).into_response();
+    // Nothing of an unknown caller's body is read.
+    let producer = shared
+        .cfg
+        .producers
+        .authenticate(&headers)
+        .map_err(|e| early(e.into()))?;
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let producer = shared.cfg.producers.authenticate(&headers)?;
-    let format =
-        Format::from_content_type(ct).ok_or_else(|| BatchFailure::UnsupportedType(ct.into()))?;
+    let format = Format::from_content_type(ct)
+        .ok_or_else(|| early(BatchFailure::UnsupportedType(crate::event::shown(ct))))?;
     let limit = shared.cfg.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(early(BatchFailure::TooLarge(limit)));
+    }
     let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
         // to_bytes reports the limit through a LengthLimitError source.
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
         {
-            BatchFailure::TooLarge(limit)
+            early(BatchFailure::TooLarge(limit))
         } else {
-            BatchFailure::Body(e.to_string())
+            early(BatchFailure::Body(e.to_string()))
         }
     })?;
     ingest_batch(&shared, producer.as_deref(), format, &bytes)
         .await
         .map(Json)
+        .map_err(IntoResponse::into_response)
 }
 
 /// The producer is authenticated once, on the upgrade request.

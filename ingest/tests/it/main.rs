@@ -3,6 +3,7 @@
 
 mod alloc;
 mod decoders;
+mod http;
 mod listener;
 
 #[global_allocator]
