@@ -27,7 +27,7 @@ use tickgraph_enrich::refdata::RefCache;
 use tickgraph_enrich::worker::EnrichConfig;
 use tickgraph_ingest::feed::FeedConfig;
 use tickgraph_ingest::listener::{self, ConnLimits, ConnMetrics};
-use tickgraph_ingest::ops::{Ops, Thresholds};
+use tickgraph_ingest::ops::{CheckLink, Ops, Thresholds};
 use tickgraph_ingest::producers::Producers;
 use tickgraph_ingest::redis_link::RedisTarget;
 use tickgraph_ingest::server::{Ingest, IngestConfig};
@@ -697,7 +697,7 @@ async fn run_ingest(
         .await
         .context("starting ingest")?;
     let mut ops = Ops::new();
-    ingest.register_ops(&mut ops, common.redis()?);
+    ingest.register_ops(&mut ops, CheckLink::new(common.redis()?));
     let conns = ConnMetrics::new("ingest");
     conns.register(ops.registry_mut());
     let router = ingest.router().merge(Arc::new(ops).router());
@@ -727,7 +727,7 @@ async fn run_api(
     tickgraph_api::metrics::register_ops(
         &mut ops,
         &api,
-        common.redis()?,
+        CheckLink::new(common.redis()?),
         pool,
         common.thresholds().max_hub_behind,
     );
@@ -782,16 +782,18 @@ fn worker_ops(
     pool: &PgPool,
 ) -> anyhow::Result<Ops> {
     let mut ops = Ops::new();
+    // One connection for every check of the process.
+    let link = CheckLink::new(common.redis()?);
     let lag = tickgraph_enrich::metrics::GroupLag::new(
         name,
-        common.redis()?,
+        link.clone(),
         group,
         streams,
         common.thresholds().max_lag,
     );
     lag.register(ops.registry_mut());
     ops.add_check(lag);
-    ops.add_check(tickgraph_ingest::ops::RedisPing::new(common.redis()?));
+    ops.add_check(tickgraph_ingest::ops::RedisPing::new(link));
     ops.add_check(tickgraph_enrich::metrics::PostgresPing::new(pool.clone()));
     Ok(ops)
 }

@@ -23,8 +23,10 @@ use prometheus_client::registry::{Registry, Unit};
 use sqlx::PgPool;
 use tickgraph_enrich::metrics::PostgresPing;
 use tickgraph_ingest::event::now_nanos;
-use tickgraph_ingest::ops::{self, BatchHistogram, Check, Ops, Outcome, OwnedLabel, StaticLabel};
-use tickgraph_ingest::redis_link::{query_by_slot, RedisTarget};
+use tickgraph_ingest::ops::{
+    self, BatchHistogram, Check, CheckLink, Ops, Outcome, OwnedLabel, StaticLabel,
+};
+use tickgraph_ingest::redis_link::query_by_slot;
 use tickgraph_ingest::stream::parse_entries;
 
 use crate::hub::Hub;
@@ -189,16 +191,16 @@ impl Drop for Connection {
 /// The hub's readers not behind; sets the subscription and behind gauges.
 pub struct HubReady {
     hub: Hub,
-    client: RedisTarget,
+    link: CheckLink,
     max_behind: Duration,
     behind: Family<OwnedLabel, Gauge<f64, AtomicU64>>,
 }
 
 impl HubReady {
-    pub fn new(hub: Hub, client: impl Into<RedisTarget>, max_behind: Duration) -> Self {
+    pub fn new(hub: Hub, link: impl Into<CheckLink>, max_behind: Duration) -> Self {
         Self {
             hub,
-            client: client.into(),
+            link: link.into(),
             max_behind,
             behind: Family::default(),
         }
@@ -221,7 +223,6 @@ impl HubReady {
             return Ok(Vec::new());
         };
         let dispatched = self.hub.dispatched_positions();
-        let mut con = ops::check_connection(&self.client, ops::CHECK_TIMEOUT).await?;
         let groups: Vec<redis::Pipeline> = keys
             .iter()
             .zip(&dispatched)
@@ -237,7 +238,10 @@ impl HubReady {
                 pipe
             })
             .collect();
-        let replies = query_by_slot::<redis::Value>(&mut con, &groups)
+        let groups = &groups;
+        let replies = self
+            .link
+            .run(|mut con| async move { query_by_slot::<redis::Value>(&mut con, groups).await })
             .await
             .map_err(|e| format!("reading the enriched streams: {e}"))?;
         let mut out = Vec::new();
@@ -301,19 +305,14 @@ impl Check for HubReady {
     }
 }
 
-/// Adds the api's metrics and checks to `ops`: Redis, Postgres, the hub.
-pub fn register_ops(
-    ops: &mut Ops,
-    api: &Api,
-    client: RedisTarget,
-    pool: PgPool,
-    max_behind: Duration,
-) {
+/// Adds the api's metrics and checks to `ops`: Redis, Postgres, the hub; the
+/// Redis ones over `link`, the process's check connection.
+pub fn register_ops(ops: &mut Ops, api: &Api, link: CheckLink, pool: PgPool, max_behind: Duration) {
     let hub = api.hub();
     hub.metrics().register(ops.registry_mut());
-    let ready = HubReady::new(hub.clone(), client.clone(), max_behind);
+    let ready = HubReady::new(hub.clone(), link.clone(), max_behind);
     ready.register(ops.registry_mut());
-    ops.add_check(ops::RedisPing::new(client));
+    ops.add_check(ops::RedisPing::new(link));
     ops.add_check(PostgresPing::new(pool));
     ops.add_check(ready);
 }

@@ -13,7 +13,7 @@ use tickgraph_enrich::loader::{self, LoadConfig};
 use tickgraph_enrich::refdata::RefCache;
 use tickgraph_enrich::worker::{self, EnrichConfig};
 use tickgraph_ingest::listener::{self, ConnMetrics};
-use tickgraph_ingest::ops::{Ops, Thresholds};
+use tickgraph_ingest::ops::{CheckLink, Ops, Thresholds};
 use tickgraph_ingest::redis_link::RedisTarget;
 use tickgraph_ingest::server::{Ingest, IngestConfig};
 use tickgraph_ingest::stream::{ENRICH_GROUP, LOAD_GROUP};
@@ -102,11 +102,13 @@ impl Pipeline {
         .await?;
 
         let mut ops = Ops::new();
-        ingest.register_ops(&mut ops, client.clone());
+        // One connection for every check of the process.
+        let link = CheckLink::new(client.clone());
+        ingest.register_ops(&mut ops, link.clone());
         crate::metrics::register_ops(
             &mut ops,
             &api,
-            client.clone(),
+            link.clone(),
             pool.clone(),
             cfg.ready.max_hub_behind,
         );
@@ -126,7 +128,7 @@ impl Pipeline {
         ] {
             let lag = tickgraph_enrich::metrics::GroupLag::new(
                 name,
-                client.clone(),
+                link.clone(),
                 group,
                 streams,
                 cfg.ready.max_lag,

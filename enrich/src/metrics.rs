@@ -15,8 +15,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
-use tickgraph_ingest::ops::{self, BatchHistogram, Check, Outcome, OwnedLabel, StaticLabel};
-use tickgraph_ingest::redis_link::RedisTarget;
+use tickgraph_ingest::ops::{
+    is_broken, BatchHistogram, Check, CheckLink, Outcome, OwnedLabel, StaticLabel,
+};
 
 /// The enrich worker's counters. Cheap to clone: every field is shared.
 #[derive(Debug, Clone)]
@@ -131,7 +132,7 @@ impl LoadMetrics {
 /// `failed` when the lag of any shard is above a threshold.
 pub struct GroupLag {
     name: &'static str,
-    client: RedisTarget,
+    link: CheckLink,
     group: String,
     streams: Vec<(u16, String)>,
     max_lag: u64,
@@ -146,14 +147,14 @@ impl GroupLag {
     /// which the component is not ready.
     pub fn new(
         name: &'static str,
-        client: impl Into<RedisTarget>,
+        link: impl Into<CheckLink>,
         group: &str,
         streams: Vec<(u16, String)>,
         max_lag: u64,
     ) -> Self {
         Self {
             name,
-            client: client.into(),
+            link: link.into(),
             group: group.to_owned(),
             streams,
             max_lag,
@@ -181,17 +182,37 @@ impl GroupLag {
         );
     }
 
+    /// `XINFO GROUPS` of every stream, on the check connection: per stream its
+    /// reply, or the error Redis gave for that stream alone (no stream yet).
+    async fn read_groups(
+        &self,
+    ) -> Result<Vec<redis::RedisResult<redis::streams::StreamInfoGroupsReply>>, String> {
+        let streams = &self.streams;
+        self.link
+            .run(|mut con| async move {
+                let mut out = Vec::with_capacity(streams.len());
+                for (_, key) in streams {
+                    let reply = redis::cmd("XINFO")
+                        .arg("GROUPS")
+                        .arg(key)
+                        .query_async(&mut con)
+                        .await;
+                    match reply {
+                        Err(e) if is_broken(&e) => return Err(e),
+                        other => out.push(other),
+                    }
+                }
+                Ok(out)
+            })
+            .await
+    }
+
     async fn measure(&self) -> Result<Vec<String>, String> {
-        let mut con = ops::check_connection(&self.client, ops::CHECK_TIMEOUT).await?;
+        let replies = self.read_groups().await?;
         let mut problems = Vec::new();
-        for (shard, key) in &self.streams {
+        for ((shard, key), reply) in self.streams.iter().zip(replies) {
             let label = [("shard", shard.to_string())];
-            let groups: redis::streams::StreamInfoGroupsReply = match redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(key)
-                .query_async(&mut con)
-                .await
-            {
+            let groups = match reply {
                 Ok(g) => g,
                 // Nobody has read or written the stream yet.
                 Err(e) if e.to_string().contains("no such key") => {

@@ -17,8 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-use crate::ops::{self, Check, Outcome, StaticLabel};
-use crate::redis_link::RedisTarget;
+use crate::ops::{self, Check, CheckLink, Outcome, StaticLabel};
 use crate::writer::WriterStats;
 
 /// The reason codes of rejected (dead-lettered) events, a fixed set.
@@ -129,25 +128,25 @@ pub fn register_ops(
     ops: &mut ops::Ops,
     metrics: &IngestMetrics,
     writer: Arc<WriterStats>,
-    client: RedisTarget,
+    link: CheckLink,
     spool_max_bytes: u64,
 ) {
     metrics.register(ops.registry_mut());
     writer.register(ops.registry_mut());
-    ops.add_check(IngestReady::new(client, writer, spool_max_bytes));
+    ops.add_check(IngestReady::new(link, writer, spool_max_bytes));
 }
 
 /// Ingest's readiness: see the module notes.
 pub struct IngestReady {
-    client: RedisTarget,
+    link: CheckLink,
     stats: Arc<WriterStats>,
     spool_max_bytes: u64,
 }
 
 impl IngestReady {
-    pub fn new(client: RedisTarget, stats: Arc<WriterStats>, spool_max_bytes: u64) -> Self {
+    pub fn new(link: impl Into<CheckLink>, stats: Arc<WriterStats>, spool_max_bytes: u64) -> Self {
         Self {
-            client,
+            link: link.into(),
             stats,
             spool_max_bytes,
         }
@@ -172,14 +171,12 @@ impl Check for IngestReady {
                     "refusing events: Redis cannot take them and the spool cannot either; {spool}"
                 ));
             }
-            let ping = ops::ping_redis(&self.client, ops::CHECK_TIMEOUT).await;
+            let ping = self.link.ping().await;
             let spooling = self.stats.spool_rounds.get() > 0;
             match (ping, spooling) {
                 (Ok(()), false) => Outcome::ok(),
                 (Ok(()), true) => Outcome::degraded(format!("draining the spool; {spool}")),
-                (Err(e), _) => Outcome::degraded(format!(
-                    "redis unreachable ({e}); accepting into the spool; {spool}"
-                )),
+                (Err(e), _) => Outcome::degraded(format!("{e}; accepting into the spool; {spool}")),
             }
         })
     }

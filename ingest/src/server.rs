@@ -116,13 +116,14 @@ impl Ingest {
             .with_state(self.shared.clone())
     }
 
-    /// Adds ingest's metrics and readiness check to `ops`.
-    pub fn register_ops(&self, ops: &mut crate::ops::Ops, client: impl Into<RedisTarget>) {
+    /// Adds ingest's metrics and readiness check to `ops`; the check talks to
+    /// Redis over `link`, the process's check connection.
+    pub fn register_ops(&self, ops: &mut crate::ops::Ops, link: impl Into<crate::ops::CheckLink>) {
         crate::metrics::register_ops(
             ops,
             &self.shared.metrics,
             self.shared.writer.stats_handle(),
-            client.into(),
+            link.into(),
             self.shared.cfg.writer.spool.max_bytes,
         );
     }

@@ -67,6 +67,16 @@ pub async fn spawn_app_with(
     shards: u16,
     tweak: impl FnOnce(&mut PipelineConfig),
 ) -> TestApp {
+    spawn_app_on(pool, shards, &redis_url(), tweak).await
+}
+
+/// [`spawn_app_with`] against the Redis at `redis_url`.
+pub async fn spawn_app_on(
+    pool: PgPool,
+    shards: u16,
+    redis_url: &str,
+    tweak: impl FnOnce(&mut PipelineConfig),
+) -> TestApp {
     seed_refdata(&pool).await;
     let layout = StreamLayout::new(format!("e2e{}", rand::random::<u64>()), shards);
     let shutdown = CancellationToken::new();
@@ -86,7 +96,7 @@ pub async fn spawn_app_with(
         ready: Default::default(),
     };
     tweak(&mut cfg);
-    let client = redis::Client::open(redis_url()).expect("redis url");
+    let client = redis::Client::open(redis_url).expect("redis url");
     let redis = client
         .get_multiplexed_async_connection()
         .await

@@ -357,6 +357,56 @@ async fn readyz_names_redis_when_it_cannot_be_reached(pool: PgPool) {
     );
 }
 
+async fn connections_received(url: &str) -> u64 {
+    let client = redis::Client::open(url).expect("url");
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut con)
+        .await
+        .expect("INFO stats");
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("total_connections_received")
+}
+
+/// `/metrics` and `/readyz` answer anyone, so a request must not cost a Redis
+/// connection: 200 at once on both listeners of `tickgraph all` (every check:
+/// ingest, Redis, the hub, both groups' lag), against a Redis of its own so
+/// that only the pipeline's connections count, open none.
+#[sqlx::test(migrations = "../migrations")]
+async fn scrapes_open_no_redis_connection(pool: PgPool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis =
+        tickgraph_ingest::test_support::LocalRedis::start(dir.path(), None).expect("redis-server");
+    let app = spawn_app_on(pool, 2, &redis.url(), |_| {}).await;
+    let http = reqwest::Client::new();
+    // The checks' connection is made on their first round.
+    readyz(&http, &app.ingest).await;
+    let before = connections_received(&redis.url()).await;
+    let requests = (0..50).flat_map(|_| {
+        [&app.ingest, &app.api].into_iter().flat_map(|base| {
+            ["/metrics", "/readyz"].map(|path| {
+                let req = http.get(format!("{base}{path}"));
+                async move { req.send().await.map(|r| r.status().as_u16()) }
+            })
+        })
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert_eq!(statuses.len(), 200);
+    for s in &statuses {
+        assert!(matches!(s, Ok(200 | 503)), "{s:?}");
+    }
+    let opened = connections_received(&redis.url()).await - before;
+    // One: the connection that asked.
+    assert_eq!(opened, 1, "200 scrapes opened {opened} Redis connections");
+    app.stop().await;
+}
+
 /// Redis up: the standalone loader is ready, and serves its own metrics.
 #[sqlx::test(migrations = "../migrations")]
 async fn a_standalone_worker_is_ready_and_serves_its_metrics(pool: PgPool) {

@@ -14,6 +14,12 @@
 //! set (consumer lag, pending entries, how far the hub is behind) are read at
 //! scrape time, never by a background task.
 //!
+//! These endpoints are unauthenticated, so a request must cost Redis nothing
+//! but the checks' commands: the checks of a process share one connection
+//! ([`CheckLink`]), made again only when it breaks, and requests that arrive
+//! while a round of checks runs take that round's result instead of starting
+//! their own ([`Ops::readiness`]).
+//!
 //! Layout: [`histogram`] is the per-batch histogram the hot paths use;
 //! [`names`] holds the naming and label rules every metric follows, checked by
 //! each component's tests.
@@ -21,7 +27,8 @@
 pub mod histogram;
 pub mod names;
 
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::http::{header, StatusCode};
@@ -152,6 +159,10 @@ pub struct Readiness {
 pub struct Ops {
     registry: Registry,
     checks: Vec<Arc<dyn Check>>,
+    /// Held by the request running a round of checks; the others wait here.
+    turn: tokio::sync::Mutex<()>,
+    /// Rounds finished so far, and the last one's result.
+    last: Mutex<(u64, Option<Readiness>)>,
 }
 
 impl Default for Ops {
@@ -173,6 +184,8 @@ impl Ops {
         Self {
             registry: Registry::with_prefix(PREFIX),
             checks: Vec::new(),
+            turn: tokio::sync::Mutex::new(()),
+            last: Mutex::new((0, None)),
         }
     }
 
@@ -184,8 +197,28 @@ impl Ops {
         self.checks.push(Arc::new(check));
     }
 
-    /// Runs every check concurrently, each within [`CHECK_TIMEOUT`].
+    /// Every check's outcome, from a round that finished after this call
+    /// began: callers that arrive while a round runs wait for it and share its
+    /// result, so N scrapes at once cost one round of checks.
     pub async fn readiness(&self) -> Readiness {
+        let arrived = self.last.lock().unwrap_or_else(PoisonError::into_inner).0;
+        let _turn = self.turn.lock().await;
+        {
+            let last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+            if let (done, Some(r)) = &*last {
+                if *done > arrived {
+                    return r.clone();
+                }
+            }
+        }
+        let r = self.run_checks().await;
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        *last = (last.0 + 1, Some(r.clone()));
+        r
+    }
+
+    /// Runs every check concurrently, each within [`CHECK_TIMEOUT`].
+    async fn run_checks(&self) -> Readiness {
         let runs = self.checks.iter().map(|c| async move {
             let outcome = match tokio::time::timeout(CHECK_TIMEOUT, c.run()).await {
                 Ok(o) => o,
@@ -262,45 +295,127 @@ pub async fn serve(
     crate::listener::serve(listener, ops.router(), limits, metrics, shutdown).await
 }
 
-/// A new connection for a check: connecting and every reply bounded by
-/// `timeout`. New, so that it says whether Redis can be reached now, not
-/// whether an old socket still looks open.
-pub async fn check_connection(
-    client: &RedisTarget,
-    timeout: Duration,
-) -> Result<RedisConn, String> {
-    client
-        .connect(ConnOpts::bounded(timeout))
-        .await
-        .map_err(|e| format!("redis unreachable: {e}"))
+/// Whether a Redis error means the connection itself is gone (and must be
+/// made again), not that one command failed.
+pub fn is_broken(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error()
 }
 
-/// `PING` on a new connection, within `timeout`.
-pub async fn ping_redis(client: &RedisTarget, timeout: Duration) -> Result<(), String> {
-    let ping = async {
-        let mut con = check_connection(client, timeout).await?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut con)
+/// The Redis connection a process's checks share. Made on first use, within
+/// [`CHECK_TIMEOUT`], every reply bounded by it too; kept while it works, and
+/// made again when it breaks, so that checks say whether Redis can be reached
+/// now, and a scrape opens no connection. Cheap to clone: clones share it.
+#[derive(Clone)]
+pub struct CheckLink {
+    inner: Arc<LinkInner>,
+}
+
+struct LinkInner {
+    client: RedisTarget,
+    /// The connection and its generation, so that a check that saw an older
+    /// connection break does not drop a newer one.
+    con: tokio::sync::Mutex<(u64, Option<RedisConn>)>,
+}
+
+impl std::fmt::Debug for CheckLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CheckLink")
+            .field(&self.inner.client)
+            .finish()
+    }
+}
+
+impl<T: Into<RedisTarget>> From<T> for CheckLink {
+    fn from(client: T) -> Self {
+        Self {
+            inner: Arc::new(LinkInner {
+                client: client.into(),
+                con: tokio::sync::Mutex::new((0, None)),
+            }),
+        }
+    }
+}
+
+impl CheckLink {
+    pub fn new(client: impl Into<RedisTarget>) -> Self {
+        Self::from(client)
+    }
+
+    /// The connection, made now if there is none; whether it was there already,
+    /// and its generation.
+    async fn connection(&self) -> Result<(RedisConn, bool, u64), String> {
+        let mut slot = self.inner.con.lock().await;
+        if let (generation, Some(con)) = &*slot {
+            return Ok((con.clone(), true, *generation));
+        }
+        // Made under the lock: checks that arrive meanwhile wait for this one
+        // instead of each opening their own.
+        let con = self
+            .inner
+            .client
+            .connect(ConnOpts::bounded(CHECK_TIMEOUT))
             .await
-            .map_err(|e| e.to_string())
-    };
-    match tokio::time::timeout(timeout, ping).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(format!("no answer within {timeout:?}")),
+            .map_err(|e| format!("redis unreachable: {e}"))?;
+        slot.0 += 1;
+        slot.1 = Some(con.clone());
+        Ok((con, false, slot.0))
+    }
+
+    async fn forget(&self, generation: u64) {
+        let mut slot = self.inner.con.lock().await;
+        if slot.0 == generation {
+            slot.1 = None;
+        }
+    }
+
+    /// Runs `query` on the shared connection. When the connection turns out to
+    /// be broken (Redis restarted since it was made, say), it is dropped and
+    /// `query` runs once more on a new one: the answer is about Redis now, not
+    /// about an old socket.
+    pub async fn run<T, F, Fut>(&self, query: F) -> Result<T, String>
+    where
+        F: Fn(RedisConn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let (con, kept, generation) = self.connection().await?;
+        match query(con).await {
+            Ok(v) => return Ok(v),
+            Err(e) if !is_broken(&e) => return Err(e.to_string()),
+            Err(e) => {
+                self.forget(generation).await;
+                if !kept {
+                    return Err(format!("redis unreachable: {e}"));
+                }
+            }
+        }
+        let (con, _, generation) = self.connection().await?;
+        match query(con).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if is_broken(&e) {
+                    self.forget(generation).await;
+                }
+                Err(format!("redis unreachable: {e}"))
+            }
+        }
+    }
+
+    /// `PING`.
+    pub async fn ping(&self) -> Result<(), String> {
+        self.run(|mut con| async move { redis::cmd("PING").query_async::<String>(&mut con).await })
+            .await
+            .map(drop)
     }
 }
 
 /// Redis reachable: `failed` when not.
 pub struct RedisPing {
-    client: RedisTarget,
+    link: CheckLink,
 }
 
 impl RedisPing {
-    pub fn new(client: impl Into<RedisTarget>) -> Self {
-        Self {
-            client: client.into(),
-        }
+    pub fn new(link: impl Into<CheckLink>) -> Self {
+        Self { link: link.into() }
     }
 }
 
@@ -311,8 +426,9 @@ impl Check for RedisPing {
 
     fn run(&self) -> BoxFuture<'_, Outcome> {
         Box::pin(async move {
-            match ping_redis(&self.client, CHECK_TIMEOUT).await {
+            match self.link.ping().await {
                 Ok(()) => Outcome::ok(),
+                Err(e) if e.starts_with("redis unreachable") => Outcome::failed(e),
                 Err(e) => Outcome::failed(format!("redis unreachable: {e}")),
             }
         })
@@ -373,6 +489,105 @@ mod tests {
             .detail
             .as_deref()
             .is_some_and(|d| d.contains("no answer")));
+    }
+
+    /// Counts its runs, and holds each until told to finish.
+    struct Gated {
+        runs: Arc<std::sync::atomic::AtomicUsize>,
+        open: Arc<tokio::sync::Notify>,
+    }
+
+    impl Check for Gated {
+        fn name(&self) -> &'static str {
+            "gated"
+        }
+
+        fn run(&self) -> BoxFuture<'_, Outcome> {
+            self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let open = Arc::clone(&self.open);
+            Box::pin(async move {
+                open.notified().await;
+                Outcome::ok()
+            })
+        }
+    }
+
+    /// Callers that arrive while a round runs share it: 50 at once, one run.
+    #[tokio::test]
+    async fn concurrent_callers_share_one_round_of_checks() {
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let open = Arc::new(tokio::sync::Notify::new());
+        let mut ops = Ops::new();
+        ops.add_check(Gated {
+            runs: Arc::clone(&runs),
+            open: Arc::clone(&open),
+        });
+        let ops = Arc::new(ops);
+        let callers: Vec<_> = (0..50)
+            .map(|_| {
+                let ops = Arc::clone(&ops);
+                tokio::spawn(async move { ops.readiness().await })
+            })
+            .collect();
+        // On this current-thread runtime, each spawned caller runs until it
+        // waits: the first in the check, the others for its round.
+        tokio::task::yield_now().await;
+        open.notify_one();
+        for c in callers {
+            assert!(c.await.expect("no panic").ready);
+        }
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // A caller after that round runs a new one.
+        let later = {
+            let ops = Arc::clone(&ops);
+            tokio::spawn(async move { ops.readiness().await })
+        };
+        tokio::task::yield_now().await;
+        open.notify_one();
+        assert!(later.await.expect("no panic").ready);
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    async fn connections_received(url: &str) -> u64 {
+        let client = redis::Client::open(url).expect("url");
+        let mut con = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut con)
+            .await
+            .expect("INFO");
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("total_connections_received")
+    }
+
+    /// Checks keep one connection, and make it again when Redis restarts: the
+    /// first check after a restart already says Redis is there.
+    #[tokio::test]
+    async fn the_check_connection_is_kept_and_made_again_after_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut redis =
+            crate::test_support::LocalRedis::start(dir.path(), None).expect("redis-server");
+        let link = CheckLink::new(redis::Client::open(redis.url()).expect("url"));
+        link.ping().await.expect("reachable");
+        let before = connections_received(&redis.url()).await;
+        for _ in 0..100 {
+            RedisPing::new(link.clone()).run().await;
+            link.ping().await.expect("reachable");
+        }
+        // One more: the connection that asked.
+        assert_eq!(connections_received(&redis.url()).await, before + 1);
+
+        redis.kill();
+        let down = RedisPing::new(link.clone()).run().await;
+        assert_eq!(down.status, Status::Failed, "{down:?}");
+        redis.restart().expect("restart");
+        let up = RedisPing::new(link.clone()).run().await;
+        assert_eq!(up.status, Status::Ok, "{up:?}");
     }
 
     #[tokio::test]
