@@ -31,6 +31,7 @@ use tickgraph_ingest::ops::{CheckLink, Ops, Thresholds};
 use tickgraph_ingest::producers::Producers;
 use tickgraph_ingest::redis_link::RedisTarget;
 use tickgraph_ingest::server::{Ingest, IngestConfig};
+use tickgraph_ingest::stream::{DeadLetter, DlqBounds};
 use tickgraph_ingest::{StreamLayout, Trim};
 
 /// mimalloc: the pipeline allocates and frees many small buffers per batch on
@@ -248,9 +249,20 @@ struct IngestArgs {
     /// Bytes per request body or stream message; more gets 413.
     #[arg(long, env = "TG_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     max_body_bytes: usize,
-    /// Dead-letter stream trimming.
+    /// Dead-letter stream trimming by letters or age: maxlen:<letters>,
+    /// maxage:<seconds> or none.
     #[arg(long, env = "TG_DLQ_TRIM", default_value = "maxlen:100000")]
     dlq_trim: Trim,
+    /// Bytes of letters the ingest dead-letter stream keeps at most (field
+    /// names and values; Redis's own overhead comes on top): the oldest go
+    /// first. What one producer's invalid events can pin in Redis.
+    #[arg(
+        long,
+        env = "TG_DLQ_MAX_BYTES",
+        default_value_t = 64 << 20,
+        value_parser = dlq_max_bytes
+    )]
+    dlq_max_bytes: u64,
     /// Milliseconds the stream writer waits after a batch for more before its
     /// round trip: fewer, larger stream entries for up to this much latency.
     #[arg(long, env = "TG_INGEST_LINGER_MS", default_value_t = 2)]
@@ -307,12 +319,22 @@ struct EnrichArgs {
         default_value_t = 30
     )]
     enrich_claim_idle_secs: u64,
+    /// Trimming of each shard's dead-letter stream by letters or age.
     #[arg(
         long = "enrich-dlq-trim",
         env = "TG_DLQ_TRIM",
         default_value = "maxlen:100000"
     )]
     enrich_dlq_trim: Trim,
+    /// Bytes of letters each shard's dead-letter stream keeps at most; the
+    /// oldest go first.
+    #[arg(
+        long = "enrich-dlq-max-bytes",
+        env = "TG_ENRICH_DLQ_MAX_BYTES",
+        default_value_t = 32 << 20,
+        value_parser = dlq_max_bytes
+    )]
+    enrich_dlq_max_bytes: u64,
     /// Seconds an event's source + seq is remembered so that a producer's
     /// re-send is dropped before the enriched stream; 0 turns it off (a re-send
     /// then reaches the enriched stream and history again). Costs about one bit
@@ -527,6 +549,17 @@ struct FeedArgs {
     token: Option<String>,
 }
 
+/// A dead-letter byte bound: at least one letter, else every letter would be
+/// deleted as the next arrives.
+fn dlq_max_bytes(s: &str) -> Result<u64, String> {
+    let n: u64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let min = DeadLetter::MAX_BYTES as u64;
+    if n < min {
+        return Err(format!("{n} is less than one dead letter ({min} bytes)"));
+    }
+    Ok(n)
+}
+
 /// The default consumer name is the host's and the role's, stable across restarts,
 /// so a restarted worker finishes its own pending entries at once instead of
 /// waiting for them to be claimed. Two workers sharing a name stay correct (the
@@ -564,7 +597,10 @@ impl IngestArgs {
         c.max_body_bytes = self.max_body_bytes;
         c.conn = common.conn_limits(self.ingest_max_connections);
         let w = &mut c.writer;
-        w.dlq_trim = self.dlq_trim;
+        w.dlq = DlqBounds {
+            trim: self.dlq_trim,
+            max_bytes: self.dlq_max_bytes,
+        };
         w.linger = Duration::from_millis(self.ingest_linger_ms);
         w.writer_id = consumer_name(&self.ingest_id, "ingest");
         w.redis_timeout = Duration::from_millis(self.ingest_redis_timeout_ms);
@@ -582,7 +618,10 @@ impl EnrichArgs {
         c.batch = self.enrich_batch;
         c.claim_idle = Duration::from_secs(self.enrich_claim_idle_secs);
         c.raw_retention = self.raw_trim;
-        c.dlq_trim = self.enrich_dlq_trim;
+        c.dlq = DlqBounds {
+            trim: self.enrich_dlq_trim,
+            max_bytes: self.enrich_dlq_max_bytes,
+        };
         c.dedupe_window = Duration::from_secs(self.dedupe_window_secs);
         c
     }
@@ -1013,6 +1052,19 @@ mod tests {
     fn the_command_line_is_well_formed() {
         // Catches argument ids that collide once `all` flattens every component's.
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_dead_letter_byte_bound_holds_at_least_one_letter() {
+        for flag in ["--dlq-max-bytes", "--enrich-dlq-max-bytes"] {
+            let cmd = if flag == "--dlq-max-bytes" {
+                "ingest"
+            } else {
+                "enrich"
+            };
+            assert!(Cli::try_parse_from(["tickgraph", cmd, flag, "100"]).is_err());
+            assert!(Cli::try_parse_from(["tickgraph", cmd, flag, "1048576"]).is_ok());
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! and NDJSON input, enrich's and load's events), as JSON converted from
 //! MessagePack when it is one complete MessagePack map or array (ingest's
 //! MessagePack input), as UTF-8 text when it is text but not JSON (a broken NDJSON
-//! line), and else as base64 of all its bytes (at most 16 KiB, see
+//! line), and else as base64 of all its bytes (at most 2 KiB, see
 //! [`DeadLetter::PAYLOAD_MAX`](tickgraph_ingest::stream::DeadLetter::PAYLOAD_MAX)).
 //!
 //! # What is replayable
@@ -62,7 +62,7 @@ use std::sync::LazyLock;
 use serde::Serialize;
 use tickgraph_ingest::event::now_nanos;
 use tickgraph_ingest::redis_link::{RedisConn, RedisTarget};
-use tickgraph_ingest::stream::{encode_batch, value_string, EntryId, RawRecord};
+use tickgraph_ingest::stream::{dlq_bytes_key, encode_batch, value_string, EntryId, RawRecord};
 use tickgraph_ingest::{Event, StreamLayout};
 
 use crate::transform::Unenrichable;
@@ -398,16 +398,25 @@ struct Plan {
     record: RawRecord,
 }
 
-/// KEYS: the dead-letter stream, the raw stream, the event's dedupe bitmap (all
-/// of one shard, so of one cluster slot). ARGV: the letter's entry id, the
-/// event's bit in the bitmap, the raw entry's record field, the letter's
-/// address (kept on the raw entry as `replay_of`).
+/// KEYS: the dead-letter stream, the raw stream, the event's dedupe bitmap, the
+/// dead-letter stream's byte count (all of one shard, so of one cluster slot).
+/// ARGV: the letter's entry id, the event's bit in the bitmap, the raw entry's
+/// record field, the letter's address (kept on the raw entry as `replay_of`).
 ///
 /// Returns `{0}` when the letter is gone (replayed by someone else, trimmed),
 /// `{1}` when the event was enriched since (the letter is deleted), and
-/// `{2, raw entry id}` when it was put back on the raw stream.
+/// `{2, raw entry id}` when it was put back on the raw stream. A deleted
+/// letter's `size` leaves the count, as when it is trimmed (see
+/// [`DLQ_ADD_LUA`](tickgraph_ingest::stream::DLQ_ADD_LUA)).
 const REPLAY_LUA: &str = r#"
-if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return { 0 } end
+local letter = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #letter == 0 or redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return { 0 } end
+local f = letter[1][2]
+for j = 1, #f, 2 do
+  if f[j] == 'size' and redis.call('DECRBY', KEYS[4], tonumber(f[j + 1]) or 0) < 0 then
+    redis.call('SET', KEYS[4], 0)
+  end
+end
 if redis.call('GETBIT', KEYS[3], ARGV[2]) == 1 then return { 1 } end
 -- 'e' is RECORD_FIELD; readers ignore other fields.
 local id = redis.call('XADD', KEYS[2], '*', 'e', ARGV[3], 'replay_of', ARGV[4])
@@ -788,6 +797,7 @@ impl DeadLetters {
             .key(&id.stream)
             .key(&raw)
             .key(&seen)
+            .key(dlq_bytes_key(&id.stream))
             .arg(id.entry.to_string())
             .arg(bit)
             .arg(entry)

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use rust_decimal::Decimal;
 use tickgraph_ingest::redis_link::{query_atomic, RedisConn, RedisTarget};
 use tickgraph_ingest::stream::{
-    decode_entry, is_batch, CodecError, DeadLetter, EntryId, LOAD_GROUP,
+    decode_entry, is_batch, CodecError, DeadLetter, DlqBounds, EntryId, LOAD_GROUP,
 };
 use tickgraph_ingest::{Event, StreamLayout, Trim};
 use tokio_util::sync::CancellationToken;
@@ -129,8 +129,9 @@ pub async fn run(
     Ok(())
 }
 
-/// Load failures are rare (a bug or version skew), but never unbounded.
-const DLQ_TRIM: Trim = Trim::MaxLen(100_000);
+/// Load failures are rare (a bug or version skew), but never unbounded: the
+/// defaults every dead-letter stream has.
+const DLQ_BOUNDS: DlqBounds = DlqBounds::DEFAULT;
 
 #[derive(Debug, thiserror::Error)]
 enum BatchError {
@@ -677,7 +678,7 @@ impl BatchHandler for Loader {
         let mut pipe = redis::pipe();
         pipe.atomic();
         for letter in &bad {
-            pipe.add_command(letter.xadd(&dlq, DLQ_TRIM)).ignore();
+            pipe.add_command(letter.append(&dlq, DLQ_BOUNDS)).ignore();
         }
         let mut ack = redis::cmd("XACK");
         ack.arg(stream).arg(LOAD_GROUP);

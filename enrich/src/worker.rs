@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use tickgraph_ingest::event::now_nanos;
 use tickgraph_ingest::redis_link::{RedisConn, RedisTarget};
-use tickgraph_ingest::stream::{decode_entry, DeadLetter, RawRecord, ENRICH_GROUP, RECORD_FIELD};
+use tickgraph_ingest::stream::{
+    decode_entry, dlq_bytes_key, DeadLetter, DlqBounds, RawRecord, DLQ_ADD_LUA, ENRICH_GROUP,
+    RECORD_FIELD,
+};
 use tickgraph_ingest::{StreamLayout, Trim};
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +35,8 @@ pub struct EnrichConfig {
     pub claim_idle: Duration,
     /// Retention of the raw streams, applied behind the group (see [`crate::retention`]).
     pub raw_retention: Trim,
-    pub dlq_trim: Trim,
+    /// The bounds of each shard's dead-letter stream.
+    pub dlq: DlqBounds,
     /// How long an event's `source` + `seq` is remembered, so that a producer's
     /// re-send within it is dropped before the enriched stream. Zero turns this
     /// off: a re-send then reaches the enriched stream and history again.
@@ -45,7 +49,7 @@ pub struct EnrichConfig {
 impl EnrichConfig {
     /// Batches of 100 entries (each up to 256 events), 1 s block, claim after 30 s
     /// idle, raw streams of about 10,000 entries per shard behind the group,
-    /// dead-letter streams of about 100k.
+    /// dead-letter streams of at most 100k letters and 32 MiB per shard.
     pub fn new(layout: StreamLayout, consumer: impl Into<String>) -> Self {
         Self {
             layout,
@@ -54,7 +58,10 @@ impl EnrichConfig {
             block: Duration::from_secs(1),
             claim_idle: Duration::from_secs(30),
             raw_retention: Trim::MaxLen(10_000),
-            dlq_trim: Trim::MaxLen(100_000),
+            dlq: DlqBounds {
+                max_bytes: 32 << 20,
+                ..DlqBounds::DEFAULT
+            },
             dedupe_window: Duration::from_secs(600),
             metrics: EnrichMetrics::default(),
         }
@@ -116,10 +123,11 @@ impl Enricher {
     }
 }
 
-/// KEYS: raw, enriched, dead-letter stream. ARGV: group, the enriched trim (count
-/// then arguments), the dead-letter trim (likewise), the lifetime in seconds of
-/// the dedupe bitmaps, then per raw entry: its id, the number of outcomes, and
-/// per outcome one of
+/// KEYS: raw, enriched, dead-letter stream, the dead-letter stream's byte count
+/// ([`dlq_bytes_key`]). ARGV: group, the enriched trim (count then arguments),
+/// the dead-letter bounds (3, as [`DlqBounds::args`]), the lifetime in seconds
+/// of the dedupe bitmaps, then per raw entry: its id, the number of outcomes,
+/// and per outcome one of
 /// - `e`, the number of field/value arguments, and those: an enriched entry;
 /// - `d`, likewise: a dead letter;
 /// - `E`, the number of events, the number of dedupe bitmap keys, those keys,
@@ -147,7 +155,8 @@ local function trim()
   return t
 end
 local etrim = trim()
-local dtrim = trim()
+local dbounds = { ARGV[i], ARGV[i + 1], ARGV[i + 2] }
+i = i + 3
 local seen_ttl = ARGV[i]
 i = i + 1
 -- Order: with several workers in the group, each holds a different run of a
@@ -243,7 +252,7 @@ while i <= #ARGV do
       if mine then
         local fields = {}
         for j = 0, n - 1 do fields[#fields + 1] = ARGV[i + j] end
-        if kind == 'e' then xadd(KEYS[2], etrim, fields) else xadd(KEYS[3], dtrim, fields) end
+        if kind == 'e' then xadd(KEYS[2], etrim, fields) else dlq_add(KEYS[3], KEYS[4], dbounds, fields) end
       end
       i = i + n
     end
@@ -331,7 +340,8 @@ impl Deduped {
 const ORDER_WAIT_FIRST: Duration = Duration::from_millis(1);
 const ORDER_WAIT_LAST: Duration = Duration::from_millis(256);
 
-static COMMIT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(COMMIT_LUA));
+static COMMIT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(&format!("{DLQ_ADD_LUA}\n{COMMIT_LUA}")));
 
 fn count_code(codes: &mut [u64; ENRICH_DEAD_LETTER_CODES.len()], code: &str) {
     if let Some(i) = ENRICH_DEAD_LETTER_CODES.iter().position(|c| *c == code) {
@@ -381,15 +391,16 @@ impl BatchHandler for Enricher {
         let enriched_key = self.cfg.layout.enriched(shard);
         let dlq_key = self.cfg.layout.dlq(shard);
         let mut commit = COMMIT.prepare_invoke();
-        commit.key(stream).key(&enriched_key).key(&dlq_key);
-        commit.arg(ENRICH_GROUP);
+        commit
+            .key(stream)
+            .key(&enriched_key)
+            .key(&dlq_key)
+            .key(dlq_bytes_key(&dlq_key));
         // Enriched streams are trimmed by the loader, behind its group.
-        for trim in [Vec::new(), self.cfg.dlq_trim.args()] {
-            commit.arg(trim.len());
-            for a in trim {
-                commit.arg(a);
-            }
-        }
+        commit
+            .arg(ENRICH_GROUP)
+            .arg(0)
+            .arg(&self.cfg.dlq.args()[..]);
         let dedupe = !self.cfg.dedupe_window.is_zero();
         commit.arg(self.cfg.dedupe_window.as_secs().max(1));
         let mut enriched = 0usize;

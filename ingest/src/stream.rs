@@ -301,32 +301,49 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    /// Most of a payload kept: real events are far smaller, and dead-letter
-    /// streams are bounded in entries, not bytes, so a hostile event must not
-    /// inflate them.
-    pub const PAYLOAD_MAX: usize = 16 * 1024;
+    /// Most of a payload kept. The largest valid event, as JSON, is under a
+    /// kilobyte, so this holds any event enrich refuses whole, and enough of
+    /// a malformed one to see what is wrong with it; the rest is cut, which
+    /// bounds what one letter pins in Redis.
+    pub const PAYLOAD_MAX: usize = 2 * 1024;
+
+    /// Most of a reason kept. Reasons quote at most 64 characters of a value
+    /// (decoder errors 300), so only the cut note itself can come near it.
+    pub const REASON_MAX: usize = 512;
+
+    /// Most bytes one letter counts against its stream's `--dlq-max-bytes`
+    /// ([`DeadLetter::counted_bytes`]): the payload and the reason at most,
+    /// plus the field names, the stage, the times and the event id.
+    pub const MAX_BYTES: usize = Self::PAYLOAD_MAX + Self::REASON_MAX + 256;
 
     /// A dead letter; a payload over [`Self::PAYLOAD_MAX`] is cut, and the reason
-    /// says so.
+    /// says how many bytes were.
     pub fn new(stage: &'static str, reason: String, mut payload: Vec<u8>) -> Self {
         let reason = if payload.len() > Self::PAYLOAD_MAX {
             let len = payload.len();
             payload.truncate(Self::PAYLOAD_MAX);
             format!(
-                "{reason} (payload cut to its first {} of {len} bytes)",
-                Self::PAYLOAD_MAX
+                "{reason} (payload cut: the first {} of {len} bytes kept, {} cut)",
+                Self::PAYLOAD_MAX,
+                len - Self::PAYLOAD_MAX
             )
         } else {
             reason
         };
         Self {
             stage,
-            reason,
+            reason: cap_reason(reason),
             payload,
             event_id: None,
             ingest_ns: None,
             at_ns: now_nanos(),
         }
+    }
+
+    /// What this letter counts against its stream's byte bound: the bytes of
+    /// its field names and values, as [`DLQ_ADD_LUA`] adds them up.
+    pub fn counted_bytes(&self) -> usize {
+        self.fields().iter().map(|(k, v)| k.len() + v.len()).sum()
     }
 
     /// The entry's fields, as XADD takes them.
@@ -346,12 +363,170 @@ impl DeadLetter {
         fields
     }
 
-    pub fn xadd(&self, key: &str, trim: Trim) -> redis::Cmd {
-        let fields = self.fields();
-        let borrowed: Vec<(&str, &[u8])> = fields.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-        trim.xadd(key, &borrowed)
+    /// An `EVAL` of [`DLQ_ADD_LUA`] appending this letter to `stream` within
+    /// `bounds`: for a writer that adds letters now and then (the loader).
+    pub fn append(&self, stream: &str, bounds: DlqBounds) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(&*DLQ_APPEND_ONE)
+            .arg(2)
+            .arg(stream)
+            .arg(dlq_bytes_key(stream))
+            .arg(&bounds.args()[..]);
+        for (k, v) in self.fields() {
+            cmd.arg(k).arg(v);
+        }
+        cmd
     }
 }
+
+/// `reason` cut to at most [`DeadLetter::REASON_MAX`] bytes, on a character
+/// boundary.
+fn cap_reason(mut reason: String) -> String {
+    const MARK: &str = "...";
+    if reason.len() <= DeadLetter::REASON_MAX {
+        return reason;
+    }
+    let mut cut = DeadLetter::REASON_MAX - MARK.len();
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    reason.truncate(cut);
+    reason.push_str(MARK);
+    reason
+}
+
+/// How a dead-letter stream is kept bounded: by `trim` (entries, or age) and
+/// by `max_bytes` of letters ([`DeadLetter::counted_bytes`]), both enforced
+/// by [`DLQ_ADD_LUA`] whenever a letter is added, whoever adds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DlqBounds {
+    pub trim: Trim,
+    pub max_bytes: u64,
+}
+
+impl DlqBounds {
+    /// What every dead-letter stream keeps unless told otherwise: 100,000
+    /// letters and 64 MiB of them, whichever is less.
+    pub const DEFAULT: DlqBounds = DlqBounds {
+        trim: Trim::MaxLen(100_000),
+        max_bytes: 64 << 20,
+    };
+
+    /// `[max letters, oldest entry id's milliseconds, max bytes]` as
+    /// [`DLQ_ADD_LUA`] takes them; 0 is no bound.
+    pub fn args(&self) -> [u64; 3] {
+        let (max_len, min_ms) = match self.trim {
+            Trim::MaxLen(n) => (n, 0),
+            Trim::MaxAge(age) => {
+                let now_ms = u64::try_from(now_nanos() / 1_000_000).unwrap_or(0);
+                let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+                (0, now_ms.saturating_sub(age_ms).max(1))
+            }
+            Trim::None => (0, 0),
+        };
+        [max_len, min_ms, self.max_bytes]
+    }
+
+    /// The letters the stream can hold at most, counted as
+    /// [`DeadLetter::counted_bytes`]: the byte bound, plus one letter (the
+    /// newest is never removed), or fewer when the entry bound comes first.
+    pub fn worst_case_bytes(&self) -> u64 {
+        let letter = DeadLetter::MAX_BYTES as u64;
+        let by_bytes = self.max_bytes.saturating_add(letter);
+        match self.trim {
+            Trim::MaxLen(n) => by_bytes.min(n.saturating_mul(letter)),
+            _ => by_bytes,
+        }
+    }
+}
+
+impl Default for DlqBounds {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// The key holding the bytes a dead-letter stream's letters count
+/// ([`DeadLetter::counted_bytes`]). It shares the stream's hash tag (or takes
+/// the whole key as its tag), so scripts touch both in one cluster slot.
+pub fn dlq_bytes_key(stream: &str) -> String {
+    if stream.contains('{') {
+        format!("{stream}:bytes")
+    } else {
+        format!("{{{stream}}}:bytes")
+    }
+}
+
+/// `dlq_add(key, bytes_key, bounds, fields)`, a Lua function for the scripts
+/// that write dead letters (ingest's append, enrich's commit, the loader's
+/// [`DeadLetter::append`]); replays keep the count too (`tickgraph-enrich`'s
+/// `deadletter`).
+///
+/// It appends `fields` to the stream `key` with one more field, `size`: the
+/// bytes of the names and values given, added to the count in `bytes_key`.
+/// Then, while the stream holds more letters than `bounds[1]`, letters older
+/// than `bounds[2]` ms, or more counted bytes than `bounds[3]` (0: no such
+/// bound), it deletes the oldest, taking each one's `size` off the count. So
+/// the bound holds after every append, in bytes, whatever each letter's size,
+/// and a stream's letters pin at most `max bytes` plus one letter. It never
+/// deletes the letter just added, and deletes at most 256 per call: letters
+/// written before this count existed have no `size` and count nothing, and a
+/// stream full of them is emptied over a few appends instead of one long call.
+/// An empty stream resets the count.
+pub const DLQ_ADD_LUA: &str = r#"
+local function dlq_add(key, bytes_key, bounds, fields)
+  local size = 0
+  for _, f in ipairs(fields) do size = size + #f end
+  local cmd = { 'XADD', key, '*' }
+  for _, f in ipairs(fields) do cmd[#cmd + 1] = f end
+  cmd[#cmd + 1] = 'size'
+  cmd[#cmd + 1] = tostring(size)
+  local len = redis.call('XLEN', key)
+  local id = redis.call(unpack(cmd))
+  if len == 0 then
+    redis.call('SET', bytes_key, size)
+    return
+  end
+  len = len + 1
+  local total = redis.call('INCRBY', bytes_key, size)
+  local max_len, min_ms, max_bytes = tonumber(bounds[1]), tonumber(bounds[2]), tonumber(bounds[3])
+  local removed, freed = 0, 0
+  while removed < 256 do
+    local oldest = redis.call('XRANGE', key, '-', '+', 'COUNT', 32)
+    local gone = {}
+    local done = #oldest == 0
+    for _, e in ipairs(oldest) do
+      local eid, f = e[1], e[2]
+      local over = (max_len > 0 and len > max_len) or (max_bytes > 0 and total - freed > max_bytes)
+        or (min_ms > 0 and tonumber(string.match(eid, '^%d+')) < min_ms)
+      if eid == id or not over or removed == 256 then
+        done = true
+        break
+      end
+      for j = 1, #f, 2 do
+        if f[j] == 'size' then freed = freed + (tonumber(f[j + 1]) or 0) end
+      end
+      gone[#gone + 1] = eid
+      len = len - 1
+      removed = removed + 1
+    end
+    if #gone > 0 then redis.call('XDEL', key, unpack(gone)) end
+    if done then break end
+  end
+  if freed > 0 and redis.call('DECRBY', bytes_key, freed) < 0 then
+    redis.call('SET', bytes_key, 0)
+  end
+end
+"#;
+
+/// [`DLQ_ADD_LUA`] for one letter: KEYS the stream and its count, ARGV the
+/// three bounds, then the letter's field, value pairs.
+static DLQ_APPEND_ONE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{DLQ_ADD_LUA}\nlocal fields = {{}}\nfor i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end\n\
+         dlq_add(KEYS[1], KEYS[2], {{ ARGV[1], ARGV[2], ARGV[3] }}, fields)\nreturn 1\n"
+    )
+});
 
 /// A stream entry id `<ms>-<seq>`, ordered as Redis orders them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -516,17 +691,39 @@ mod tests {
     }
 
     #[test]
-    fn a_dead_letter_keeps_at_most_16_kib_of_payload_and_says_so() {
+    fn a_dead_letter_keeps_at_most_2_kib_of_payload_and_says_how_much_was_cut() {
         let big = DeadLetter::new("ingest", "bad".into(), vec![b'x'; 20_000]);
         assert_eq!(big.payload.len(), DeadLetter::PAYLOAD_MAX);
         assert_eq!(
             big.reason,
-            "bad (payload cut to its first 16384 of 20000 bytes)"
+            "bad (payload cut: the first 2048 of 20000 bytes kept, 17952 cut)"
         );
         let small = DeadLetter::new("ingest", "bad".into(), b"{}".to_vec());
         assert_eq!(
             (small.payload.as_slice(), small.reason.as_str()),
             (&b"{}"[..], "bad")
+        );
+    }
+
+    /// The most a letter can count, with every field at its longest, is
+    /// within [`DeadLetter::MAX_BYTES`].
+    #[test]
+    fn no_letter_counts_more_than_max_bytes() {
+        let mut letter = DeadLetter::new("enrich", "é".repeat(4096), vec![0xff; 1 << 20]);
+        letter.event_id = Some(format!("{}:{}", "s".repeat(64), u64::MAX));
+        letter.ingest_ns = Some(i64::MIN);
+        letter.at_ns = i64::MIN;
+        assert!(
+            letter.reason.len() <= DeadLetter::REASON_MAX,
+            "{}",
+            letter.reason.len()
+        );
+        assert!(letter.reason.ends_with("..."));
+        assert!(
+            letter.counted_bytes() <= DeadLetter::MAX_BYTES,
+            "{} > {}",
+            letter.counted_bytes(),
+            DeadLetter::MAX_BYTES
         );
     }
 

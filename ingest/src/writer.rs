@@ -35,7 +35,10 @@ use crate::redis_link::{
     add_wait, hash_tag, query_by_slot, wait_replicas, ConnOpts, RedisConn, RedisTarget,
 };
 use crate::spool::{Append, Fields, Round, Spool, SpoolConfig, SpoolError};
-use crate::stream::{encode_batch, DeadLetter, StreamLayout, Trim, RECORD_FIELD};
+use crate::stream::{
+    dlq_bytes_key, encode_batch, DeadLetter, DlqBounds, StreamLayout, Trim, DLQ_ADD_LUA,
+    RECORD_FIELD,
+};
 
 /// A valid event, encoded, bound for its shard's raw stream.
 #[derive(Debug)]
@@ -68,7 +71,8 @@ struct Job {
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
     pub layout: StreamLayout,
-    pub dlq_trim: Trim,
+    /// The bounds of the ingest dead-letter stream.
+    pub dlq: DlqBounds,
     /// Events per round at most.
     pub max_pipeline: usize,
     /// Events per raw stream entry at most.
@@ -99,7 +103,7 @@ impl WriterConfig {
         );
         Self {
             layout,
-            dlq_trim: Trim::MaxLen(100_000),
+            dlq: DlqBounds::DEFAULT,
             max_pipeline: 16_384,
             max_entry_events: 256,
             linger: Duration::ZERO,
@@ -227,11 +231,14 @@ impl StreamWriter {
 
 /// Appends one round's entries to one stream, unless the stream already has it.
 ///
-/// `KEYS[1]`: the stream; `KEYS[2]`: this writer's marker for it (same slot).
+/// `KEYS[1]`: the stream; `KEYS[2]`: this writer's marker for it (same slot);
+/// for a dead-letter stream `KEYS[3]`, its byte count ([`dlq_bytes_key`]).
 /// `ARGV[1]`: the round id; `ARGV[2]`: the marker's lifetime in seconds;
 /// `ARGV[3]`: `1` for a round never sent before, else `0`;
-/// `ARGV[4]`: how many trim arguments follow; then the trim arguments;
-/// then each entry as its field count followed by field, value pairs.
+/// `ARGV[4]`: how many trim arguments follow; then the trim arguments: XADD's,
+/// or for a dead-letter stream [`DLQ_MARK`] and the three bounds
+/// [`DLQ_ADD_LUA`] keeps; then each entry as its field count followed by
+/// field, value pairs.
 /// Returns the entries added; 0 when the round was there already; and, for a
 /// round never sent before whose id the marker is already at or past (another
 /// process with the same writer id, or the clock gone back across a restart),
@@ -244,15 +251,22 @@ if last >= tonumber(ARGV[1]) then
   return 0
 end
 local ntrim = tonumber(ARGV[4])
+local dlq = ARGV[5] == 'DLQ'
 local i = 5 + ntrim
 local added = 0
 while i <= #ARGV do
   local nf = tonumber(ARGV[i])
-  local cmd = {'XADD', KEYS[1]}
-  for t = 5, 4 + ntrim do cmd[#cmd + 1] = ARGV[t] end
-  cmd[#cmd + 1] = '*'
-  for f = i + 1, i + 2 * nf do cmd[#cmd + 1] = ARGV[f] end
-  redis.call(unpack(cmd))
+  if dlq then
+    local fields = {}
+    for f = i + 1, i + 2 * nf do fields[#fields + 1] = ARGV[f] end
+    dlq_add(KEYS[1], KEYS[3], { ARGV[6], ARGV[7], ARGV[8] }, fields)
+  else
+    local cmd = {'XADD', KEYS[1]}
+    for t = 5, 4 + ntrim do cmd[#cmd + 1] = ARGV[t] end
+    cmd[#cmd + 1] = '*'
+    for f = i + 1, i + 2 * nf do cmd[#cmd + 1] = ARGV[f] end
+    redis.call(unpack(cmd))
+  end
   added = added + 1
   i = i + 1 + 2 * nf
 end
@@ -260,7 +274,13 @@ redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 return added
 "#;
 
-static APPEND: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(APPEND_LUA));
+/// The first trim argument of a dead-letter append: its bounds follow, kept by
+/// [`DLQ_ADD_LUA`]. Rounds spooled before it carry XADD's `MAXLEN` instead,
+/// and are appended as they were.
+pub const DLQ_MARK: &str = "DLQ";
+
+static APPEND: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(&format!("{DLQ_ADD_LUA}\n{APPEND_LUA}")));
 
 /// How long a marker outlives its last round: a spool older than this that is
 /// drained could store its rounds a second time.
@@ -470,9 +490,12 @@ impl Writer {
             });
         }
         if !dead.is_empty() {
+            let bounds = self.cfg.dlq.args().map(|b| b.to_string());
             appends.push(Append {
                 key: self.dlq_key.clone(),
-                trim: self.cfg.dlq_trim.args(),
+                trim: std::iter::once(DLQ_MARK.to_string())
+                    .chain(bounds)
+                    .collect(),
                 entries: dead,
             });
         }
@@ -645,8 +668,11 @@ impl Writer {
                     }
                 };
                 let mut inv = APPEND.key(&a.key);
-                inv.key(writer_marker(&a.key, &self.cfg.writer_id))
-                    .arg(round.id)
+                inv.key(writer_marker(&a.key, &self.cfg.writer_id));
+                if a.trim.first().is_some_and(|t| t == DLQ_MARK) {
+                    inv.key(dlq_bytes_key(&a.key));
+                }
+                inv.arg(round.id)
                     .arg(MARKER_TTL_SECS)
                     .arg(u8::from(fresh))
                     .arg(a.trim.len())

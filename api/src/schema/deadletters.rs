@@ -130,7 +130,7 @@ impl DeadLetter {
         self.0.event_id.as_deref()
     }
 
-    /// The stored event (ingest: the bytes as sent, at most 16 KiB; enrich and
+    /// The stored event (ingest: the bytes as sent, at most 2 KiB; enrich and
     /// load: the event as JSON), shown as `payloadFormat` says.
     async fn payload(&self) -> &str {
         &self.0.payload.text

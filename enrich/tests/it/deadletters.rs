@@ -14,9 +14,9 @@ use tickgraph_enrich::loader::{self, LoadConfig};
 use tickgraph_enrich::worker::{self, EnrichConfig};
 use tickgraph_enrich::{EnrichedRecord, RefCache};
 use tickgraph_ingest::stream::{
-    decode_entry, shard_of, DeadLetter, RawRecord, ENRICH_GROUP, LOAD_GROUP,
+    decode_entry, dlq_bytes_key, shard_of, DeadLetter, DlqBounds, RawRecord, ENRICH_GROUP,
+    LOAD_GROUP,
 };
-use tickgraph_ingest::Trim;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +35,16 @@ struct Rig {
 
 impl Rig {
     async fn start(pool: PgPool, shards: u16, dedupe: Duration) -> Self {
+        Self::start_with(pool, shards, dedupe, |_| {}).await
+    }
+
+    /// [`Rig::start`], with enrich's configuration changed by `tweak`.
+    async fn start_with(
+        pool: PgPool,
+        shards: u16,
+        dedupe: Duration,
+        tweak: impl FnOnce(&mut EnrichConfig),
+    ) -> Self {
         seed_refdata(&pool).await;
         let r = TestRedis::new(shards).await;
         let refs = RefCache::load(&pool).await.expect("refdata");
@@ -43,6 +53,7 @@ impl Rig {
         let mut ecfg = EnrichConfig::new(r.layout.clone(), "e1");
         ecfg.block = Duration::from_millis(50);
         ecfg.dedupe_window = dedupe;
+        tweak(&mut ecfg);
         let mut lcfg = LoadConfig::new(r.layout.clone(), "l1");
         lcfg.block = Duration::from_millis(50);
         lcfg.linger = Duration::ZERO;
@@ -377,8 +388,8 @@ async fn ingest_and_other_letters_are_reported_not_replayable_and_kept(pool: PgP
     );
     let binary = DeadLetter::new("ingest", "not an event".into(), vec![0xc1, 0x00, 0xff]);
     for d in [&malformed, &binary] {
-        let _: String = d
-            .xadd(&ingest_dlq, Trim::None)
+        let _: i64 = d
+            .append(&ingest_dlq, DlqBounds::DEFAULT)
             .query_async(&mut rig.r.con)
             .await
             .expect("xadd");
@@ -442,8 +453,8 @@ async fn lists_page_by_page_with_filters_in_either_order(pool: PgPool) {
     rig.r.add_raw(&[quote(50, "AAPL", "XXXX", "1", "2")]).await;
     rig.settle().await;
     let ingest = DeadLetter::new("ingest", "bad json".into(), b"{".to_vec());
-    let _: String = ingest
-        .xadd(&rig.r.layout.ingest_dlq(), Trim::None)
+    let _: i64 = ingest
+        .append(&rig.r.layout.ingest_dlq(), DlqBounds::DEFAULT)
         .query_async(&mut rig.r.con)
         .await
         .expect("xadd");
@@ -528,5 +539,67 @@ async fn lists_page_by_page_with_filters_in_either_order(pool: PgPool) {
     let raw_id: DeadLetterId = format!("{}/1-0", rig.r.layout.raw(0)).parse().expect("id");
     let r = rig.dead.replay_ids(&[raw_id], false).await.expect("report");
     assert_eq!(r.outcomes[0].status, ReplayStatus::NotFound);
+    rig.stop().await;
+}
+
+/// The `size` of each letter of `key`, oldest first, and the stream's count.
+async fn sizes_and_count(rig: &mut Rig, key: &str) -> (Vec<u64>, u64) {
+    let sizes = rig
+        .r
+        .range_fields(key)
+        .await
+        .iter()
+        .map(|f| {
+            f.get("size")
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.parse().ok())
+                .expect("every letter has its size")
+        })
+        .collect();
+    let count: Option<u64> = redis::cmd("GET")
+        .arg(dlq_bytes_key(key))
+        .query_async(&mut rig.r.con)
+        .await
+        .expect("GET");
+    (sizes, count.unwrap_or(0))
+}
+
+/// A shard's dead letters are bounded in bytes, not only in letters: 400
+/// letters of some 400 bytes into a 16 KiB bound leave the newest that fit,
+/// and the count follows letters added, trimmed and replayed.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_shards_dead_letters_are_bounded_in_bytes_and_replays_keep_the_count(pool: PgPool) {
+    const MAX: u64 = 16 * 1024;
+    let mut rig = Rig::start_with(pool, 1, Duration::from_secs(600), |c| {
+        c.dlq.max_bytes = MAX;
+    })
+    .await;
+    rig.r.add_raw(&newco(1, 400)).await;
+    rig.settle().await;
+    let key = rig.r.layout.dlq(0);
+    let (sizes, count) = sizes_and_count(&mut rig, &key).await;
+    assert!(
+        sizes.len() < 400 && sizes.len() > 10,
+        "{} letters kept",
+        sizes.len()
+    );
+    assert_eq!(sizes.iter().sum::<u64>(), count);
+    assert!(count <= MAX, "{count} bytes over the bound of {MAX}");
+    let letters = rig.all_letters().await;
+    assert_eq!(
+        letters.last().and_then(|d| d.event_id.as_deref()),
+        Some("it:400"),
+        "the newest letters are kept"
+    );
+
+    rig.add_instrument("NEWCO").await;
+    let newest = letters.last().map(|d| d.id.clone()).expect("a letter");
+    let r = rig.dead.replay_ids(&[newest], false).await.expect("replay");
+    assert_eq!(r.outcomes[0].status, ReplayStatus::Replayed);
+    let (after, count_after) = sizes_and_count(&mut rig, &key).await;
+    assert_eq!(after.len(), sizes.len() - 1);
+    assert_eq!(after.iter().sum::<u64>(), count_after);
+    assert_eq!(count_after, count - sizes[sizes.len() - 1]);
+    rig.settle().await;
     rig.stop().await;
 }

@@ -284,3 +284,99 @@ async fn a_refusal_after_the_body_keeps_the_connection() {
     assert_eq!(client.connections, 1, "the connection was kept");
     ingest.stop().await;
 }
+
+/// `MEMORY USAGE` of `key`, every node counted (`SAMPLES 0`).
+async fn memory_usage(con: &mut redis::aio::MultiplexedConnection, key: &str) -> u64 {
+    redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(key)
+        .arg("SAMPLES")
+        .arg(0)
+        .query_async::<Option<u64>>(con)
+        .await
+        .expect("MEMORY USAGE")
+        .unwrap_or(0)
+}
+
+/// What one producer's invalid events pin in Redis: 2,000 of 20 KB each (40 MB)
+/// leave the ingest dead-letter stream within its byte bound, every payload
+/// cut to 2 KiB, and Redis's memory for the stream near that bound.
+#[tokio::test]
+async fn invalid_events_pin_no_more_than_the_dead_letter_byte_bound() {
+    const MAX: u64 = 256 * 1024;
+    let ingest = TestIngest::start(|c| {
+        c.max_body_bytes = 1 << 20;
+        c.writer.dlq.max_bytes = MAX;
+    })
+    .await;
+    let event = format!(
+        r#"{{"kind":"quote","source":"s","seq":"not a number","padding":"{}"}}"#,
+        "x".repeat(20_000)
+    );
+    let batch = format!("[{}]", vec![event; 20].join(",")).into_bytes();
+    let mut client = KeepAliveClient::new(ingest.addr);
+    let json = [
+        ("authorization", BEARER),
+        ("content-type", "application/json"),
+    ];
+    for _ in 0..100 {
+        let answer = client
+            .request("POST", "/v1/events", &json, &batch)
+            .await
+            .expect("answer");
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let body: serde_json::Value = serde_json::from_slice(&answer.body).expect("JSON");
+        assert_eq!(
+            body["rejected"].as_array().map(Vec::len),
+            Some(20),
+            "{body}"
+        );
+    }
+    let key = ingest.layout.ingest_dlq();
+    let mut con = redis::Client::open(redis_url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let memory = memory_usage(&mut con, &key).await;
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&key)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut con)
+        .await
+        .expect("XRANGE");
+    let sizes: Vec<u64> = reply
+        .ids
+        .iter()
+        .map(|e| e.get::<u64>("size").expect("every letter has its size"))
+        .collect();
+    let counted: u64 = redis::cmd("GET")
+        .arg(tickgraph_ingest::stream::dlq_bytes_key(&key))
+        .query_async(&mut con)
+        .await
+        .expect("GET");
+    assert_eq!(sizes.iter().sum::<u64>(), counted);
+    assert!(counted <= MAX, "{counted} counted bytes over {MAX}");
+    for e in &reply.ids {
+        let payload: Vec<u8> = e.get("payload").expect("payload");
+        assert_eq!(payload.len(), 2048);
+        let reason: String = e.get("reason").expect("reason");
+        assert!(
+            reason.ends_with("(payload cut: the first 2048 of 20063 bytes kept, 18015 cut)"),
+            "{reason}"
+        );
+    }
+    // Redis keeps each letter of this size in a stream node of its own: about
+    // 1.3 times the counted bytes.
+    assert!(
+        memory <= MAX + MAX / 2,
+        "{} letters take {memory} bytes of Redis for {counted} counted",
+        sizes.len()
+    );
+    eprintln!(
+        "{} letters: {counted} counted bytes, MEMORY USAGE {memory}",
+        sizes.len()
+    );
+    ingest.stop().await;
+}
