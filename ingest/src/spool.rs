@@ -725,7 +725,9 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            crate::test_support::fuzz_cases(2_000)
+        ))]
 
         /// Whatever a segment file holds, opening the spool neither panics nor
         /// hands out a record that fails its checksum or does not decode.

@@ -10,6 +10,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Cases per proptest property: `TG_FUZZ_CASES` when set (the long mode, e.g.
+/// 1,000,000 in a release build), else `default`, the short mode CI runs.
+pub fn fuzz_cases(default: u32) -> u32 {
+    std::env::var("TG_FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A `redis-server` on a free loopback port, its data in a directory of its own.
 /// Dropping it kills the server.
 pub struct LocalRedis {

@@ -1,9 +1,11 @@
 //! The enriched entry decoder (what the loader and the api hub read) against
 //! mutated real entries and random bytes: an error, never a panic.
+//! `TG_FUZZ_CASES` sets the case count (default 5,000).
 
 use proptest::prelude::*;
 use tickgraph_enrich::EnrichedRecord;
 use tickgraph_ingest::stream::decode_entry;
+use tickgraph_ingest::test_support::fuzz_cases;
 
 use crate::helpers::{quote, trade};
 
@@ -25,7 +27,7 @@ fn entry() -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(5_000))]
+    #![proptest_config(ProptestConfig::with_cases(fuzz_cases(5_000)))]
 
     #[test]
     fn mutated_enriched_entries_never_panic(

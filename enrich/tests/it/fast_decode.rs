@@ -2,7 +2,7 @@
 //! event inside is fuzzed in `tickgraph-ingest`'s own tests): entries as enrich
 //! writes them take the fast path and decode to exactly what serde gives;
 //! entries changed in ways enrich never writes decode (or fail) as serde alone
-//! decodes them.
+//! decodes them. `TG_FUZZ_CASES` sets the case count (default 1,000).
 
 use std::sync::LazyLock;
 
@@ -16,6 +16,7 @@ use tickgraph_enrich::{enrich, Derived, EnrichedRecord};
 use tickgraph_ingest::fast_decode::try_fast;
 use tickgraph_ingest::stream::decode_entry;
 use tickgraph_ingest::stream::encode_batch;
+use tickgraph_ingest::test_support::fuzz_cases;
 use tickgraph_ingest::test_support::msgpack::{self, agrees, Change, Value};
 use tickgraph_ingest::Event;
 
@@ -144,7 +145,7 @@ fn change() -> impl Strategy<Value = Change> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(1_000))]
+    #![proptest_config(ProptestConfig::with_cases(fuzz_cases(1_000)))]
 
     /// The tree the other tests change is byte for byte what enrich writes.
     #[test]

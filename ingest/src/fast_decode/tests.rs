@@ -11,14 +11,8 @@ use serde::Serialize;
 use super::*;
 use crate::event::{Header, Quote, Side, Trade};
 use crate::stream::{decode_entry, encode_batch, RawRecord};
+use crate::test_support::fuzz_cases;
 use crate::test_support::msgpack::{self, agrees, Change, Value};
-
-fn cases() -> u32 {
-    std::env::var("TG_FUZZ_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2_000)
-}
 
 /// A newtype from any string, unchecked, as its transparent `Deserialize` reads
 /// it from a stream.
@@ -134,7 +128,7 @@ fn change() -> impl Strategy<Value = Change> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases()))]
+    #![proptest_config(ProptestConfig::with_cases(fuzz_cases(2_000)))]
 
     /// The tree the other tests change is byte for byte what ingest writes.
     #[test]
