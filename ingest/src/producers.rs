@@ -26,15 +26,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 /// A token bucket: `rate` tokens a second, holding at most one second's worth.
-///
-/// A take of more than a second's worth is admitted when the bucket is full,
-/// and leaves it in debt: the average rate still holds, and the takes after it
-/// wait until the debt is repaid. Without that, a batch larger than a second's
-/// worth would never fit, however long its sender waited, and a source that
-/// cannot split its batches would lose them.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenBucket {
-    /// Below zero while in debt.
+    /// Below zero while in debt (see [`TokenBucket::take_or_owe`]).
     tokens: f64,
     at: Instant,
 }
@@ -52,18 +46,36 @@ impl TokenBucket {
         rate.max(1.0)
     }
 
-    /// Takes `n` tokens, or tells how long until they could be taken: until
-    /// `n` are there, or, for more than the bucket holds, until it is full.
+    /// Takes `n` tokens, or tells how long until they would be there. More than
+    /// a second's worth never fits.
     pub fn take(&mut self, n: f64, rate: f64, now: Instant) -> Result<(), Duration> {
-        let capacity = Self::capacity(rate);
+        self.refill(rate, now);
+        self.take_once_there(n, n, rate)
+    }
+
+    /// Takes `n` tokens like [`TokenBucket::take`], except that more than a
+    /// second's worth is taken once the bucket is full, leaving it in debt: the
+    /// average rate still holds, and the takes after it wait until the debt is
+    /// repaid. The wait told is until `n` are there or, for more than the
+    /// bucket holds, until it is full. For a sender that cannot split what it
+    /// sends, which `take` would refuse however long it waited.
+    pub fn take_or_owe(&mut self, n: f64, rate: f64, now: Instant) -> Result<(), Duration> {
+        self.refill(rate, now);
+        self.take_once_there(n, n.min(Self::capacity(rate)), rate)
+    }
+
+    fn refill(&mut self, rate: f64, now: Instant) {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(capacity);
+        self.tokens = (self.tokens + elapsed * rate).min(Self::capacity(rate));
         self.at = now;
-        let needed = n.min(capacity);
+    }
+
+    /// Takes `n` once `needed` are there.
+    fn take_once_there(&mut self, n: f64, needed: f64, rate: f64) -> Result<(), Duration> {
         // A refill computed from the wait we answered can fall short of
         // `needed` by a rounding error; a millionth of a token is not worth a
         // second refusal.
-        if self.tokens + capacity * 1e-9 >= needed {
+        if self.tokens + Self::capacity(rate) * 1e-9 >= needed {
             self.tokens -= n;
             Ok(())
         } else {
@@ -135,14 +147,16 @@ impl Producer {
         ))
     }
 
-    /// Counts a batch of `n` events against the producer's rate.
+    /// Counts a batch of `n` events against the producer's rate; a batch of
+    /// more than a second's worth is taken once the bucket is full, into debt.
     pub fn admit(&self, n: usize) -> Result<(), ProducerRefusal> {
         let Some(rate) = self.max_events_per_sec else {
             return Ok(());
         };
         let mut bucket = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
+        // Sources cannot always split a batch, and what they do not send is lost.
         bucket
-            .take(n as f64, rate, Instant::now())
+            .take_or_owe(n as f64, rate, Instant::now())
             .map_err(|wait| ProducerRefusal::RateLimited {
                 producer: self.name.clone(),
                 per_sec: rate,
@@ -360,20 +374,46 @@ mod tests {
             tokens: 40.0,
             at: t0,
         };
-        let wait = b.take(250.0, 100.0, t0).expect_err("not full yet");
+        let wait = b.take_or_owe(250.0, 100.0, t0).expect_err("not full yet");
         assert!(
             (wait.as_secs_f64() - 0.6).abs() < 1e-6,
             "until full: {wait:?}"
         );
-        b.take(250.0, 100.0, t0 + wait)
+        b.take_or_owe(250.0, 100.0, t0 + wait)
             .expect("full: taken, into debt");
         // 150 events of debt and a second's refill: 1.5 s before 1 more fits.
         let wait = b
-            .take(1.0, 100.0, t0 + Duration::from_millis(600))
+            .take_or_owe(1.0, 100.0, t0 + Duration::from_millis(600))
             .expect_err("in debt");
         assert!((wait.as_secs_f64() - 1.51).abs() < 1e-6, "{wait:?}");
         assert!(!b.is_full(100.0, t0 + Duration::from_millis(3000)));
         assert!(b.is_full(100.0, t0 + Duration::from_millis(3100)));
+    }
+
+    /// Users' operations (the api) keep the plain bucket: more than a second's
+    /// worth never fits.
+    #[test]
+    fn a_plain_take_of_more_than_a_seconds_worth_never_fits() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::full(3.0);
+        assert!(b.take(4.0, 3.0, t0 + Duration::from_secs(10)).is_err());
+        assert!(b.take(3.0, 3.0, t0 + Duration::from_secs(10)).is_ok());
+    }
+
+    /// A producer's batch over its second's worth is taken from a full bucket,
+    /// and the next waits.
+    #[test]
+    fn a_producer_may_send_more_than_a_seconds_worth_once_full() {
+        let p = producers();
+        let gw = p
+            .authenticate(&with_bearer("s3cret"))
+            .expect("known")
+            .expect("producer");
+        assert!(gw.admit(250).is_ok(), "a full bucket takes it");
+        assert!(matches!(
+            gw.admit(1),
+            Err(ProducerRefusal::RateLimited { .. })
+        ));
     }
 
     #[test]
