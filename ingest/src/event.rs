@@ -953,8 +953,21 @@ mod tests {
         }
     }
 
-    /// A MessagePack map of `pairs`, each value written by its closure.
-    fn msgpack_event(pairs: &[(&[u8], bool, &dyn Fn(&mut Vec<u8>))]) -> Vec<u8> {
+    /// Writes one MessagePack value.
+    type Writes<'a> = &'a dyn Fn(&mut Vec<u8>);
+
+    fn text(v: &'static str) -> impl Fn(&mut Vec<u8>) {
+        move |o| rmp::encode::write_str(o, v).expect("vec")
+    }
+
+    fn uint(v: u64) -> impl Fn(&mut Vec<u8>) {
+        move |o| {
+            rmp::encode::write_uint(o, v).expect("vec");
+        }
+    }
+
+    /// A MessagePack map of `(key, key as bin, value)`.
+    fn msgpack_event(pairs: &[(&[u8], bool, Writes<'_>)]) -> Vec<u8> {
         let mut out = Vec::new();
         rmp::encode::write_map_len(&mut out, pairs.len() as u32).expect("vec");
         for (key, key_is_bin, value) in pairs {
@@ -976,8 +989,6 @@ mod tests {
     }
 
     fn msgpack_quote(kind_as_bin: bool, key_as_bin: bool) -> Vec<u8> {
-        let s = |v: &'static str| move |o: &mut Vec<u8>| rmp::encode::write_str(o, v).expect("vec");
-        let u = |v: u64| move |o: &mut Vec<u8>| drop(rmp::encode::write_uint(o, v));
         let kind = move |o: &mut Vec<u8>| {
             if kind_as_bin {
                 rmp::encode::write_bin(o, b"quote").expect("vec");
@@ -987,15 +998,15 @@ mod tests {
         };
         msgpack_event(&[
             (b"kind", false, &kind),
-            (b"source", key_as_bin, &s("s")),
-            (b"seq", false, &u(1)),
-            (b"instrument", false, &s("X")),
-            (b"venue", false, &s("XLON")),
-            (b"ts", false, &u(1_764_066_667_000_000_001)),
-            (b"bid", false, &s("1")),
-            (b"ask", false, &s("2")),
-            (b"bid_size", false, &u(10)),
-            (b"ask_size", false, &u(0)),
+            (b"source", key_as_bin, &text("s")),
+            (b"seq", false, &uint(1)),
+            (b"instrument", false, &text("X")),
+            (b"venue", false, &text("XLON")),
+            (b"ts", false, &uint(1_764_066_667_000_000_001)),
+            (b"bid", false, &text("1")),
+            (b"ask", false, &text("2")),
+            (b"bid_size", false, &uint(10)),
+            (b"ask_size", false, &uint(0)),
         ])
     }
 
@@ -1048,23 +1059,18 @@ mod tests {
     fn a_messagepack_float32_keeps_its_own_shortest_digits() {
         let f32_bid = |o: &mut Vec<u8>| rmp::encode::write_f32(o, 1.1).expect("vec");
         let f64_bid = |o: &mut Vec<u8>| rmp::encode::write_f64(o, 187.25).expect("vec");
-        let s = |v: &'static str| move |o: &mut Vec<u8>| rmp::encode::write_str(o, v).expect("vec");
-        let u = |v: u64| move |o: &mut Vec<u8>| drop(rmp::encode::write_uint(o, v));
-        for (bid, want) in [
-            (&f32_bid as &dyn Fn(&mut Vec<u8>), "1.1"),
-            (&f64_bid, "187.25"),
-        ] {
+        for (bid, want) in [(&f32_bid as Writes<'_>, "1.1"), (&f64_bid, "187.25")] {
             let bytes = msgpack_event(&[
-                (b"kind", false, &s("quote")),
-                (b"source", false, &s("s")),
-                (b"seq", false, &u(1)),
-                (b"instrument", false, &s("X")),
-                (b"venue", false, &s("XLON")),
-                (b"ts", false, &u(1_764_066_667_000_000_001)),
+                (b"kind", false, &text("quote")),
+                (b"source", false, &text("s")),
+                (b"seq", false, &uint(1)),
+                (b"instrument", false, &text("X")),
+                (b"venue", false, &text("XLON")),
+                (b"ts", false, &uint(1_764_066_667_000_000_001)),
                 (b"bid", false, bid),
-                (b"ask", false, &s("2")),
-                (b"bid_size", false, &u(10)),
-                (b"ask_size", false, &u(0)),
+                (b"ask", false, &text("2")),
+                (b"bid_size", false, &uint(10)),
+                (b"ask_size", false, &uint(0)),
             ]);
             let Event::Quote(q) = decode_msgpack(&bytes).expect("valid") else {
                 panic!("not a quote")

@@ -204,6 +204,8 @@ fn one_quote(seq: u64) -> Vec<u8> {
 
 const BEARER: &str = "Bearer keep-alive-producer-token";
 
+type Headers<'a> = Vec<(&'a str, &'a str)>;
+
 /// Every refusal ingest makes before reading the body, each followed by a
 /// valid batch from the same keep-alive client: the batch is taken.
 #[tokio::test]
@@ -211,7 +213,7 @@ async fn a_keep_alive_client_goes_on_after_every_early_refusal() {
     let ingest = TestIngest::start(|_| {}).await;
     let big = vec![b'x'; 200 * 1024];
     let long_type = format!("text/{}", "x".repeat(60 * 1024));
-    let refusals: [(&str, Vec<(&str, &str)>, u16); 4] = [
+    let refusals: [(&str, Headers<'_>, u16); 4] = [
         (
             "unsupported type",
             vec![("authorization", BEARER), ("content-type", "text/plain")],
