@@ -15,10 +15,11 @@
 //!
 //! Use with `#[serde(with = "tickgraph_ingest::decimal")]`.
 //!
-//! [`parse`] is the one text syntax for decimals, for producers' input and (less
-//! the exponent) for the text form in entries: JSON's number syntax. `rust_decimal`'s own
-//! parsers also take `1_000`, `+5`, `.5`, `5.` and surrounding text a producer
-//! may not have meant as a number, and `from_scientific` rounds digits away.
+//! [`parse`] is the one text syntax of decimals, for producers' input and (less
+//! the exponent) for the text form in entries: JSON's number syntax.
+//! `rust_decimal`'s own parsers also take `1_000`, `+5`, `.5` and `5.`, which a
+//! producer may not have meant as numbers, and `from_scientific` rounds digits
+//! away.
 
 use std::fmt;
 
