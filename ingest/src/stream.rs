@@ -426,18 +426,6 @@ impl DlqBounds {
         };
         [max_len, min_ms, self.max_bytes]
     }
-
-    /// The letters the stream can hold at most, counted as
-    /// [`DeadLetter::counted_bytes`]: the byte bound, plus one letter (the
-    /// newest is never removed), or fewer when the entry bound comes first.
-    pub fn worst_case_bytes(&self) -> u64 {
-        let letter = DeadLetter::MAX_BYTES as u64;
-        let by_bytes = self.max_bytes.saturating_add(letter);
-        match self.trim {
-            Trim::MaxLen(n) => by_bytes.min(n.saturating_mul(letter)),
-            _ => by_bytes,
-        }
-    }
 }
 
 impl Default for DlqBounds {
