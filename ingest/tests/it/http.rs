@@ -8,8 +8,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use tickgraph_ingest::listener::{self, ConnMetrics};
 use tickgraph_ingest::producers::{token_sha256, Producers};
-use tickgraph_ingest::server::{self, Ingest, IngestConfig};
+use tickgraph_ingest::server::{Ingest, IngestConfig};
 use tickgraph_ingest::StreamLayout;
 
 const TOKEN: &str = "keep-alive-producer-token";
@@ -40,6 +41,7 @@ impl TestIngest {
         );
         cfg.producers = Producers::parse(file.as_bytes()).expect("producers");
         tweak(&mut cfg);
+        let conn = cfg.conn;
         let client = redis::Client::open(redis_url()).expect("redis url");
         let shutdown = CancellationToken::new();
         let ingest = Ingest::build(cfg, client, shutdown.clone())
@@ -52,7 +54,9 @@ impl TestIngest {
         let router = ingest.router();
         let s = shutdown.clone();
         let task = tokio::spawn(async move {
-            server::serve(listener, router, s).await.expect("serves");
+            listener::serve(listener, router, conn, ConnMetrics::new("ingest"), s)
+                .await
+                .expect("serves");
             ingest.finished().await;
         });
         Self {
