@@ -556,6 +556,12 @@ pub enum LimitError {
     Connections { subject: String, max: usize },
     #[error("rate limit: at most {per_sec} requests per second; retry in {retry_after_ms} ms")]
     Rate { per_sec: f64, retry_after_ms: u64 },
+    /// More at once than the rate allows in a second: no wait would let it in.
+    #[error(
+        "a batch of {operations} operations is more than the {max} this user may send at once: \
+         split it"
+    )]
+    Batch { operations: usize, max: u64 },
 }
 
 impl LimitError {
@@ -563,13 +569,19 @@ impl LimitError {
         match self {
             LimitError::Connections { .. } => "TOO_MANY_CONNECTIONS",
             LimitError::Rate { .. } => "RATE_LIMITED",
+            LimitError::Batch { .. } => "BATCH_TOO_LARGE",
         }
+    }
+
+    /// Whether waiting `Retry-After` would let the same request in.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, LimitError::Batch { .. })
     }
 
     /// Seconds to put in `Retry-After`.
     pub fn retry_after_secs(&self) -> u64 {
         match self {
-            LimitError::Connections { .. } => 1,
+            LimitError::Connections { .. } | LimitError::Batch { .. } => 1,
             LimitError::Rate { retry_after_ms, .. } => retry_after_ms.div_ceil(1000).max(1),
         }
     }
@@ -608,6 +620,15 @@ impl Users {
         let rate = self.limits.requests_per_sec;
         if p.is_dev() || rate <= 0.0 {
             return Ok(());
+        }
+        // A second's worth is all the bucket holds: more would be told a
+        // Retry-After it could never meet.
+        let burst = TokenBucket::burst(rate);
+        if n as f64 > burst {
+            return Err(LimitError::Batch {
+                operations: n,
+                max: burst as u64,
+            });
         }
         let now = Instant::now();
         let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);

@@ -308,8 +308,12 @@ pub(crate) fn unauthenticated(e: &AuthError) -> Response {
     out
 }
 
-/// `429` with `Retry-After`: a per-user limit.
+/// `429` with `Retry-After`: a per-user limit; `413` for a batch no wait
+/// would let in.
 pub(crate) fn limited(e: &LimitError) -> Response {
+    if !e.is_retryable() {
+        return refusal(StatusCode::PAYLOAD_TOO_LARGE, e.to_string(), e.code());
+    }
     let mut out = refusal(StatusCode::TOO_MANY_REQUESTS, e.to_string(), e.code());
     out.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(e.retry_after_secs()));

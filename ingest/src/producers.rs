@@ -46,6 +46,11 @@ impl TokenBucket {
         rate.max(1.0)
     }
 
+    /// The most one take may ask for at `rate` and ever get with [`TokenBucket::take`].
+    pub fn burst(rate: f64) -> f64 {
+        Self::capacity(rate)
+    }
+
     /// Takes `n` tokens, or tells how long until they would be there. More than
     /// a second's worth never fits.
     pub fn take(&mut self, n: f64, rate: f64, now: Instant) -> Result<(), Duration> {
@@ -79,9 +84,11 @@ impl TokenBucket {
             self.tokens -= n;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64(
-                (needed - self.tokens) / rate.max(f64::MIN_POSITIVE),
-            ))
+            // A rate near zero makes the wait longer than a Duration holds.
+            Err(
+                Duration::try_from_secs_f64((needed - self.tokens) / rate.max(f64::MIN_POSITIVE))
+                    .unwrap_or(Duration::MAX),
+            )
         }
     }
 
@@ -363,6 +370,15 @@ mod tests {
             .expect_err("refused")
             .contains("sources"));
         assert!(Producers::parse(br#"{"producers":[{"name":"gw","tokn":"x"}]}"#).is_err());
+    }
+
+    #[test]
+    fn a_rate_near_zero_tells_the_longest_wait_instead_of_panicking() {
+        let now = Instant::now();
+        let mut b = TokenBucket::full(1e-300);
+        assert_eq!(b.take(1.0, 1e-300, now), Ok(()));
+        assert_eq!(b.take(1.0, 1e-300, now), Err(Duration::MAX));
+        assert!(b.take_or_owe(5.0, 1e-300, now).is_err());
     }
 
     /// A batch over a second's worth waited for, as its 429 said, is taken,

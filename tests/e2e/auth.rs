@@ -538,11 +538,24 @@ async fn per_user_and_per_connection_limits_refuse_with_clear_errors(pool: PgPoo
     let alice = hs256(claims("alice", 300, json!("*"), json!("*")));
     let bob = hs256(claims("bob", 300, json!("*"), json!("*")));
 
-    // Requests: a batch of four is more than three a second can ever take.
-    let four: Vec<Value> = (0..4)
-        .map(|_| json!({"query": "{ venues { mic } }"}))
-        .collect();
-    let (status, body) = app.graphql_as(Some(&alice), json!(four)).await;
+    // Requests: a batch of four is more than three a second can ever take,
+    // so it is told so, not to retry.
+    let batch = |n: usize| -> Value {
+        json!((0..n)
+            .map(|_| json!({"query": "{ venues { mic } }"}))
+            .collect::<Vec<_>>())
+    };
+    let (status, body) = app.graphql_as(Some(&alice), batch(4)).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"], "BATCH_TOO_LARGE",
+        "{body}"
+    );
+    // Three fit, once; then the second's worth is spent.
+    let carol = hs256(claims("carol", 300, json!("*"), json!("*")));
+    let (status, body) = app.graphql_as(Some(&carol), batch(3)).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = app.graphql_as(Some(&carol), batch(1)).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(
         body["errors"][0]["extensions"]["code"], "RATE_LIMITED",
