@@ -183,10 +183,12 @@ async fn flood(
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            biased;
             () = stop.cancelled() => return,
             _ = pace.tick() => {}
         }
-        if tally.held.load(Ordering::Relaxed) >= args.connections {
+        // Held ones let go as the flood stops: no new ones then.
+        if tally.held.load(Ordering::Relaxed) >= args.connections || stop.is_cancelled() {
             continue;
         }
         let s =
@@ -299,52 +301,28 @@ impl Probes {
         let batch = serde_json::json!([{"kind": "quote", "source": a.source, "seq": seq,
             "instrument": a.instrument, "venue": a.venue, "ts": ts,
             "bid": "100.00", "ask": "100.02", "bid_size": "100", "ask_size": "100"}]);
-        let mut req = self
+        let req = self
             .http
             .post(format!("{}/v1/events", a.ingest_url))
             .json(&batch);
-        if let Some(t) = &a.producer_token {
-            req = req.bearer_auth(t);
-        }
-        let started = Instant::now();
-        let outcome = match req.send().await {
-            Ok(res) => {
-                let status = res.status().as_u16();
-                match res.json::<serde_json::Value>().await {
-                    Ok(body) if status == 200 && body["accepted"] == 1 => "200 accepted".into(),
-                    Ok(body) => format!("{status} {}", brief(&body)),
-                    Err(_) => format!("{status} unreadable answer"),
-                }
-            }
-            Err(e) => failure(&e),
-        };
-        self.producer.record(outcome, started.elapsed());
+        let (outcome, took) = probe(req, a.producer_token.as_deref(), |body| {
+            (body["accepted"] == 1).then_some("200 accepted")
+        })
+        .await;
+        self.producer.record(outcome, took);
     }
 
     async fn query(&self) {
         let a = &self.args;
-        let mut req = self
+        let req = self
             .http
             .post(format!("{}/graphql", a.api_url))
             .json(&serde_json::json!({"query": "{ venues { mic } }"}));
-        if let Some(t) = &a.user_token {
-            req = req.bearer_auth(t);
-        }
-        let started = Instant::now();
-        let outcome = match req.send().await {
-            Ok(res) => {
-                let status = res.status().as_u16();
-                match res.json::<serde_json::Value>().await {
-                    Ok(body) if status == 200 && body["data"]["venues"].is_array() => {
-                        "200 data".into()
-                    }
-                    Ok(body) => format!("{status} {}", brief(&body)),
-                    Err(_) => format!("{status} unreadable answer"),
-                }
-            }
-            Err(e) => failure(&e),
-        };
-        self.user.record(outcome, started.elapsed());
+        let (outcome, took) = probe(req, a.user_token.as_deref(), |body| {
+            body["data"]["venues"].is_array().then_some("200 data")
+        })
+        .await;
+        self.user.record(outcome, took);
     }
 
     async fn healthz(&self) {
@@ -383,6 +361,34 @@ impl Probes {
         }
         lines
     }
+}
+
+/// Sends `req` (with `token` as its bearer) and says how it was answered: the
+/// label `ok` gives a 200 whose JSON it accepts, else the status and a piece
+/// of the body, or why there was no answer.
+async fn probe(
+    mut req: reqwest::RequestBuilder,
+    token: Option<&str>,
+    ok: impl Fn(&serde_json::Value) -> Option<&'static str>,
+) -> (String, Duration) {
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let started = Instant::now();
+    let outcome = match req.send().await {
+        Ok(res) => {
+            let status = res.status().as_u16();
+            match res.json::<serde_json::Value>().await {
+                Ok(body) => match ok(&body).filter(|_| status == 200) {
+                    Some(label) => label.to_owned(),
+                    None => format!("{status} {}", brief(&body)),
+                },
+                Err(_) => format!("{status} unreadable answer"),
+            }
+        }
+        Err(e) => failure(&e),
+    };
+    (outcome, started.elapsed())
 }
 
 fn brief(body: &serde_json::Value) -> String {
