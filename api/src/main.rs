@@ -233,6 +233,9 @@ enum Command {
     /// Load-test the listeners: hold half-open connections against them while
     /// probing as a producer and a user, and report how each was answered.
     Flood(tickgraph_api::bench::flood::FloodArgs),
+    /// Measure the memory one user's subscriptions hold in a running api:
+    /// resident memory before, with every subscription open, and after they close.
+    PinMemory(tickgraph_api::bench::pin::PinArgs),
 }
 
 #[derive(Args, Clone)]
@@ -986,6 +989,7 @@ async fn main() -> anyhow::Result<()> {
             tickgraph_api::bench::run(target, args, shutdown).await?;
         }
         Command::Flood(args) => tickgraph_api::bench::flood::run(args, shutdown).await?,
+        Command::PinMemory(args) => tickgraph_api::bench::pin::run(args, shutdown).await?,
         Command::Dlq(args) => {
             let dead = tickgraph_enrich::DeadLetters::new(&common.redis()?, common.layout())?;
             let counts = tickgraph_api::dlq::run(&args, &dead, &mut std::io::stdout()).await?;

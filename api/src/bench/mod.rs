@@ -15,6 +15,8 @@
 //! - `ceiling`: Redis's own pipelined XADD ceiling, measured before the load.
 //! - [`flood`]: `tickgraph flood`, half-open connections against the listeners
 //!   while a producer and a user are probed.
+//! - [`pin`]: `tickgraph pin-memory`, the memory one user's subscriptions hold
+//!   in the api, before, open and after they close.
 //! - `report`: the figures, the judgement of a step, the plain-text report.
 //!
 //! [`run`] drives them: ceiling, subscribers (with `--fanout`, RSS before and
@@ -25,6 +27,7 @@ mod ceiling;
 mod fanout;
 pub mod flood;
 mod load;
+pub mod pin;
 mod procstat;
 mod report;
 mod stages;
