@@ -235,12 +235,60 @@ impl MaxRate {
 /// The per-subscriber part of a [`Filter`], in the shape dispatch checks fastest.
 #[derive(Debug)]
 struct Check {
-    venues: Option<Box<[String]>>,
+    venues: Option<NameList>,
     asset_classes: Option<u8>,
     sides: Option<u8>,
     /// The subscriber's entitlements; an empty list lets nothing through.
-    entitled_venues: Option<Box<[String]>>,
+    entitled_venues: Option<NameList>,
     entitled_classes: Option<u8>,
+}
+
+/// Names a subscription lists, each shared through [`Names`].
+type NameList = Box<[Arc<str>]>;
+
+/// The instrument and venue names subscriptions hold, each held once however
+/// many subscriptions name it: a subscription keeps a pointer per name, and
+/// the index keys are the same pointers.
+#[derive(Debug, Default)]
+struct Names {
+    held: Mutex<NameSet>,
+}
+
+#[derive(Debug, Default)]
+struct NameSet {
+    names: std::collections::HashSet<Arc<str>>,
+    /// Names no subscription holds any more are dropped once the set is this
+    /// large: twice what was held after the last sweep, so a sweep's cost is
+    /// amortized over as many new names.
+    sweep_at: usize,
+}
+
+/// The set is never swept below this many names.
+const NAMES_SWEEP_MIN: usize = 4096;
+
+impl Names {
+    /// `list`, sorted, each name once, as shared names.
+    fn intern(&self, mut list: Vec<String>) -> NameList {
+        // A repeated name would be indexed, and so delivered, twice.
+        list.sort_unstable();
+        list.dedup();
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if held.names.len() >= held.sweep_at {
+            held.names.retain(|n| Arc::strong_count(n) > 1);
+            held.names.shrink_to_fit();
+            held.sweep_at = (2 * held.names.len()).max(NAMES_SWEEP_MIN);
+        }
+        list.into_iter()
+            .map(|name| match held.names.get(name.as_str()) {
+                Some(n) => Arc::clone(n),
+                None => {
+                    let n: Arc<str> = Arc::from(name);
+                    held.names.insert(Arc::clone(&n));
+                    n
+                }
+            })
+            .collect()
+    }
 }
 
 fn asset_class_bit(a: AssetClass) -> u8 {
@@ -262,16 +310,14 @@ fn non_empty<T>(v: Option<Vec<T>>, arg: &'static str) -> Result<Option<Vec<T>>, 
 }
 
 impl Filter {
-    /// Splits the filter into the instrument index keys and the remaining checks.
-    fn compile(self) -> Result<(Option<Vec<String>>, Check), HubError> {
-        let instruments = non_empty(self.instruments, "instruments")?.map(|mut v| {
-            // A repeated symbol would be indexed, and so delivered, twice.
-            v.sort_unstable();
-            v.dedup();
-            v
-        });
+    /// Splits the filter into the instrument index keys and the remaining
+    /// checks, with every name shared through `names`.
+    fn compile(self, names: &Names) -> Result<(Option<NameList>, Check), HubError> {
+        let instruments = non_empty(self.instruments, "instruments")?;
+        let venues = non_empty(self.venues, "venues")?;
+        let instruments = instruments.map(|v| names.intern(v));
         let check = Check {
-            venues: non_empty(self.venues, "venues")?.map(distinct),
+            venues: venues.map(|v| names.intern(v)),
             asset_classes: non_empty(self.asset_classes, "assetClasses")?
                 .map(|v| v.into_iter().fold(0, |m, a| m | asset_class_bit(a))),
             sides: non_empty(self.sides, "sides")?
@@ -284,7 +330,7 @@ impl Filter {
             Some(e) => Check {
                 entitled_venues: match e.venues {
                     Scope::All => None,
-                    Scope::Only(v) => Some(distinct(v)),
+                    Scope::Only(v) => Some(names.intern(v)),
                 },
                 entitled_classes: match e.asset_classes {
                     Scope::All => None,
@@ -297,17 +343,10 @@ impl Filter {
     }
 }
 
-/// `v` sorted, each value once: a venue listed twice would be indexed, and so
-/// delivered, twice.
-fn distinct(mut v: Vec<String>) -> Box<[String]> {
-    v.sort_unstable();
-    v.dedup();
-    v.into_boxed_slice()
-}
-
 /// Whether `venue` is in `list`; `None` allows every venue.
-fn venue_in(list: &Option<Box<[String]>>, venue: &str) -> bool {
-    list.as_ref().is_none_or(|v| v.iter().any(|m| m == venue))
+fn venue_in(list: &Option<NameList>, venue: &str) -> bool {
+    list.as_ref()
+        .is_none_or(|v| v.iter().any(|m| m.as_ref() == venue))
 }
 
 /// Whether `bit` is set in `mask`; `None` allows everything.
@@ -358,7 +397,7 @@ struct SubState {
 
 struct Subscriber<T> {
     id: u64,
-    instruments: Option<Vec<String>>,
+    instruments: Option<NameList>,
     check: Arc<Check>,
     sink: Sink<T>,
     state: Arc<SubState>,
@@ -481,9 +520,9 @@ where
 /// matches carries one of the keys it is listed under; its full [`Check`] still
 /// runs on each tick looked up.
 enum Place<'a> {
-    Instruments(&'a [String]),
+    Instruments(&'a [Arc<str>]),
     /// No instruments named: the venues it asks for, else those it is entitled to.
-    Venues(&'a [String]),
+    Venues(&'a [Arc<str>]),
     /// Neither instruments nor venues: the asset classes it asks for and is
     /// entitled to, as a mask.
     Classes(u8),
@@ -508,9 +547,11 @@ impl<T> Subscriber<T> {
 
 const CLASSES: usize = AssetClass::ALL.len();
 
+type Listed<T> = HashMap<Arc<str>, Vec<Arc<Subscriber<T>>>>;
+
 struct Index<T> {
-    by_instrument: HashMap<String, Vec<Arc<Subscriber<T>>>>,
-    by_venue: HashMap<String, Vec<Arc<Subscriber<T>>>>,
+    by_instrument: Listed<T>,
+    by_venue: Listed<T>,
     /// By [`AssetClass`] discriminant.
     by_class: [Vec<Arc<Subscriber<T>>>; CLASSES],
     wildcard: Vec<Arc<Subscriber<T>>>,
@@ -534,24 +575,50 @@ fn classes_in(mask: u8) -> impl Iterator<Item = usize> {
     (0..CLASSES).filter(move |&i| mask & (1 << i) != 0)
 }
 
-fn list<T>(
-    map: &mut HashMap<String, Vec<Arc<Subscriber<T>>>>,
-    keys: &[String],
-    s: &Arc<Subscriber<T>>,
-) {
+fn list<T>(map: &mut Listed<T>, keys: &[Arc<str>], s: &Arc<Subscriber<T>>) {
     for key in keys {
-        map.entry(key.clone()).or_default().push(Arc::clone(s));
+        map.entry(Arc::clone(key)).or_default().push(Arc::clone(s));
     }
 }
 
-fn unlist<T>(map: &mut HashMap<String, Vec<Arc<Subscriber<T>>>>, keys: &[String], id: u64) {
+fn unlist<T>(map: &mut Listed<T>, keys: &[Arc<str>], s: &Arc<Subscriber<T>>) {
     for key in keys {
-        if let Some(list) = map.get_mut(key) {
-            list.retain(|x| x.id != id);
+        if let Some(list) = map.get_mut(key.as_ref()) {
+            take_out(list, s);
             if list.is_empty() {
-                map.remove(key);
+                map.remove(key.as_ref());
             }
         }
+    }
+    give_back_map(map);
+}
+
+/// Removes `s` from `list`. The order of a list does not matter: each
+/// subscriber has a queue of its own.
+fn take_out<T>(list: &mut Vec<Arc<Subscriber<T>>>, s: &Arc<Subscriber<T>>) {
+    if let Some(at) = list.iter().position(|x| Arc::ptr_eq(x, s)) {
+        list.swap_remove(at);
+    }
+    give_back(list);
+}
+
+/// Spare room a list or map keeps before it is given back: below it, not
+/// worth a reallocation.
+const SPARE_MIN: usize = 64;
+
+/// Gives back most of a list's room once it is less than a quarter full, so
+/// that what many subscriptions made the index hold is freed when they end.
+/// Halving it leaves room to grow again, so each removal costs O(1) amortized.
+fn give_back<V>(list: &mut Vec<V>) {
+    if list.capacity() > SPARE_MIN && list.len() < list.capacity() / 4 {
+        list.shrink_to(list.len() * 2);
+    }
+}
+
+/// [`give_back`] for a map.
+fn give_back_map<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > SPARE_MIN && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
     }
 }
 
@@ -574,15 +641,16 @@ impl<T: TickMeta> Index<T> {
         let Some(s) = self.by_id.remove(&id) else {
             return;
         };
+        give_back_map(&mut self.by_id);
         match s.place() {
-            Place::Instruments(keys) => unlist(&mut self.by_instrument, keys, id),
-            Place::Venues(keys) => unlist(&mut self.by_venue, keys, id),
+            Place::Instruments(keys) => unlist(&mut self.by_instrument, keys, &s),
+            Place::Venues(keys) => unlist(&mut self.by_venue, keys, &s),
             Place::Classes(mask) => {
                 for i in classes_in(mask) {
-                    self.by_class[i].retain(|x| x.id != id);
+                    take_out(&mut self.by_class[i], &s);
                 }
             }
-            Place::Everywhere => self.wildcard.retain(|x| x.id != id),
+            Place::Everywhere => take_out(&mut self.wildcard, &s),
         }
     }
 
@@ -606,11 +674,7 @@ impl<T: TickMeta> Index<T> {
     }
 
     fn clear(&mut self) {
-        self.by_instrument.clear();
-        self.by_venue.clear();
-        self.by_class.iter_mut().for_each(Vec::clear);
-        self.wildcard.clear();
-        self.by_id.clear();
+        *self = Self::default();
     }
 }
 
@@ -681,6 +745,7 @@ fn keep_newer<T: TickMeta>(slot: &mut Option<Arc<T>>, t: &Arc<T>) {
 
 struct Inner {
     registry: RwLock<Registry>,
+    names: Names,
     latest: RwLock<HashMap<String, Latest>>,
     limits: QueueLimits,
     next_id: AtomicU64,
@@ -828,7 +893,7 @@ impl Inner {
     /// Also returns the listed instruments it has no tick of.
     fn snapshot<T: Indexed>(
         &self,
-        instruments: Option<&[String]>,
+        instruments: Option<&[Arc<str>]>,
         check: &Check,
     ) -> (VecDeque<Arc<T>>, Vec<String>) {
         let latest = self.latest();
@@ -837,9 +902,9 @@ impl Inner {
             Some(symbols) => symbols
                 .iter()
                 .filter_map(|s| {
-                    let t = latest.get(s).and_then(T::latest_of);
+                    let t = latest.get(s.as_ref()).and_then(T::latest_of);
                     if t.is_none() {
-                        missing.push(s.clone());
+                        missing.push(s.to_string());
                     }
                     t
                 })
@@ -1098,7 +1163,7 @@ struct Catchup<T> {
     epochs: Arc<[u64]>,
     /// Per shard, what has been sent.
     positions: Vec<Position>,
-    instruments: Option<std::collections::HashSet<String>>,
+    instruments: Option<std::collections::HashSet<Arc<str>>>,
     check: Check,
     /// Registered with the hub once caught up.
     filter: Option<Filter>,
@@ -1253,6 +1318,7 @@ impl Hub {
         Self {
             inner: Arc::new(Inner {
                 registry: RwLock::new(Registry::default()),
+                names: Names::default(),
                 latest: RwLock::new(HashMap::new()),
                 limits: QueueLimits {
                     // tokio's bounded channel refuses a capacity of zero.
@@ -1403,14 +1469,14 @@ impl Hub {
                 });
             }
         }
-        let (instruments, check) = filter.clone().compile()?;
+        let (instruments, check) = filter.clone().compile(&self.inner.names)?;
         let catchup = Catchup {
             hub: self.clone(),
             con,
             keys: streams.keys,
             epochs: cursor.shards.iter().map(|(e, _)| *e).collect(),
             positions: cursor.shards.iter().map(|(_, p)| *p).collect(),
-            instruments: instruments.map(|v| v.into_iter().collect()),
+            instruments: instruments.map(|v| v.into_vec().into_iter().collect()),
             check,
             filter: Some(filter),
             until: None,
@@ -1437,7 +1503,7 @@ impl Hub {
         filter: Filter,
     ) -> Result<(Feed<T>, Vec<Position>), HubError> {
         let (max_rate, snapshot) = (filter.max_rate, filter.snapshot);
-        let (instruments, check) = filter.compile()?;
+        let (instruments, check) = filter.compile(&self.inner.names)?;
         let (sink, rx) = match max_rate {
             None => {
                 let (tx, rx) = mpsc::channel(self.inner.limits.events);
@@ -1960,8 +2026,8 @@ mod tests {
     }
 
     /// An index's keys, each with how many subscribers it lists, sorted.
-    fn listed<V>(map: &HashMap<String, Vec<V>>) -> Vec<(&str, usize)> {
-        let mut keys: Vec<_> = map.iter().map(|(k, l)| (k.as_str(), l.len())).collect();
+    fn listed<V>(map: &HashMap<Arc<str>, Vec<V>>) -> Vec<(&str, usize)> {
+        let mut keys: Vec<_> = map.iter().map(|(k, l)| (k.as_ref(), l.len())).collect();
         keys.sort_unstable();
         keys
     }
@@ -2355,6 +2421,96 @@ mod tests {
         assert!(reg.trades.by_venue.is_empty());
         assert!(reg.trades.by_class.iter().all(Vec::is_empty));
         assert!(reg.trades.wildcard.is_empty());
+    }
+
+    /// A name many subscriptions list is held once: each subscription and the
+    /// index share it.
+    #[test]
+    fn subscriptions_share_the_names_they_list() {
+        let hub = Hub::new(10);
+        let symbols: Vec<String> = (0..20).map(|i| format!("SYMBOL{i}")).collect();
+        let _feeds: Vec<_> = (0..50)
+            .map(|_| {
+                hub.subscribe_quotes(Filter {
+                    instruments: Some(symbols.clone()),
+                    venues: strings(&["XNAS", "XLON"]),
+                    ..Filter::default()
+                })
+                .expect("subscribe")
+            })
+            .collect();
+        let reg = hub.inner.registry();
+        let q = &reg.quotes;
+        assert_eq!(q.by_instrument.len(), 20);
+        for (key, list) in &q.by_instrument {
+            assert_eq!(list.len(), 50);
+            for s in list {
+                let theirs = s.instruments.as_deref().unwrap_or_default();
+                let same = theirs.iter().filter(|n| Arc::ptr_eq(n, key)).count();
+                assert_eq!(same, 1, "{key}: the subscriber's name is the index's");
+            }
+        }
+        let venues: Vec<&Arc<str>> = q
+            .by_id
+            .values()
+            .filter_map(|s| s.check.venues.as_deref())
+            .flatten()
+            .collect();
+        assert_eq!(venues.len(), 100);
+        assert!(
+            venues
+                .iter()
+                .all(|v| Arc::ptr_eq(v, venues[0]) || Arc::ptr_eq(v, venues[1])),
+            "two venues, each held once"
+        );
+    }
+
+    /// After a burst of subscriptions ends, the index holds room for what is
+    /// left, not for the burst.
+    #[test]
+    fn the_index_gives_its_room_back_as_subscriptions_end() {
+        let hub = Hub::new(10);
+        let symbols: Vec<String> = (0..200).map(|i| format!("SYMBOL{i}")).collect();
+        let mut feeds: Vec<_> = (0..1000)
+            .map(|i| {
+                let filter = match i % 4 {
+                    0 => Filter {
+                        instruments: Some(symbols.clone()),
+                        ..Filter::default()
+                    },
+                    1 => Filter {
+                        venues: strings(&["XNAS"]),
+                        ..Filter::default()
+                    },
+                    2 => Filter {
+                        asset_classes: Some(vec![AssetClass::Bond]),
+                        ..Filter::default()
+                    },
+                    _ => Filter::default(),
+                };
+                hub.subscribe_trades(filter).expect("subscribe")
+            })
+            .collect();
+        feeds.truncate(4);
+        {
+            let reg = hub.inner.registry();
+            let t = &reg.trades;
+            assert_eq!(t.by_id.len(), 4);
+            let room = |n: usize| n <= 2 * SPARE_MIN;
+            assert!(room(t.by_id.capacity()), "{}", t.by_id.capacity());
+            assert!(t.by_instrument.values().all(|l| room(l.capacity())));
+            assert!(t.by_venue.values().all(|l| room(l.capacity())));
+            assert!(t.by_class.iter().all(|l| room(l.capacity())));
+            assert!(room(t.wildcard.capacity()), "{}", t.wildcard.capacity());
+        }
+        drop(feeds);
+        let reg = hub.inner.registry();
+        assert_eq!(
+            reg.trades.by_instrument.capacity(),
+            0,
+            "its last 200 keys went at once"
+        );
+        assert!(reg.trades.by_id.capacity() <= SPARE_MIN);
     }
 
     #[test]
