@@ -995,17 +995,25 @@ impl<T: TickMeta> Feed<T> {
     }
 
     /// Adds ticks from elsewhere (history) to the snapshot, each the latest of
-    /// an instrument in [`Feed::not_in_snapshot`]; ticks the filters reject are
-    /// dropped. A live tick of the same instrument at or before it in the stream
-    /// (the loader may store an event before the hub dispatches it) is then not
-    /// sent.
+    /// an instrument in [`Feed::not_in_snapshot`], which is then emptied; ticks
+    /// the filters reject are dropped. A live tick of the same instrument at or
+    /// before it in the stream (the loader may store an event before the hub
+    /// dispatches it) is then not sent.
     pub fn backfill(&mut self, ticks: impl IntoIterator<Item = Arc<T>>) {
+        // Only needed to ask history; the feed may live for days.
+        self.not_in_snapshot = Vec::new();
         for t in ticks {
             if !self.check.matches(t.as_ref()) {
                 continue;
             }
-            if let Some(p) = position(t.cursor()) {
-                self.floors.insert(t.instrument().to_owned(), p);
+            if let Some((shard, p)) = event_position(t.cursor()) {
+                // Live delivery starts after what was dispatched at
+                // subscription, so a tick at or before that needs no floor:
+                // most do, and a floor is held as long as the feed.
+                let live_after = self.start.as_ref().and_then(|s| s.position(shard));
+                if live_after.is_none_or(|after| p > after) {
+                    self.floors.insert(t.instrument().to_owned(), p);
+                }
             }
             let t = match &self.start {
                 Some(start) => Arc::new(t.with_resume(Arc::clone(start))),

@@ -146,6 +146,11 @@ impl ResumeBase {
         }
     }
 
+    /// The position of `shard`, once set.
+    pub fn position(&self, shard: u16) -> Option<Position> {
+        self.positions.get()?.get(usize::from(shard)).copied()
+    }
+
     /// Records the positions; later calls change nothing.
     pub fn set(&self, positions: &[Position]) {
         let _ = self.positions.set(Box::from(positions));
