@@ -28,14 +28,14 @@
 //! request whatever its transport; the WebSocket fast path
 //! ([`super::compiled::plan`]) calls [`check_text`] before its own parse.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest,
 };
 use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
-use async_graphql::{Request, ServerError, ServerResult};
+use async_graphql::{Name, Request, ServerError, ServerResult};
 
 /// What a document may hold; see the module documentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,8 +301,9 @@ impl<'a> Walk<'a> {
 
 /// The async-graphql extension that runs [`check_text`] and
 /// [`check_document`] before anything else sees a request's document, and
-/// hands the parsed document on, so that it is parsed once; and that puts
-/// numeric variables back as numbers ([`super::restore_numbers`]).
+/// hands the parsed document on, so that it is parsed once; that drops the
+/// variables no operation declares; and that puts numeric variables back as
+/// numbers ([`super::restore_numbers`]).
 pub struct Guard(pub GuardLimits);
 
 impl ExtensionFactory for Guard {
@@ -324,10 +325,24 @@ impl Extension for GuardExtension {
         check_text(&request.query, &self.0)?;
         let doc = request.parsed_query().map_err(shorten)?;
         check_document(doc, &self.0)?;
+        let declared = declared_variables(doc);
+        request.variables.retain(|name, _| declared.contains(name));
         // Every executed request passes here, over every transport.
         super::restore_numbers(&mut request.variables);
         next.run(ctx, request).await
     }
+}
+
+/// The variables `doc`'s operations declare: the only ones a request keeps.
+/// The others are never read, yet a subscription the executor runs keeps its
+/// request's variables for as long as it lives, so undeclared ones would let
+/// each subscription hold a whole message of them.
+pub fn declared_variables(doc: &ExecutableDocument) -> HashSet<Name> {
+    doc.operations
+        .iter()
+        .flat_map(|(_, op)| op.node.variable_definitions.iter())
+        .map(|d| d.node.name.node.clone())
+        .collect()
 }
 
 /// Longest line of a syntax error kept whole.
@@ -382,6 +397,16 @@ mod tests {
             check_text(block, &limits(8, 1, 0)),
             Err(Refusal::TooDeepText(1))
         );
+    }
+
+    #[test]
+    fn only_declared_variables_are_kept() {
+        let d = doc("subscription($i: [String!], $r: Float) { quotes(instruments: $i, maxRate: $r) { bid } }");
+        let kept = declared_variables(&d);
+        let mut names: Vec<&str> = kept.iter().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["i", "r"]);
+        assert!(declared_variables(&doc("{ a }")).is_empty());
     }
 
     #[test]
