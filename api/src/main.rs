@@ -459,6 +459,10 @@ struct ApiArgs {
     /// Most selections a GraphQL document may hold with its fragments spread.
     #[arg(long, env = "TG_MAX_SELECTIONS", default_value_t = 10_000)]
     max_selections: usize,
+    /// Most selections a document holding a subscription may hold with its
+    /// fragments spread: the server keeps it as long as the subscription lives.
+    #[arg(long, env = "TG_MAX_SUBSCRIPTION_SELECTIONS", default_value_t = 100)]
+    max_subscription_selections: usize,
     /// Events buffered per subscription before it is cut off as too slow.
     #[arg(long, env = "TG_SUBSCRIBER_QUEUE", default_value_t = 50_000)]
     subscriber_queue: usize,
@@ -680,6 +684,7 @@ impl ApiArgs {
         c.guard.max_tokens = self.max_tokens;
         c.guard.max_nesting = self.max_nesting;
         c.guard.max_selections = self.max_selections;
+        c.guard.max_subscription_selections = self.max_subscription_selections;
         c.subscriber_queue = self.subscriber_queue;
         c.subscriber_queue_bytes = self.subscriber_queue_bytes;
         c.ws.init_timeout = Duration::from_millis(self.ws_init_timeout_ms);

@@ -130,10 +130,14 @@ pub fn plan(request: &Request, limits: &Limits) -> Option<Plan> {
     if !root.directives.is_empty() {
         return None;
     }
-    // Depth 2; complexity one per field. Under limits that small, the executor
-    // decides.
+    // Depth 2; complexity and selections one per field. Under limits that
+    // small, the executor decides.
     let fields = root.selection_set.node.items.len();
-    if limits.max_depth < 2 || limits.max_complexity < fields + 1 || fields == 0 {
+    if limits.max_depth < 2
+        || limits.max_complexity < fields + 1
+        || limits.guard.max_subscription_selections < fields + 1
+        || fields == 0
+    {
         return None;
     }
     let mut keys = HashSet::new();

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest,
 };
-use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
+use async_graphql::parser::types::{ExecutableDocument, OperationType, Selection, SelectionSet};
 use async_graphql::{Name, Request, ServerError, ServerResult};
 
 /// What a document may hold; see the module documentation.
@@ -49,6 +49,9 @@ pub struct GuardLimits {
     /// Most selections (fields, fragment spreads, inline fragments) a document
     /// may hold with every fragment spread in place.
     pub max_selections: usize,
+    /// The same for a document holding a subscription, which the server keeps
+    /// for as long as the subscription lives.
+    pub max_subscription_selections: usize,
 }
 
 impl Default for GuardLimits {
@@ -57,9 +60,15 @@ impl Default for GuardLimits {
             max_tokens: 10_000,
             max_nesting: 32,
             max_selections: 10_000,
+            max_subscription_selections: 100,
         }
     }
 }
+
+/// Longest name (or number) a document may hold, in bytes. GraphQL sets no
+/// bound, but an alias is kept with its subscription and written into every
+/// event it sends.
+pub const MAX_NAME_BYTES: usize = 256;
 
 /// Why a document was refused; the message is the client's error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -72,6 +81,13 @@ pub enum Refusal {
     TooDeepDocument(usize),
     #[error("Query is too large: more than {0} selections with its fragments spread.")]
     TooManySelections(usize),
+    #[error(
+        "Subscription is too large: more than {0} selections with its fragments spread \
+         (the server keeps a subscription's document for as long as it lives)."
+    )]
+    TooLargeSubscription(usize),
+    #[error("Query has a name or number longer than {0} bytes.")]
+    TooLongName(usize),
     #[error("Cannot spread fragment \"{0}\" within itself.")]
     FragmentCycle(String),
 }
@@ -132,9 +148,13 @@ pub fn check_text(text: &str, limits: &GuardLimits) -> Result<(), Refusal> {
             b'!' | b'$' | b'&' | b':' | b'=' | b'@' | b'|' => i += 1,
             // A name, a number, or something the parser will refuse.
             _ => {
+                let start = i;
                 i += 1;
                 while i < bytes.len() && !ends_word(bytes[i]) {
                     i += 1;
+                }
+                if i - start > MAX_NAME_BYTES {
+                    return Err(Refusal::TooLongName(MAX_NAME_BYTES));
                 }
             }
         }
@@ -213,6 +233,15 @@ pub fn check_document(doc: &ExecutableDocument, limits: &GuardLimits) -> Result<
     for name in doc.fragments.keys() {
         let size = walk.fragment(name.as_str(), 0)?.map_or(0, |c| c.size);
         total = walk.add(total, size)?;
+    }
+    let subscribes = doc
+        .operations
+        .iter()
+        .any(|(_, op)| op.node.ty == OperationType::Subscription);
+    if subscribes && total > limits.max_subscription_selections {
+        return Err(Refusal::TooLargeSubscription(
+            limits.max_subscription_selections,
+        ));
     }
     Ok(())
 }
@@ -375,6 +404,7 @@ mod tests {
             max_tokens,
             max_nesting,
             max_selections,
+            ..GuardLimits::default()
         }
     }
 
@@ -397,6 +427,44 @@ mod tests {
             check_text(block, &limits(8, 1, 0)),
             Err(Refusal::TooDeepText(1))
         );
+    }
+
+    #[test]
+    fn a_subscription_document_is_held_to_its_own_selection_limit() {
+        let fields = |n: usize| -> String { (0..n).map(|i| format!("f{i}: bid ")).collect() };
+        let l = GuardLimits {
+            max_subscription_selections: 10,
+            ..GuardLimits::default()
+        };
+        // The root field and nine below it; a fragment's selections count too.
+        let ok = doc(&format!("subscription {{ quotes {{ {} }} }}", fields(9)));
+        assert_eq!(check_document(&ok, &l), Ok(()));
+        let over = doc(&format!(
+            "subscription {{ quotes {{ ...F }} }} fragment F on Quote {{ {} }}",
+            fields(8)
+        ));
+        assert_eq!(
+            check_document(&over, &l),
+            Err(Refusal::TooLargeSubscription(10))
+        );
+        // Queries keep the document limit.
+        let query = doc(&format!("{{ venues {{ {} }} }}", fields(100)));
+        assert_eq!(check_document(&query, &l), Ok(()));
+    }
+
+    #[test]
+    fn names_are_bounded() {
+        let name = |n: usize| "a".repeat(n);
+        let q = |n: usize| format!("subscription {{ quotes {{ {}: bid }} }}", name(n));
+        let l = GuardLimits::default();
+        assert_eq!(check_text(&q(MAX_NAME_BYTES), &l), Ok(()));
+        assert_eq!(
+            check_text(&q(MAX_NAME_BYTES + 1), &l),
+            Err(Refusal::TooLongName(MAX_NAME_BYTES))
+        );
+        // A string is not a name.
+        let s = format!("{{ a(x: \"{}\") }}", name(10_000));
+        assert_eq!(check_text(&s, &l), Ok(()));
     }
 
     #[test]

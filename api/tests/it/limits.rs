@@ -166,3 +166,51 @@ async fn pages_and_lists_cost_their_selection_per_item(pool: PgPool) {
     assert_eq!(data["instruments"]["totalCount"], 5, "{data}");
     app.stop().await;
 }
+
+/// A subscription keeps its document as long as it lives, so its selections
+/// and names are bounded more tightly than a query's.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_subscription_document_is_bounded_in_selections_and_names(pool: PgPool) {
+    let app = spawn_app_with(pool, 1, |c| c.guard.max_subscription_selections = 10).await;
+    let (mut ws, _) = app.ws("graphql-transport-ws").await;
+    ws.send(json!({"type": "connection_init"})).await;
+    assert_eq!(ws.expect().await["type"], "connection_ack");
+    let fields = |n: usize| -> String { (0..n).map(|i| format!("f{i}: bid ")).collect() };
+    let long = "a".repeat(tickgraph_api::schema::guard::MAX_NAME_BYTES + 1);
+    let cases = [
+        (
+            format!("subscription {{ quotes {{ {} }} }}", fields(10)),
+            "Subscription is too large: more than 10 selections with its fragments spread \
+             (the server keeps a subscription's document for as long as it lives).",
+        ),
+        (
+            format!("subscription {{ quotes {{ {long}: bid }} }}"),
+            "Query has a name or number longer than 256 bytes.",
+        ),
+    ];
+    for (id, (query, error)) in cases.into_iter().enumerate() {
+        let id = id.to_string();
+        ws.send(json!({"id": id, "type": "subscribe", "payload": {"query": query}}))
+            .await;
+        let msg = ws.expect().await;
+        assert_eq!(
+            (msg["type"].as_str(), msg["id"].as_str()),
+            (Some("error"), Some(id.as_str())),
+            "{msg}"
+        );
+        assert_eq!(msg["payload"][0]["message"], error, "{msg}");
+    }
+    // At the limit it is served; a query may still select more.
+    ws.send(json!({"id": "ok", "type": "subscribe", "payload": {
+        "query": format!("subscription {{ quotes {{ {} }} }}", fields(9))}}))
+        .await;
+    app.wait_for_subscribers(1).await;
+    let data = app
+        .data(
+            &format!("{{ venues {{ {} }} }}", "mic ".repeat(20)),
+            json!({}),
+        )
+        .await;
+    assert!(data["venues"].is_array(), "{data}");
+    app.stop().await;
+}
