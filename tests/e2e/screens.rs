@@ -77,7 +77,7 @@ async fn a_snapshot_subscription_starts_with_the_latest_values_then_goes_live(po
     let mut sub = Subscription::start(
         &app.ws,
         false,
-        "subscription { quotes(instruments: [\"MSFT\", \"AAPL\", \"IBM\"], snapshot: true) { instrument seq bid } }",
+        "subscription { quotes(instruments: [\"MSFT\", \"AAPL\", \"SPY\"], snapshot: true) { instrument seq bid } }",
     )
     .await;
     let first = sub.next().await["quotes"].clone();

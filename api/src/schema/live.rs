@@ -197,7 +197,8 @@ async fn open<T: LiveKind>(
 }
 
 /// [`open`] without a GraphQL context. The feed carries only what `who` is
-/// entitled to, whatever the filter asks for.
+/// entitled to, whatever the filter asks for. Instruments and venues must be
+/// in the reference data.
 pub(crate) async fn open_with<T: LiveKind>(
     s: &Services,
     who: &Principal,
@@ -205,6 +206,7 @@ pub(crate) async fn open_with<T: LiveKind>(
     mut filter: Filter,
     after: Option<String>,
 ) -> Result<Resumed<T>> {
+    known(s, &filter)?;
     let e = who.entitlements();
     filter.entitled = (!e.is_all()).then(|| e.clone());
     let visible = Visible::of(e);
@@ -224,6 +226,73 @@ pub(crate) async fn open_with<T: LiveKind>(
         Some(after) => T::resume(&s.hub, filter, &after).await.map_err(hub_error),
         None => from_now(s, gate, filter, &visible).await,
     }
+}
+
+/// Listed at most this many in an error; the rest are counted.
+const UNKNOWN_LISTED: usize = 5;
+/// Characters of a name an error quotes.
+const NAME_SHOWN: usize = 64;
+
+/// Refuses instruments and venues that are not in the reference data: no
+/// event can match them, and each would be held for as long as the
+/// subscription lives.
+fn known(s: &Services, filter: &Filter) -> Result<()> {
+    let refs = s.refs.read();
+    if let Some(list) = &filter.instruments {
+        all_known(
+            list,
+            |n| refs.instruments.contains_key(n),
+            "instruments",
+            "UNKNOWN_INSTRUMENT",
+        )?;
+    }
+    if let Some(list) = &filter.venues {
+        all_known(
+            list,
+            |n| refs.venues.contains_key(n),
+            "venues",
+            "UNKNOWN_VENUE",
+        )?;
+    }
+    Ok(())
+}
+
+fn all_known(
+    list: &[String],
+    known: impl Fn(&str) -> bool,
+    what: &str,
+    code: &'static str,
+) -> Result<()> {
+    let mut unknown = list.iter().filter(|n| !known(n.as_str()));
+    let named: Vec<String> = unknown
+        .by_ref()
+        .take(UNKNOWN_LISTED)
+        .map(|n| shown(n))
+        .collect();
+    if named.is_empty() {
+        return Ok(());
+    }
+    let mut message = format!(
+        "unknown {what}, not in the reference data: {}",
+        named.join(", ")
+    );
+    let more = unknown.count();
+    if more > 0 {
+        message.push_str(&format!(" and {more} more"));
+    }
+    Err(coded(message, code))
+}
+
+/// `name` quoted, cut at [`NAME_SHOWN`] characters.
+fn shown(name: &str) -> String {
+    match name.char_indices().nth(NAME_SHOWN) {
+        Some((cut, _)) => format!("{:?}...", &name[..cut]),
+        None => format!("{name:?}"),
+    }
+}
+
+fn coded(message: String, code: &'static str) -> async_graphql::Error {
+    async_graphql::Error::new(message).extend_with(|_, ext| ext.set("code", code))
 }
 
 /// Subscribes, and completes a snapshot from history: the newest row of each
@@ -278,7 +347,9 @@ pub struct TradeSubscription;
 impl TradeSubscription {
     /// Live trades matching every given filter (an omitted filter matches all;
     /// an empty list is refused, as it would match nothing, and so is a list of
-    /// more than 1000 values). Per instrument, trades arrive in stream order. A
+    /// more than 1000 values). Instruments and venues must be in the reference
+    /// data, or the subscription is refused (code `UNKNOWN_INSTRUMENT` or
+    /// `UNKNOWN_VENUE`). Per instrument, trades arrive in stream order. A
     /// subscriber that falls `subscriber_queue` events, or
     /// `subscriber_queue_bytes` bytes of events, behind gets the error
     /// "subscriber too slow: ..." (code `TOO_SLOW`) and is closed; resubscribe
@@ -342,7 +413,9 @@ pub struct QuoteSubscription;
 impl QuoteSubscription {
     /// Live quotes matching every given filter (an omitted filter matches all;
     /// an empty list is refused, as it would match nothing, and so is a list of
-    /// more than 1000 values). Per instrument, quotes arrive in stream order. A
+    /// more than 1000 values). Instruments and venues must be in the reference
+    /// data, or the subscription is refused (code `UNKNOWN_INSTRUMENT` or
+    /// `UNKNOWN_VENUE`). Per instrument, quotes arrive in stream order. A
     /// subscriber that falls `subscriber_queue` events, or
     /// `subscriber_queue_bytes` bytes of events, behind gets the error
     /// "subscriber too slow: ..." (code `TOO_SLOW`) and is closed; resubscribe

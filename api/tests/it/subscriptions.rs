@@ -512,3 +512,60 @@ async fn the_same_selection_shares_one_serialization_per_event(pool: PgPool) {
     );
     app.stop().await;
 }
+
+/// Instruments and venues must be in the reference data: nothing could match
+/// the others, and a subscription would hold them for as long as it lives.
+/// Planned and executed subscriptions alike.
+#[sqlx::test(migrations = "../migrations")]
+async fn unknown_instruments_and_venues_are_refused_with_a_code(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let (mut ws, _) = app.ws("graphql-transport-ws").await;
+    ws.send(json!({"type": "connection_init"})).await;
+    assert_eq!(ws.expect().await["type"], "connection_ack");
+    let made_up: Vec<String> = (0..8).map(|i| format!("MADE-UP-{i}")).collect();
+    let mut instruments = vec!["AAPL".to_owned()];
+    instruments.extend(made_up);
+    let cases = [
+        (
+            "subscription($l: [String!]) { quotes(instruments: $l) { bid } }",
+            json!(instruments),
+            "UNKNOWN_INSTRUMENT",
+            "unknown instruments, not in the reference data: \"MADE-UP-0\", \"MADE-UP-1\", \
+             \"MADE-UP-2\", \"MADE-UP-3\", \"MADE-UP-4\" and 3 more",
+        ),
+        (
+            "subscription($l: [String!]) { quotes(instruments: $l) { ... on Quote { bid } } }",
+            json!(instruments),
+            "UNKNOWN_INSTRUMENT",
+            "unknown instruments, not in the reference data: \"MADE-UP-0\", \"MADE-UP-1\", \
+             \"MADE-UP-2\", \"MADE-UP-3\", \"MADE-UP-4\" and 3 more",
+        ),
+        (
+            "subscription($l: [String!]) { trades(venues: $l) { id } }",
+            json!(["XNAS", "XXXX"]),
+            "UNKNOWN_VENUE",
+            "unknown venues, not in the reference data: \"XXXX\"",
+        ),
+    ];
+    for (id, (query, list, code, error)) in cases.into_iter().enumerate() {
+        let id = id.to_string();
+        ws.send(json!({"id": id, "type": "subscribe", "payload": {
+            "query": query, "variables": {"l": list}}}))
+            .await;
+        let msg = ws.expect().await;
+        assert_eq!(
+            (msg["type"].as_str(), msg["id"].as_str()),
+            (Some("error"), Some(id.as_str())),
+            "{msg}"
+        );
+        assert_eq!(msg["payload"][0]["extensions"]["code"], code, "{msg}");
+        assert_eq!(msg["payload"][0]["message"], error, "{msg}");
+    }
+    assert_eq!(app.api.hub().subscribers(), 0);
+    // Known ones are served.
+    ws.send(json!({"id": "known", "type": "subscribe", "payload": {
+        "query": "subscription { quotes(instruments: [\"AAPL\"], venues: [\"XNAS\"]) { bid } }"}}))
+        .await;
+    app.wait_for_subscribers(1).await;
+    app.stop().await;
+}
