@@ -276,6 +276,7 @@ fn live(refs: &RefData, queries: &[String], trade_ratio: f64) -> Live {
                 tickgraph_ingest::StreamLayout::new("bench", SHARDS),
             )
             .expect("lazy dead-letter client"),
+            users: tickgraph_api::auth::Users::new(Default::default()),
         },
         Some(tickgraph_api::auth::Principal::dev()),
     );

@@ -530,15 +530,21 @@ pub fn coded_error(message: impl Into<String>, code: &str) -> async_graphql::Ser
 /// The role in a token's `roles` claim that may list and replay dead letters.
 pub const ADMIN_ROLE: &str = "admin";
 
-/// Per-user limits: connections held at once and requests per second (each
-/// query, mutation and subscription started counts one). Users are the
-/// tokens' subjects; in dev mode there are none, and only the per-connection
-/// subscription limit applies.
+/// Per-user limits: connections held at once, requests per second (each
+/// query, mutation and subscription started counts one), and what the user's
+/// live subscriptions hold in memory, across all its connections and
+/// transports. Users are the tokens' subjects; in dev mode there are none, and
+/// only the per-connection subscription limit applies.
 #[derive(Debug, Clone, Copy)]
 pub struct UserLimits {
     pub max_connections: usize,
     /// Requests per second, with a burst of as many; 0 turns it off.
     pub requests_per_sec: f64,
+    /// Live subscriptions at once.
+    pub max_subscriptions: usize,
+    /// Values the live subscriptions' filter lists hold together, as given
+    /// (instruments, venues, asset classes, sides, `conflateBy` fields).
+    pub max_filter_values: usize,
 }
 
 impl Default for UserLimits {
@@ -546,6 +552,8 @@ impl Default for UserLimits {
         Self {
             max_connections: 100,
             requests_per_sec: 100.0,
+            max_subscriptions: 1000,
+            max_filter_values: 100_000,
         }
     }
 }
@@ -562,6 +570,21 @@ pub enum LimitError {
          split it"
     )]
     Batch { operations: usize, max: u64 },
+    #[error(
+        "too many subscriptions for {subject}: at most {max} at once over all its connections"
+    )]
+    Subscriptions { subject: String, max: usize },
+    #[error(
+        "too many filter values for {subject}: its subscriptions may name at most {max} at \
+         once (instruments, venues, asset classes, sides and conflateBy fields, over all its \
+         connections); {held} are named, and this subscription names {asked}"
+    )]
+    FilterValues {
+        subject: String,
+        max: usize,
+        held: usize,
+        asked: usize,
+    },
 }
 
 impl LimitError {
@@ -570,6 +593,8 @@ impl LimitError {
             LimitError::Connections { .. } => "TOO_MANY_CONNECTIONS",
             LimitError::Rate { .. } => "RATE_LIMITED",
             LimitError::Batch { .. } => "BATCH_TOO_LARGE",
+            LimitError::Subscriptions { .. } => "TOO_MANY_SUBSCRIPTIONS",
+            LimitError::FilterValues { .. } => "TOO_MANY_FILTER_VALUES",
         }
     }
 
@@ -581,7 +606,10 @@ impl LimitError {
     /// Seconds to put in `Retry-After`.
     pub fn retry_after_secs(&self) -> u64 {
         match self {
-            LimitError::Connections { .. } | LimitError::Batch { .. } => 1,
+            LimitError::Connections { .. }
+            | LimitError::Batch { .. }
+            | LimitError::Subscriptions { .. }
+            | LimitError::FilterValues { .. } => 1,
             LimitError::Rate { retry_after_ms, .. } => retry_after_ms.div_ceil(1000).max(1),
         }
     }
@@ -598,6 +626,14 @@ pub struct Users {
 struct UserState {
     connections: HashMap<String, usize>,
     buckets: HashMap<String, TokenBucket>,
+    subscriptions: HashMap<String, Held>,
+}
+
+/// A user's live subscriptions and the filter values they name.
+#[derive(Debug, Default, Clone, Copy)]
+struct Held {
+    subscriptions: usize,
+    values: usize,
 }
 
 /// Buckets kept before full ones (users idle for a second or more) are dropped.
@@ -665,6 +701,69 @@ impl Users {
             Arc::clone(self),
             p.subject().to_owned(),
         ))))
+    }
+}
+
+impl Users {
+    /// Holds one of `p`'s subscriptions, naming `values` filter values, until
+    /// the returned guard is dropped.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        p: &Principal,
+        values: usize,
+    ) -> Result<SubscriptionSlot, LimitError> {
+        if p.is_dev() {
+            return Ok(SubscriptionSlot(None));
+        }
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = st.subscriptions.entry(p.subject().to_owned()).or_default();
+        let refused = if held.subscriptions >= self.limits.max_subscriptions {
+            Some(LimitError::Subscriptions {
+                subject: p.subject().to_owned(),
+                max: self.limits.max_subscriptions,
+            })
+        } else if held.values.saturating_add(values) > self.limits.max_filter_values {
+            Some(LimitError::FilterValues {
+                subject: p.subject().to_owned(),
+                max: self.limits.max_filter_values,
+                held: held.values,
+                asked: values,
+            })
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            if held.subscriptions == 0 {
+                st.subscriptions.remove(p.subject());
+            }
+            return Err(e);
+        }
+        held.subscriptions += 1;
+        held.values += values;
+        Ok(SubscriptionSlot(Some((
+            Arc::clone(self),
+            p.subject().to_owned(),
+            values,
+        ))))
+    }
+}
+
+/// One subscription counted against its user; released on drop.
+#[derive(Debug)]
+pub struct SubscriptionSlot(Option<(Arc<Users>, String, usize)>);
+
+impl Drop for SubscriptionSlot {
+    fn drop(&mut self) {
+        if let Some((users, subject, values)) = self.0.take() {
+            let mut st = users.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(held) = st.subscriptions.get_mut(&subject) {
+                held.subscriptions = held.subscriptions.saturating_sub(1);
+                held.values = held.values.saturating_sub(values);
+                if held.subscriptions == 0 {
+                    st.subscriptions.remove(&subject);
+                }
+            }
+        }
     }
 }
 

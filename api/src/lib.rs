@@ -169,12 +169,14 @@ impl Api {
             introspection: cfg.introspection,
             guard: cfg.guard,
         };
+        let users = auth::Users::new(cfg.users);
         let services = schema::Services {
             pool,
             refs,
             hub: hub.clone(),
             shards: cfg.layout.shards(),
             dead_letters,
+            users: Arc::clone(&users),
         };
         // In dev mode every request runs as the dev user unless the edge says
         // otherwise; with JWTs a request the edge did not authenticate has no
@@ -201,7 +203,7 @@ impl Api {
             ws: cfg.ws,
             direct,
             auth: cfg.auth,
-            users: auth::Users::new(cfg.users),
+            users,
         })
     }
 

@@ -490,6 +490,23 @@ struct ApiArgs {
     /// WebSocket and SSE connections one user may hold at once.
     #[arg(long, env = "TG_MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
     max_connections_per_user: usize,
+    /// Subscriptions one user may hold at once, over all its WebSocket and
+    /// SSE connections.
+    #[arg(
+        long,
+        env = "TG_MAX_SUBSCRIPTIONS_PER_USER",
+        default_value_t = UserLimits::default().max_subscriptions
+    )]
+    max_subscriptions_per_user: usize,
+    /// Values one user's live subscriptions may name together in their filter
+    /// lists, as given: instruments, venues, asset classes, sides and
+    /// conflateBy fields.
+    #[arg(
+        long,
+        env = "TG_MAX_FILTER_VALUES_PER_USER",
+        default_value_t = UserLimits::default().max_filter_values
+    )]
+    max_filter_values_per_user: usize,
     /// GraphQL operations (queries, and subscriptions started) per second per
     /// user, with a burst of as many; 0: no limit.
     #[arg(long, env = "TG_USER_REQUESTS_PER_SEC", default_value_t = 100.0)]
@@ -676,6 +693,8 @@ impl ApiArgs {
         c.users = UserLimits {
             max_connections: self.max_connections_per_user,
             requests_per_sec: self.user_requests_per_sec,
+            max_subscriptions: self.max_subscriptions_per_user,
+            max_filter_values: self.max_filter_values_per_user,
         };
         c.ws.max_subscriptions = self.max_subscriptions_per_connection;
         c.max_depth = self.max_depth;

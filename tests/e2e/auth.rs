@@ -531,6 +531,7 @@ async fn per_user_and_per_connection_limits_refuse_with_clear_errors(pool: PgPoo
         cfg.api.users = UserLimits {
             max_connections: 2,
             requests_per_sec: 3.0,
+            ..UserLimits::default()
         };
         cfg.api.ws.max_subscriptions = 2;
     })
@@ -599,6 +600,163 @@ async fn per_user_and_per_connection_limits_refuse_with_clear_errors(pool: PgPoo
         answer.ok().filter(|m| m["type"] == "connection_ack")
     })
     .await;
+    app.stop().await;
+}
+
+/// The error code of a refused subscription: graphql-transport-ws sends
+/// `error`, the legacy protocol `data` with the errors (then `complete`).
+async fn refusal_code(ws: &mut Ws, id: &str) -> String {
+    let answer = async {
+        loop {
+            let m = next_message(ws).await.expect("an answer");
+            if !matches!(m["type"].as_str(), Some("ka" | "complete")) {
+                return m;
+            }
+        }
+    };
+    let m = tokio::time::timeout(DEADLINE, answer)
+        .await
+        .unwrap_or_else(|_| panic!("subscription {id} was not refused in time"));
+    assert_eq!(m["id"], id, "{m}");
+    let errors = match m["type"].as_str() {
+        Some("error") => &m["payload"],
+        Some("data" | "next") => &m["payload"]["errors"],
+        _ => panic!("expected a refusal, got {m}"),
+    };
+    errors[0]["extensions"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no code in {m}"))
+        .to_owned()
+}
+
+/// Everything an SSE stream sends, to its end.
+async fn sse_text(app: &TestApp, token: &str, query: &str) -> String {
+    let mut sse = app
+        .http
+        .post(format!("{}/graphql/stream", app.api))
+        .header("accept", "text/event-stream")
+        .bearer_auth(token)
+        .json(&json!({ "query": query }))
+        .send()
+        .await
+        .expect("SSE answers");
+    assert_eq!(sse.status(), 200);
+    let mut text = String::new();
+    while let Some(chunk) = tokio::time::timeout(DEADLINE, sse.chunk())
+        .await
+        .expect("SSE chunk in time")
+        .expect("SSE body")
+    {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text
+}
+
+/// One user's live subscriptions, and the filter values they name, are
+/// bounded over all its connections and transports, whatever each connection
+/// holds: the memory one user can make the api hold.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_users_subscriptions_are_bounded_over_all_its_connections_and_transports(pool: PgPool) {
+    let (mut app, _dir) = secured(pool, |cfg| {
+        cfg.api.users = UserLimits {
+            max_subscriptions: 3,
+            max_filter_values: 6,
+            ..UserLimits::default()
+        };
+    })
+    .await;
+    let alice = hs256(claims("alice", 300, json!("*"), json!("*")));
+    let bob = hs256(claims("bob", 300, json!("*"), json!("*")));
+    let subscribe =
+        |id: &str, query: &str| json!({"id": id, "type": "subscribe", "payload": {"query": query}});
+    let live = async |app: &mut TestApp, n: usize| {
+        app.eventually(&format!("{n} live subscriptions"), async |app| {
+            (app.hub.subscribers() == n).then_some(())
+        })
+        .await
+    };
+
+    // Two on one connection, planned and executed, one value each.
+    let mut first = ws_as(&app, &alice).await;
+    send(
+        &mut first,
+        subscribe(
+            "a",
+            "subscription { quotes(instruments: [\"AAPL\"]) { bid } }",
+        ),
+    )
+    .await;
+    send(
+        &mut first,
+        subscribe(
+            "b",
+            "subscription { trades(venues: [\"XNAS\"]) { ... on Trade { id } } }",
+        ),
+    )
+    .await;
+    live(&mut app, 2).await;
+    // The third on a legacy connection of its own.
+    let mut legacy = connect(&app.ws, "graphql-ws").await;
+    send(
+        &mut legacy,
+        json!({"type": "connection_init", "payload": {"authorization": format!("Bearer {alice}")}}),
+    )
+    .await;
+    assert_eq!(
+        next_message(&mut legacy).await.expect("ack")["type"],
+        "connection_ack"
+    );
+    send(&mut legacy, json!({"id": "c", "type": "start", "payload": {"query": "subscription { quotes(instruments: [\"MSFT\"]) { bid } }"}})).await;
+    live(&mut app, 3).await;
+
+    // A fourth is refused on every transport, each connection far below its own limit.
+    let quotes = "subscription { quotes(instruments: [\"SPY\"]) { bid } }";
+    send(&mut first, subscribe("d", quotes)).await;
+    assert_eq!(
+        refusal_code(&mut first, "d").await,
+        "TOO_MANY_SUBSCRIPTIONS"
+    );
+    send(
+        &mut legacy,
+        json!({"id": "e", "type": "start", "payload": {"query": quotes}}),
+    )
+    .await;
+    assert_eq!(
+        refusal_code(&mut legacy, "e").await,
+        "TOO_MANY_SUBSCRIPTIONS"
+    );
+    let text = sse_text(&app, &alice, quotes).await;
+    assert!(
+        text.contains("\"code\":\"TOO_MANY_SUBSCRIPTIONS\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("at most 3 at once over all its connections"),
+        "{text}"
+    );
+    assert_eq!(app.hub.subscribers(), 3);
+    // Limits are per user: bob is served.
+    let mut bobs = ws_as(&app, &bob).await;
+    send(&mut bobs, subscribe("b1", quotes)).await;
+    live(&mut app, 4).await;
+
+    // An ended subscription gives its place back, and so does a closed connection.
+    send(&mut first, json!({"id": "a", "type": "complete"})).await;
+    live(&mut app, 3).await;
+    // Values: two are named; five more would pass six.
+    let five = "subscription { quotes(instruments: [\"AAPL\", \"MSFT\", \"SPY\"], venues: [\"XNAS\", \"XLON\"]) { bid } }";
+    send(&mut first, subscribe("f", five)).await;
+    assert_eq!(
+        refusal_code(&mut first, "f").await,
+        "TOO_MANY_FILTER_VALUES"
+    );
+    let four = "subscription { quotes(instruments: [\"AAPL\", \"MSFT\"], venues: [\"XNAS\", \"XLON\"]) { bid } }";
+    send(&mut first, subscribe("g", four)).await;
+    live(&mut app, 4).await;
+    drop(legacy);
+    live(&mut app, 3).await;
+    send(&mut first, subscribe("h", quotes)).await;
+    live(&mut app, 4).await;
     app.stop().await;
 }
 

@@ -294,6 +294,7 @@ pub fn run(
             args,
             selection,
         } = plan;
+        let values = args.live.values();
         let Ok(f) = args.live.filter() else {
             return fallback().map(Answer::Response).boxed();
         };
@@ -303,13 +304,13 @@ pub fn run(
         let opened = match field {
             Field::Trades => {
                 Box::pin(serve::<TradeTick>(
-                    &services, &who, gate, f, args.after, selection, key, pos,
+                    &services, &who, gate, f, args.after, values, selection, key, pos,
                 ))
                 .await
             }
             Field::Quotes => {
                 Box::pin(serve::<QuoteTick>(
-                    &services, &who, gate, f, args.after, selection, key, pos,
+                    &services, &who, gate, f, args.after, values, selection, key, pos,
                 ))
                 .await
             }
@@ -329,11 +330,12 @@ async fn serve<T: LiveKind>(
     gate: Option<Arc<Gate>>,
     filter: Filter,
     after: Option<String>,
+    values: usize,
     selection: SelectionKey,
     key: Name,
     pos: Pos,
 ) -> Option<BoxStream<'static, Answer>> {
-    let feed = open_with::<T>(services, who, gate, filter, after)
+    let feed = open_with::<T>(services, who, gate, filter, after, values)
         .await
         .ok()?;
     let key_json: Arc<str> = serde_json::to_string(key.as_str()).ok()?.into();

@@ -12,7 +12,7 @@ use sqlx::PgPool;
 use super::fast::{quote_json, trade_json, LiveQuote, LiveTrade};
 use super::types::{AssetClassKind, QuoteConflationKind, SideKind, TradeConflationKind};
 use super::{internal, principal, Services, MAX_FILTER_VALUES};
-use crate::auth::Principal;
+use crate::auth::{Principal, SubscriptionSlot};
 use crate::history::{self, Visible};
 use crate::hub::{ConflationField, ConflationKey, Feed, Filter, HubError, MaxRate, Resumed};
 use crate::resume::ResumeCursor;
@@ -56,6 +56,19 @@ pub(crate) struct LiveArgs {
 }
 
 impl LiveArgs {
+    /// The values of every filter list, as given: what counts against the
+    /// user's `max_filter_values`.
+    pub(crate) fn values(&self) -> usize {
+        fn len<T>(v: &Option<Vec<T>>) -> usize {
+            v.as_ref().map_or(0, Vec::len)
+        }
+        len(&self.instruments)
+            + len(&self.venues)
+            + len(&self.asset_classes)
+            + len(&self.sides)
+            + len(&self.conflate_by)
+    }
+
     pub(crate) fn filter(self) -> Result<Filter> {
         check_len("instruments", &self.instruments)?;
         check_len("venues", &self.venues)?;
@@ -185,46 +198,58 @@ pub(crate) fn hub_error(e: HubError) -> async_graphql::Error {
 }
 
 /// Opens a subscription: resumed after `after`, or from now (with a snapshot
-/// when asked).
+/// when asked). `values`: [`LiveArgs::values`].
 async fn open<T: LiveKind>(
     ctx: &Context<'_>,
     filter: Filter,
     after: Option<String>,
+    values: usize,
 ) -> Result<Resumed<T>> {
     let gate = ctx.data_opt::<Arc<Gate>>().cloned();
     let who = principal(ctx)?;
-    open_with(ctx.data::<Services>()?, who, gate, filter, after).await
+    open_with(ctx.data::<Services>()?, who, gate, filter, after, values).await
 }
 
 /// [`open`] without a GraphQL context. The feed carries only what `who` is
 /// entitled to, whatever the filter asks for. Instruments and venues must be
-/// in the reference data.
+/// in the reference data, and the subscription within its user's limits
+/// ([`crate::auth::Users::subscribe`]), which it counts against until it is
+/// dropped.
 pub(crate) async fn open_with<T: LiveKind>(
     s: &Services,
     who: &Principal,
     gate: Option<Arc<Gate>>,
-    mut filter: Filter,
+    filter: Filter,
     after: Option<String>,
+    values: usize,
 ) -> Result<Resumed<T>> {
     known(s, &filter)?;
-    let e = who.entitlements();
-    filter.entitled = (!e.is_all()).then(|| e.clone());
-    let visible = Visible::of(e);
-    match after {
-        Some(_) if filter.snapshot => Err(
-            "`after` and `snapshot` cannot be combined: `after` resumes exactly where the \
-             cursor left off"
-                .into(),
-        ),
-        // A conflated subscription only ever owes the newest value of each
-        // instrument: resuming is a snapshot of them, then live.
-        Some(after) if filter.max_rate.is_some() => {
-            ResumeCursor::parse(&after, s.shards).map_err(|e| hub_error(e.into()))?;
-            filter.snapshot = true;
-            from_now(s, gate, filter, &visible).await
-        }
-        Some(after) => T::resume(&s.hub, filter, &after).await.map_err(hub_error),
-        None => from_now(s, gate, filter, &visible).await,
+    let slot = s
+        .users
+        .subscribe(who, values)
+        .map_err(|e| coded(e.to_string(), e.code()))?;
+    let feed = open_feed(s, who, gate, filter, after).await?;
+    Ok(Counted { feed, _slot: slot }.boxed())
+}
+
+/// A subscription's stream, holding its place in its user's limits.
+struct Counted<T> {
+    feed: Resumed<T>,
+    _slot: SubscriptionSlot,
+}
+
+impl<T> Stream for Counted<T> {
+    type Item = Result<Arc<T>, HubError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.feed.poll_next_unpin(cx)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.feed.size_hint()
     }
 }
 
@@ -293,6 +318,35 @@ fn shown(name: &str) -> String {
 
 fn coded(message: String, code: &'static str) -> async_graphql::Error {
     async_graphql::Error::new(message).extend_with(|_, ext| ext.set("code", code))
+}
+
+/// Opens the feed itself; see [`open_with`].
+async fn open_feed<T: LiveKind>(
+    s: &Services,
+    who: &Principal,
+    gate: Option<Arc<Gate>>,
+    mut filter: Filter,
+    after: Option<String>,
+) -> Result<Resumed<T>> {
+    let e = who.entitlements();
+    filter.entitled = (!e.is_all()).then(|| e.clone());
+    let visible = Visible::of(e);
+    match after {
+        Some(_) if filter.snapshot => Err(
+            "`after` and `snapshot` cannot be combined: `after` resumes exactly where the \
+             cursor left off"
+                .into(),
+        ),
+        // A conflated subscription only ever owes the newest value of each
+        // instrument: resuming is a snapshot of them, then live.
+        Some(after) if filter.max_rate.is_some() => {
+            ResumeCursor::parse(&after, s.shards).map_err(|e| hub_error(e.into()))?;
+            filter.snapshot = true;
+            from_now(s, gate, filter, &visible).await
+        }
+        Some(after) => T::resume(&s.hub, filter, &after).await.map_err(hub_error),
+        None => from_now(s, gate, filter, &visible).await,
+    }
 }
 
 /// Subscribes, and completes a snapshot from history: the newest row of each
@@ -391,7 +445,7 @@ impl TradeSubscription {
         #[graphql(default)] snapshot: bool,
         after: Option<String>,
     ) -> Result<impl Stream<Item = Result<LiveTrade>>> {
-        let filter = LiveArgs {
+        let args = LiveArgs {
             instruments,
             venues,
             asset_classes,
@@ -399,9 +453,9 @@ impl TradeSubscription {
             max_rate,
             conflate_by: conflation_fields(conflate_by),
             snapshot,
-        }
-        .filter()?;
-        let feed = open::<TradeTick>(ctx, filter, after).await?;
+        };
+        let values = args.values();
+        let feed = open::<TradeTick>(ctx, args.filter()?, after, values).await?;
         Ok(feed.map(|r| r.map(LiveTrade).map_err(hub_error)))
     }
 }
@@ -456,7 +510,7 @@ impl QuoteSubscription {
         #[graphql(default)] snapshot: bool,
         after: Option<String>,
     ) -> Result<impl Stream<Item = Result<LiveQuote>>> {
-        let filter = LiveArgs {
+        let args = LiveArgs {
             instruments,
             venues,
             asset_classes,
@@ -464,9 +518,9 @@ impl QuoteSubscription {
             max_rate,
             conflate_by: conflation_fields(conflate_by),
             snapshot,
-        }
-        .filter()?;
-        let feed = open::<QuoteTick>(ctx, filter, after).await?;
+        };
+        let values = args.values();
+        let feed = open::<QuoteTick>(ctx, args.filter()?, after, values).await?;
         Ok(feed.map(|r| r.map(LiveQuote).map_err(hub_error)))
     }
 }

@@ -19,12 +19,14 @@ pub mod refdata;
 pub mod snapshot;
 pub mod types;
 
+use std::sync::Arc;
+
 use async_graphql::{ErrorExtensions, MergedObject, MergedSubscription, Schema, SchemaBuilder};
 use sqlx::PgPool;
 use tickgraph_enrich::refdata::RefCache;
 use tickgraph_enrich::DeadLetters;
 
-use crate::auth::Principal;
+use crate::auth::{Principal, Users};
 use crate::hub::Hub;
 
 /// Most items one page may hold.
@@ -61,6 +63,8 @@ pub struct Services {
     pub shards: u16,
     /// The deployment's dead-letter streams (admin queries and replay).
     pub dead_letters: DeadLetters,
+    /// Per-user limits; subscriptions count against them while they live.
+    pub users: Arc<Users>,
 }
 
 /// The limits every request is checked against before it runs.

@@ -98,6 +98,7 @@ impl Rig {
                 hub: Hub::new(16),
                 shards: layout.shards(),
                 dead_letters: dead.clone(),
+                users: tickgraph_api::auth::Users::new(Default::default()),
             },
             None,
         );

@@ -214,3 +214,23 @@ async fn a_subscription_document_is_bounded_in_selections_and_names(pool: PgPool
     assert!(data["venues"].is_array(), "{data}");
     app.stop().await;
 }
+
+/// In dev mode there are no users: only the per-connection limit applies.
+#[sqlx::test(migrations = "../migrations")]
+async fn dev_mode_has_no_per_user_subscription_limit(pool: PgPool) {
+    let app = spawn_app_with(pool, 1, |c| {
+        c.users.max_subscriptions = 1;
+        c.users.max_filter_values = 1;
+    })
+    .await;
+    let (mut ws, _) = app.ws("graphql-transport-ws").await;
+    ws.send(json!({"type": "connection_init"})).await;
+    assert_eq!(ws.expect().await["type"], "connection_ack");
+    for id in ["a", "b", "c"] {
+        ws.send(json!({"id": id, "type": "subscribe", "payload": {
+            "query": "subscription { quotes(instruments: [\"AAPL\", \"MSFT\"]) { bid } }"}}))
+            .await;
+    }
+    app.wait_for_subscribers(3).await;
+    app.stop().await;
+}
