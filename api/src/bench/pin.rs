@@ -619,10 +619,23 @@ fn report(f: &Figures<'_>) -> String {
         Symbols::MadeUpDistinct => "made-up symbols of 60 characters, distinct in each",
         Symbols::Real => "instruments of the reference data",
     };
+    let shape = match (a.shape, a.aliases) {
+        (Shape::Plain, 0) => "plain documents".to_owned(),
+        (Shape::Executor, 0) => "executed documents".to_owned(),
+        (shape, n) => format!(
+            "{} documents of {n} more fields aliased in {} bytes",
+            if shape == Shape::Plain {
+                "plain"
+            } else {
+                "executed"
+            },
+            a.alias_bytes
+        ),
+    };
     let _ = writeln!(
         out,
-        "pin-memory: one user, {} {:?} connections{per}, {} {names}, {:?} document with {} aliases of {} bytes, {}/s",
-        a.connections, a.transport, a.instruments, a.shape, a.aliases, a.alias_bytes, a.rate
+        "pin-memory: one user, {} {:?} connections{per}, {} {names}, {shape}, {}/s",
+        a.connections, a.transport, a.instruments, a.rate
     );
     if a.undeclared > 0 {
         let _ = writeln!(
