@@ -109,6 +109,8 @@ pub struct PinArgs {
     pub rounds: u32,
 }
 
+/// How long a request that is not a stream may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Made-up symbols are this long.
 const MADE_UP_LEN: usize = 60;
 /// A refusal for the rate is sent again, at most this many times.
@@ -173,8 +175,10 @@ pub async fn run(args: PinArgs, shutdown: CancellationToken) -> anyhow::Result<(
     if args.rate.is_nan() || args.rate <= 0.0 {
         bail!("--rate must be above 0");
     }
+    // No overall timeout: an SSE stream is one response that lasts the round.
+    // The other requests set their own.
     let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_secs(10))
         .build()
         .context("building the HTTP client")?;
     let per_connection = match args.transport {
@@ -313,6 +317,7 @@ async fn symbols(
         Symbols::Real => {
             let mut req = http
                 .post(format!("{}/graphql", args.api_url))
+                .timeout(REQUEST_TIMEOUT)
                 .json(&json!({"query": format!("{{ instruments(first: {k}) {{ nodes {{ symbol }} }} }}")}));
             if let Some(t) = &args.user_token {
                 req = req.bearer_auth(t);
@@ -355,9 +360,14 @@ fn made_up(set: usize, k: usize) -> Vec<String> {
 /// The server's live subscriptions, from its gauge (refreshed by `/readyz`).
 async fn server_subscriptions(http: &reqwest::Client, api: &str) -> anyhow::Result<usize> {
     // Its answer does not matter: it sets the gauge read below.
-    let _ = http.get(format!("{api}/readyz")).send().await;
+    let _ = http
+        .get(format!("{api}/readyz"))
+        .timeout(REQUEST_TIMEOUT)
+        .send()
+        .await;
     let text = http
         .get(format!("{api}/metrics"))
+        .timeout(REQUEST_TIMEOUT)
         .send()
         .await?
         .text()
@@ -512,13 +522,17 @@ impl Job {
     }
 
     async fn sse(self, http: reqwest::Client) {
-        if let Err(e) = self.run_sse(&http).await {
+        let mut settled = false;
+        if let Err(e) = self.run_sse(&http, &mut settled).await {
             self.tally.add(format!("stream failed: {e:#}"));
         }
-        self.tally.settled.fetch_add(1, Ordering::Relaxed);
+        if !settled {
+            self.tally.settled.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    async fn run_sse(&self, http: &reqwest::Client) -> anyhow::Result<()> {
+    /// Sets `settled` once the stream is open, for as long as it stays so.
+    async fn run_sse(&self, http: &reqwest::Client, settled: &mut bool) -> anyhow::Result<()> {
         let mut tries = 0;
         let mut res = loop {
             self.pace().await;
@@ -546,6 +560,8 @@ impl Job {
             }
         };
         self.tally.connected.fetch_add(1, Ordering::Relaxed);
+        self.tally.settled.fetch_add(1, Ordering::Relaxed);
+        *settled = true;
         let mut seen = String::new();
         loop {
             tokio::select! {
